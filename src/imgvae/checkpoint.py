@@ -1,0 +1,119 @@
+"""Checkpoints: a folder holding model.safetensors + state.pt, written atomically.
+
+state.pt holds only tensors, numbers, strings, lists and dicts (optimiser,
+scheduler, RNG, epoch, step, config), so it loads with weights_only=True and
+never runs code from the file. A checkpoint folder is written under a temp
+name and renamed into place; `last` is a symlink swapped atomically, so a
+crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, foreign or from another format."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP (.module) and torch.compile (._orig_mod)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(ckpt_root: Path, name: str, model: torch.nn.Module, state: dict) -> Path:
+    """Write ckpt_root/name/{model.safetensors,state.pt} and point `last` at it."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS))
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
+    for f in (WEIGHTS, STATE):
+        _fsync(tmp / f)
+    final = ckpt_root / name
+    if final.exists():  # re-written (e.g. after a resume): move the old one aside first
+        old = ckpt_root / f".old-{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    link = ckpt_root / f".tmp-{LAST}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(name, link)
+    os.replace(link, ckpt_root / LAST)
+    _fsync(ckpt_root)
+    return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep: set[str]) -> None:
+    """Delete checkpoint folders not in keep (the one `last` points to always stays)."""
+    last = (ckpt_root / LAST).resolve().name if (ckpt_root / LAST).exists() else None
+    for path in ckpt_root.iterdir():
+        if path.is_dir() and not path.is_symlink() and not path.name.startswith(".") and path.name not in keep | {last}:
+            shutil.rmtree(path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, a checkpoints/ folder or a run folder -> checkpoint folder."""
+    path = Path(path)
+    for candidate in (path, path / LAST, path / "checkpoints" / LAST):
+        if (candidate / WEIGHTS).is_file() and (candidate / STATE).is_file():
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    raise CheckpointError(
+        f"{str(path)!r} is not a checkpoint: expected a folder with {WEIGHTS} and {STATE}, or a run folder with checkpoints/{LAST}"
+    )
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """-> (weights, state). Never unpickles arbitrary objects."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        weights = load_file(str(ckpt / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / WEIGHTS}: not a readable safetensors file ({e})") from None
+    try:
+        state = torch.load(ckpt / STATE, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, EOF/RuntimeError when truncated
+        raise CheckpointError(f"{ckpt / STATE}: refused or unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{ckpt / STATE}: format version {found!r}, this imgvae reads {FORMAT_VERSION}")
+    return weights, state
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> None:
+    """load_state_dict(strict=True) with a message naming the checkpoint."""
+    try:
+        unwrap(model).load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None

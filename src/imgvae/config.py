@@ -1,0 +1,256 @@
+"""One typed, frozen config for a run: data / model / loss / train sections.
+
+Loaded from YAML (unknown keys are errors), every key overridable with
+``section.key=value`` strings, saved next to every run's results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Each source: an image folder (recursive), a COCO-style .zip read in place,
+    # or "embedded:train" / "embedded:eval" (photos shipped in installed wheels).
+    train: list[str] = field(default_factory=lambda: ["embedded:train"])
+    eval: list[str] = field(default_factory=lambda: ["embedded:eval"])
+    image_size: int = 64
+    # "center": the seed's centre crop of crop_size (clipped to the shorter side,
+    # never zero-padded). "random": a square of side U(crop_scale) * shorter side.
+    crop: Literal["center", "random"] = "center"
+    crop_size: int = 375
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    # Distinct crops drawn per image per epoch (useful for a few large photos).
+    views_per_image: int = 1
+    eval_views_per_image: int = 1
+    hflip: bool = True
+    # 0 = the whole eval set.
+    eval_limit: int = 0
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "seed"
+    latent_dim: int = 128
+    # PyTorch's default; the seed's 0.9 was a Lasagne-convention porting bug.
+    bn_momentum: float = 0.1
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Weight of the KL term (beta-VAE); 1 is the plain ELBO.
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: Literal["rmsprop", "adam", "adamw"] = "rmsprop"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # RMSprop smoothing (the seed's 0.9) and Adam(W) betas.
+    rmsprop_alpha: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # ExponentialLR factor applied after every epoch.
+    lr_gamma: float = 0.75
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+    # Keep a checkpoint every N epochs besides "last" (0 = only the last one).
+    ckpt_every: int = 5
+    # Side of the square picture grids (grid_size**2 images).
+    grid_size: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert a YAML value to the annotated type, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; "
+            f"valid keys in {prefix.rstrip('.') or 'config'}: {names}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    cfg = cls(**kwargs)
+    _validate(cfg, prefix)
+    return cfg
+
+
+def _validate(cfg, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        DataConfig: ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
+        ModelConfig: ["latent_dim"],
+        TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size"],
+    }.get(type(cfg), [])
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("eval_limit", "num_workers", "ckpt_every", "weight_decay", "beta"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 0:
+            raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(cfg, name)}")
+    if isinstance(cfg, DataConfig):
+        lo, hi = cfg.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{prefix}crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+        if not cfg.train:
+            raise ConfigError(f"{prefix}train needs at least one source")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict (tuples as lists) that round-trips through YAML and JSON."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(values: dict) -> Config:
+    return _build(Config, values)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["train.epochs=3", "data.train=[a.zip,b.zip]"] -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[leaf] = value
+    return nested
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped preset ("seed", "demo")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset {presets}")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (path or preset name) <- key=value overrides."""
+    values = read_yaml(resolve_config_path(path)) if path is not None else {}
+    values = _deep_merge(values, parse_overrides(overrides or []))
+    return from_dict(values)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,201 @@
+"""Decoding, the seed's preprocessing, datasets and loaders.
+
+Workers return uint8 tensors (4x less to move than float); random flip and
+normalisation run on whole batches in `to_model_input`, on the training device.
+Every random choice is a function of (seed, epoch, index), so runs repeat
+exactly, whatever the number of workers, and resume mid-way.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .config import DataConfig
+from .sources import ConcatSource, SourceError, open_sources
+
+MEAN = STD = 0.5  # the seed's normalisation: [0, 1] -> [-1, 1]
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded bytes -> fully decoded 8-bit RGB image.
+
+    Grey and palette images are replicated / expanded to 3 channels, alpha is
+    dropped, CMYK is converted, 16-bit grey is scaled to 8 bits (PIL's own
+    conversion would clip it instead).
+    """
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "F":
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def crop_box(width: int, height: int, cfg: DataConfig, rng: random.Random | None) -> tuple[int, int, int]:
+    """(left, top, side) of the square to crop.
+
+    "center": side = min(crop_size, shorter side), placed as torchvision's
+    CenterCrop places it; we never zero-pad small images as the seed did.
+    "random": side = U(crop_scale) * shorter side at a uniform position.
+    """
+    short = min(width, height)
+    if cfg.crop == "center" or rng is None:
+        side = min(cfg.crop_size, short)
+        return int(round((width - side) / 2.0)), int(round((height - side) / 2.0)), side
+    lo, hi = cfg.crop_scale
+    side = max(1, min(short, int(round(rng.uniform(lo, hi) * short))))
+    return rng.randint(0, width - side), rng.randint(0, height - side), side
+
+
+def preprocess(img: Image.Image, cfg: DataConfig, rng: random.Random | None = None) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, image_size, image_size): crop, then
+    bilinear resize (PIL, antialiased), the seed's order."""
+    left, top, side = crop_box(img.width, img.height, cfg, rng)
+    img = img.crop((left, top, left + side, top + side))
+    img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], as ToTensor + Normalize(.5, .5)."""
+    return (images.float().div(255) - MEAN) / STD
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Model scale [-1, 1] -> [0, 1] pixels, clamped."""
+    return (x * STD + MEAN).clamp(0, 1)
+
+
+def to_model_input(images: torch.Tensor, device: torch.device, hflip_generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on device, each image flipped
+    left-right with probability 1/2 when a generator is given (training)."""
+    x = normalize(images.to(device, non_blocking=True))
+    if hflip_generator is not None:
+        flip = torch.rand(x.shape[0], generator=hflip_generator) < 0.5
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class ImageDataset(Dataset):
+    """(uint8 image, index) per view; (None, index, reason) for an unreadable file.
+
+    With views_per_image = V, item i is view i % V of file i // V; random crops
+    are drawn per (seed, epoch, item) in training and per (seed, item) for eval.
+    """
+
+    def __init__(self, source: ConcatSource, cfg: DataConfig, train: bool, seed: int):
+        self.source, self.cfg, self.train, self.seed = source, cfg, train, seed
+        self.views = cfg.views_per_image if train else cfg.eval_views_per_image
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source) * self.views
+
+    def key(self, index: int) -> str:
+        return self.source.key(index // self.views)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The preprocessed view; raises on an unreadable file."""
+        img = decode_rgb(self.source.read_bytes(index // self.views))
+        rng = None
+        if self.cfg.crop == "random":
+            rng = item_rng(self.seed, self.epoch if self.train else -1, index)
+        return preprocess(img, self.cfg, rng)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.load(index), index, None
+        except Exception as e:  # any broken file must not stop a long run
+            return None, index, f"{type(e).__name__}: {e}"
+
+
+def collate(items):
+    """-> (uint8 images (B, 3, S, S), indices, [(index, reason)] of skipped files)."""
+    good = [(x, i) for x, i, _ in items if x is not None]
+    bad = [(i, reason) for x, i, reason in items if x is None]
+    if good:
+        images = torch.stack([x for x, _ in good])
+        indices = torch.tensor([i for _, i in good])
+    else:
+        images, indices = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return images, indices, bad
+
+
+class BadFiles:
+    """Warns once per unreadable file and counts them for the run summary."""
+
+    def __init__(self):
+        self.reasons: dict[str, str] = {}
+
+    def add(self, dataset: ImageDataset, bad: list[tuple[int, str]]) -> None:
+        for index, reason in bad:
+            key = dataset.key(index)
+            if key not in self.reasons:
+                self.reasons[key] = reason
+                warnings.warn(f"skipping unreadable image {key} ({reason})", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+
+def check_readable(dataset: ImageDataset) -> None:
+    """Fail before training when not one file of the source decodes."""
+    for index in range(0, len(dataset), dataset.views):
+        try:
+            dataset.load(index)
+            return
+        except Exception:
+            continue
+    raise SourceError(f"data source {dataset.source.name!r}: none of its {len(dataset.source)} files is a readable image")
+
+
+def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> ImageDataset:
+    dataset = ImageDataset(open_sources(specs), cfg, train=train, seed=seed)
+    for source in dataset.source.sources:
+        check_readable(ImageDataset(ConcatSource([source]), cfg, train, seed))
+    return dataset
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[DataLoader, DistributedSampler]:
+    """Loader plus its sampler; call sampler.set_epoch(e) and dataset.set_epoch(e)
+    before each epoch. The sampler shards across ranks when world_size > 1."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=train,  # BatchNorm cannot train on a final batch of one
+        persistent_workers=False,  # workers must see set_epoch
+        generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
+    )
+    return loader, sampler
