@@ -1,0 +1,67 @@
+"""Small data the tests make: smooth random JPEGs, a fake COCO zip, a tiny config."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgvae.config import load_config
+
+
+def smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: low-frequency colour blobs (compress and learn well)."""
+    coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def write_jpegs(folder: Path, n: int, seed: int = 0, sizes=((96, 72), (80, 80), (64, 100))) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        path = folder / f"{i:012d}.jpg"
+        smooth_image(rng, w, h).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def write_coco_zip(path: Path, split: str, n: int, seed: int = 0) -> Path:
+    """A zip laid out like COCO's: split/000000000123.jpg, plus a directory entry."""
+    src = write_jpegs(path.parent / f"_{split}_src", n, seed)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{split}/", "")
+        for p in src:
+            zf.write(p, f"{split}/{p.name}")
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    write_jpegs(tmp_path / "photos" / "nested", 24, seed=1)
+    return tmp_path / "photos"
+
+
+@pytest.fixture
+def coco_zips(tmp_path) -> dict[str, Path]:
+    return {
+        "train2017": write_coco_zip(tmp_path / "coco" / "train2017.zip", "train2017", 16, seed=2),
+        "test2017": write_coco_zip(tmp_path / "coco" / "test2017.zip", "test2017", 8, seed=3),
+        "val2017": write_coco_zip(tmp_path / "coco" / "val2017.zip", "val2017", 6, seed=4),
+    }
+
+
+TINY = [
+    "data.image_size=32", "data.crop_size=64", "data.num_workers=0",
+    "model.latent_dim=16", "train.batch_size=8", "train.log_every=1",
+    "train.grid_size=2", "train.ckpt_every=1", "train.device=cpu",
+]
+
+
+def tiny_config(train_sources, eval_sources, *extra: str):
+    return load_config(None, TINY + [f"data.train={list(map(str, train_sources))}",
+                                     f"data.eval={list(map(str, eval_sources))}", *extra])

@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from imgvae.config import Config, ConfigError, from_dict, load_config, save_config, to_dict
+
+
+def test_seed_preset_is_the_seed_recipe():
+    cfg = load_config("seed")
+    assert cfg.model.name == "seed" and cfg.model.latent_dim == 128 and cfg.data.image_size == 64
+    assert (cfg.data.crop, cfg.data.crop_size, cfg.data.hflip) == ("center", 375, True)
+    assert cfg.data.train == ["coco/train2017.zip", "coco/test2017.zip"] and cfg.data.eval == ["coco/val2017.zip"]
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.rmsprop_alpha, t.eps, t.weight_decay, t.lr_gamma, t.batch_size) == (
+        "rmsprop", 1e-3, 0.9, 1e-8, 0.0, 0.75, 64)
+    assert cfg.loss.beta == 1.0 and cfg.model.bn_momentum == 0.1
+
+
+def test_demo_preset_uses_embedded_photos():
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.data.train == ["embedded:train"] and cfg.data.eval == ["embedded:eval"]
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    cfg = load_config("seed", ["train.epochs=3", "model.latent_dim=64", "data.train=[a.zip,b]",
+                               "data.crop_scale=[0.5, 1]", "data.hflip=false", "train.lr=3e-4"])
+    assert cfg.train.epochs == 3 and cfg.model.latent_dim == 64 and cfg.data.train == ["a.zip", "b"]
+    assert cfg.data.crop_scale == (0.5, 1.0) and cfg.data.hflip is False and cfg.train.lr == 3e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", r"unknown config key\(s\) \['train.epoch'\]; valid keys in train: \[.*'epochs'"),
+        ("trian.epochs=3", r"unknown config key\(s\) \['trian'\]"),
+        ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+        ("train.epochs=0", "train.epochs must be > 0"),
+        ("train.optimizer=sgd", r"train.optimizer: 'sgd' is not one of \['rmsprop', 'adam', 'adamw'\]"),
+        ("data.crop_scale=[0.5, 2]", "crop_scale must satisfy"),
+        ("data.hflip=yes please", "data.hflip: expected true/false"),
+        ("epochs3", "not of the form section.key=value"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_message(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("seed", [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  latnet_dim: 3\n")
+    with pytest.raises(ConfigError, match="model.latnet_dim"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_yaml_and_frozen(tmp_path):
+    cfg = load_config("demo", ["train.epochs=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 5
+    assert Config() == from_dict({})

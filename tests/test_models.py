@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from imgvae.config import LossConfig, ModelConfig, TrainConfig
+from imgvae.losses import gaussian_elbo
+from imgvae.models import MODELS, DiagonalGaussian, VAEOutput, build_model
+from imgvae.train import build_optimizer
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_seed_parameter_count_matches_the_original():
+    model = build_model(ModelConfig(), image_size=64)
+    encoder = count(model.encoder) + count(model.to_mean) + count(model.to_logvar)
+    decoder = count(model.decoder_fc) + count(model.decoder)
+    assert (encoder, decoder, count(model)) == (18_071_360, 4_693_155, 22_764_515)
+    assert model.encoder[10].weight.shape == (1024, 16384)  # the 16384 -> 1024 linear
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_shapes_at_several_sizes(name, size):
+    model = build_model(ModelConfig(name=name, latent_dim=16), image_size=size)
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    out = model(x)
+    assert out.x_hat.shape == x.shape and out.z.shape == (2, 16)
+    assert out.x_hat.abs().max() <= 1
+    model.eval()
+    assert torch.equal(model(x, sample=False).z, model.encode(x).mean)  # deterministic mode
+    assert model.decode(torch.randn(3, *model.latent_shape)).shape == (3, 3, size, size)
+
+
+def test_registry_rejects_unknown_names_and_bad_sizes():
+    with pytest.raises(ValueError, match=r"unknown model 'vqvae'; available: \['seed'"):
+        build_model(ModelConfig(name="vqvae"), 64)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        build_model(ModelConfig(), 60)
+
+
+def test_seed_init_and_batchnorm_settings():
+    model = build_model(ModelConfig(), 64)
+    bns = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    assert len(bns) == 8 and all(bn.momentum == 0.1 for bn in bns)
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert all(m.bias is None or torch.all(m.bias == 0) for m in linears)
+    assert [m.bias is None for m in linears].count(False) == 3  # mu, logvar, last conv
+
+
+def test_kl_and_elbo_match_hand_computation():
+    mean = torch.tensor([[0.5, -1.0], [0.0, 2.0]])
+    logvar = torch.tensor([[0.0, 0.2], [-0.4, 0.1]])
+    post = DiagonalGaussian(mean, logvar)
+    var = logvar.exp()
+    kl_hand = 0.5 * (mean**2 + var - 1 - logvar)
+    assert torch.allclose(post.kl(), kl_hand)
+    x = torch.zeros(2, 3, 2, 2)
+    x_hat = torch.full((2, 3, 2, 2), 0.5)
+    loss, stats = gaussian_elbo(x, VAEOutput(x_hat, post, mean), LossConfig(beta=2.0))
+    recon = 0.5 * 12 * 0.25  # 12 pixels per image, each (0 - 0.5)^2
+    kl = kl_hand.sum(1).mean()
+    assert stats["recon"].item() == pytest.approx(recon)
+    assert loss.item() == pytest.approx(recon + 2.0 * kl.item())
+
+
+def test_reparametrisation_statistics():
+    post = DiagonalGaussian(torch.full((20000, 1), 3.0), torch.full((20000, 1), 2 * torch.log(torch.tensor(0.5))))
+    z = post.sample()
+    assert z.mean().item() == pytest.approx(3.0, abs=0.02) and z.std().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_seed_recipe_decreases_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=16), 32)
+    opt = build_optimizer(model, TrainConfig())
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    losses = []
+    for _ in range(25):
+        loss, _ = gaussian_elbo(x, model(x), LossConfig())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
