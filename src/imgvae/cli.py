@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cache import prepare
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .sources import SourceError
@@ -41,7 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (same as train.device=...)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in log files)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    p = sub.add_parser(
+        "prepare", help="preprocess a dataset once into a fast uint8 cache",
+        description="Decode, crop and resize every image of the configured sources once, in parallel, "
+        "into CACHE (images.npy + keys.txt + manifest.json). Interrupted? Run the same command again: "
+        "it resumes. Train on it with data.train=[CACHE] (and data.eval=[EVAL_CACHE]).",
+        epilog="examples:\n"
+        "  imgvae prepare --config seed -o cache/coco-train          # data.train: train2017 + test2017\n"
+        "  imgvae prepare --config seed --split eval -o cache/coco-val\n"
+        "  imgvae train --config seed -o runs/seed data.train=[cache/coco-train] data.eval=[cache/coco-val]\n"
+        "  imgvae prepare -o cache/mine data.train=[~/photos] data.image_size=128",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo)")
+    p.add_argument("--split", choices=["train", "eval"], default="train", help="prepare data.train (default) or data.eval")
+    p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser
+
+
+def _prepare_command(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    specs = cfg.data.train if args.split == "train" else cfg.data.eval
+    manifest = prepare(specs, cfg.data, args.out, workers=args.workers, progress=not args.no_progress)
+    print(f"imgvae: {args.out}: {manifest['count']:,} images of {cfg.data.image_size}x{cfg.data.image_size} "
+          f"({manifest['rows'] - manifest['count']} unreadable files skipped, listed in manifest.json)")
 
 
 def _train_command(args) -> None:
@@ -72,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             _train_command(args)
+        elif args.command == "prepare":
+            _prepare_command(args)
     except (ConfigError, SourceError, CheckpointError, RunError) as e:
         print(f"imgvae: error: {e}", file=sys.stderr)
         return 2

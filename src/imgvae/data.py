@@ -17,27 +17,33 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .cache import CacheSource
 from .config import DataConfig
 from .sources import ConcatSource, SourceError, open_sources
 
 MEAN = STD = 0.5  # the seed's normalisation: [0, 1] -> [-1, 1]
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Encoded bytes -> fully decoded 8-bit RGB image.
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decoded image in any mode -> 8-bit RGB.
 
     Grey and palette images are replicated / expanded to 3 channels, alpha is
     dropped, CMYK is converted, 16-bit grey is scaled to 8 bits (PIL's own
     conversion would clip it instead).
     """
-    img = Image.open(io.BytesIO(data))
-    img.load()
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if img.mode != "F":
             arr = arr / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded bytes -> fully decoded 8-bit RGB image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
 
 
 def crop_box(width: int, height: int, cfg: DataConfig, rng: random.Random | None) -> tuple[int, int, int]:
@@ -56,13 +62,47 @@ def crop_box(width: int, height: int, cfg: DataConfig, rng: random.Random | None
     return rng.randint(0, width - side), rng.randint(0, height - side), side
 
 
+def _crop_resize(img: Image.Image, left: int, top: int, side: int, size: int, fx: float = 1.0, fy: float = 1.0) -> np.ndarray:
+    """Crop the square (in original pixels) and bilinear-resize it to size -> uint8 (3, size, size).
+
+    fx, fy: how much smaller the decoded image is than the original (DCT scaling).
+    """
+    if fx == fy == 1.0:  # the seed's order: integer crop, then resize
+        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        box = (left / fx, top / fy, (left + side) / fx, (top + side) / fy)
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
 def preprocess(img: Image.Image, cfg: DataConfig, rng: random.Random | None = None) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, image_size, image_size): crop, then
     bilinear resize (PIL, antialiased), the seed's order."""
     left, top, side = crop_box(img.width, img.height, cfg, rng)
-    img = img.crop((left, top, left + side, top + side))
-    img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(_crop_resize(img, left, top, side, cfg.image_size))
+
+
+def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 (3, S, S) view.
+
+    exact_decode: full decode + crop + resize, bit-identical to the seed's pipeline.
+    Otherwise JPEGs are decoded at a reduced scale (libjpeg DCT scaling, 1/2 to
+    1/8) that still leaves >= image_size pixels across the crop, and the crop is
+    resized from there: several times faster, within ~35-40 dB PSNR of exact.
+    Other formats take the exact path either way.
+    """
+    if cfg.exact_decode:
+        return preprocess(decode_rgb(data), cfg, rng).numpy()
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    left, top, side = crop_box(width, height, cfg, rng)
+    scale = next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
+    if scale > 1:
+        # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
+        img.draft(None, (-(-width // scale), -(-height // scale)))
+    img.load()
+    img = to_rgb(img)
+    return _crop_resize(img, left, top, side, cfg.image_size, width / img.width, height / img.height)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -112,11 +152,13 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The preprocessed view; raises on an unreadable file."""
-        img = decode_rgb(self.source.read_bytes(index // self.views))
+        source, i = self.source.locate(index // self.views)
+        if isinstance(source, CacheSource):
+            return torch.from_numpy(source.image(i))
         rng = None
         if self.cfg.crop == "random":
             rng = item_rng(self.seed, self.epoch if self.train else -1, index)
-        return preprocess(img, self.cfg, rng)
+        return torch.from_numpy(load_view(source.read_bytes(i), self.cfg, rng))
 
     def __getitem__(self, index: int):
         try:
@@ -168,7 +210,10 @@ def check_readable(dataset: ImageDataset) -> None:
 def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> ImageDataset:
     dataset = ImageDataset(open_sources(specs), cfg, train=train, seed=seed)
     for source in dataset.source.sources:
-        check_readable(ImageDataset(ConcatSource([source]), cfg, train, seed))
+        if isinstance(source, CacheSource):
+            source.check(cfg)
+        else:
+            check_readable(ImageDataset(ConcatSource([source]), cfg, train, seed))
     return dataset
 
 

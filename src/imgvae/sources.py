@@ -116,14 +116,20 @@ def embedded_photo_paths(split: str) -> list[Path]:
 
 
 def open_source(spec: str):
-    """A source from its config string: folder, .zip file or embedded:SPLIT."""
+    """A source from its config string: prepared cache, folder, .zip file or embedded:SPLIT."""
     if spec.startswith("embedded:"):
         split = spec.split(":", 1)[1]
         return FileListSource(embedded_photo_paths(split), name=spec)
+    from .cache import PARTIAL_SUFFIX, CacheSource, is_cache  # cache builds on this module
+
     path = Path(spec).expanduser()
     if not path.exists():
         raise SourceError(f"data source {spec!r} does not exist")
-    if path.is_dir():
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise SourceError(f"{spec} is an unfinished cache: run the same imgvae prepare again to complete it")
+    if is_cache(path):
+        source = CacheSource(path)
+    elif path.is_dir():
         source = FolderSource(path)
     elif zipfile.is_zipfile(path):
         source = ZipSource(path)
@@ -147,16 +153,17 @@ class ConcatSource:
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def _locate(self, i: int):
+    def locate(self, i: int):
+        """-> (the source holding item i, its index there)."""
         k = bisect.bisect_right(self.offsets, i) - 1
         return self.sources[k], i - self.offsets[k]
 
     def key(self, i: int) -> str:
-        source, j = self._locate(i)
+        source, j = self.locate(i)
         return source.key(j)
 
     def read_bytes(self, i: int) -> bytes:
-        source, j = self._locate(i)
+        source, j = self.locate(i)
         return source.read_bytes(j)
 
 

@@ -1,0 +1,147 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import smooth_image, tiny_config
+from imgvae import cache
+from imgvae.cache import prepare
+from imgvae.cli import main
+from imgvae.config import DataConfig
+from imgvae.data import build_dataset, decode_rgb, load_view, make_loader, preprocess
+from imgvae.sources import SourceError, open_source
+from imgvae.train import train
+
+
+def all_views(dataset):
+    return torch.stack([dataset.load(i) for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_cache_round_trip_equals_on_the_fly(tmp_path, image_folder, coco_zips, exact):
+    cfg = DataConfig(image_size=32, crop_size=64, exact_decode=exact)
+    specs = [str(image_folder), str(coco_zips["val2017"])]
+    manifest = prepare(specs, cfg, tmp_path / "cache", workers=2, chunk=5, progress=False)
+    assert manifest["count"] == 30 and manifest["preprocessing"]["exact_decode"] is exact
+    cached = build_dataset([str(tmp_path / "cache")], cfg, train=True, seed=0)
+    direct = build_dataset(specs, cfg, train=True, seed=0)
+    assert torch.equal(all_views(cached), all_views(direct))
+    assert [cached.key(i) for i in range(30)] == [direct.key(i) for i in range(30)]
+
+
+def test_interrupted_prepare_resumes_without_redoing_chunks(tmp_path, image_folder, monkeypatch):
+    cfg = DataConfig(image_size=16, crop_size=64)
+    real, calls = cache._prepare_chunk, []
+
+    def dies_after_two(c):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(c)
+        return real(c)
+
+    monkeypatch.setattr(cache, "_prepare_chunk", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(image_folder)], cfg, tmp_path / "c", workers=1, chunk=5, progress=False)
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.partial").is_dir()
+    with pytest.raises(SourceError, match="unfinished cache"):
+        open_source(str(tmp_path / "c.partial"))
+
+    monkeypatch.setattr(cache, "_prepare_chunk", lambda c: calls.append(c) or real(c))
+    manifest = prepare([str(image_folder)], cfg, tmp_path / "c", workers=1, chunk=5, progress=False)
+    assert sorted(calls) == [0, 1, 2, 3, 4] and calls[:2] == [0, 1]  # chunks 0, 1 not redone
+    assert manifest["count"] == 24 and not (tmp_path / "c.partial").exists()
+    prepare([str(image_folder)], cfg, tmp_path / "straight", workers=1, chunk=5, progress=False)
+    assert np.array_equal(np.load(tmp_path / "c" / "images.npy"), np.load(tmp_path / "straight" / "images.npy"))
+
+
+def test_changed_settings_restart_a_partial_cache(tmp_path, image_folder, monkeypatch, capsys):
+    real = cache._prepare_chunk
+    monkeypatch.setattr(cache, "_prepare_chunk", lambda c: (_ for _ in ()).throw(KeyboardInterrupt) if c == 1 else real(c))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, chunk=5, progress=False)
+    monkeypatch.setattr(cache, "_prepare_chunk", real)
+    manifest = prepare([str(image_folder)], DataConfig(image_size=8), tmp_path / "c", workers=1, chunk=5, progress=False)
+    assert "starting over" in capsys.readouterr().out
+    assert manifest["preprocessing"]["image_size"] == 8 and np.load(tmp_path / "c" / "images.npy").shape == (24, 3, 8, 8)
+
+
+def test_preprocessing_mismatch_is_refused(tmp_path, image_folder):
+    prepare([str(image_folder)], DataConfig(image_size=32), tmp_path / "c", workers=1, progress=False)
+    for other, message in [
+        (DataConfig(image_size=64), "data.image_size: cache 32, run 64"),
+        (DataConfig(image_size=32, exact_decode=True), "data.exact_decode: cache False, run True"),
+        (DataConfig(image_size=32, crop="random"), "data.crop: cache 'center', run 'random'"),
+    ]:
+        with pytest.raises(SourceError, match=message):
+            build_dataset([str(tmp_path / "c")], other, train=True, seed=0)
+    with pytest.raises(SourceError, match="already holds a prepared cache"):
+        prepare([str(image_folder)], DataConfig(image_size=32), tmp_path / "c", progress=False)
+    with pytest.raises(SourceError, match="use data.crop=center"):
+        prepare([str(image_folder)], DataConfig(crop="random"), tmp_path / "r", progress=False)
+
+
+def test_bad_files_are_listed_in_the_manifest_and_left_out(tmp_path, image_folder):
+    (image_folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (image_folder / "empty.png").write_bytes(b"")
+    manifest = prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=2, chunk=4, progress=False)
+    assert manifest["rows"] == 26 and manifest["count"] == 24
+    assert sorted(k.rsplit("/", 1)[1] for k in manifest["skipped"]) == ["broken.jpg", "empty.png"]
+    dataset = build_dataset([str(tmp_path / "c")], DataConfig(image_size=16), train=True, seed=0)
+    assert len(dataset) == 24 and all("broken" not in dataset.key(i) for i in range(24))
+
+
+def test_ranks_read_disjoint_slices_of_one_cache(tmp_path, image_folder):
+    prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, progress=False)
+    dataset = build_dataset([str(tmp_path / "c")], DataConfig(image_size=16), train=True, seed=0)
+    seen = []
+    for rank in (0, 1):
+        loader, sampler = make_loader(dataset, 4, True, seed=0, num_workers=0, rank=rank, world_size=2)
+        sampler.set_epoch(0)
+        seen.append(torch.cat([indices for _, indices, _ in loader]).tolist())
+    assert len(seen[0]) == len(seen[1]) == 12 and not set(seen[0]) & set(seen[1])
+
+
+def test_cli_prepare_then_train_on_the_cache(tmp_path, image_folder):
+    assert main(["prepare", "-o", str(tmp_path / "c"), "--no-progress", "--workers", "2",
+                 f"data.train=[{image_folder}]", "data.image_size=32", "data.crop_size=64"]) == 0
+    summary = train(tiny_config([tmp_path / "c"], [tmp_path / "c"], "train.epochs=1"), tmp_path / "run", progress=False)
+    assert summary["steps"] == 3 and summary["skipped_files"] == 0
+
+
+def test_fast_decode_is_close_to_exact_on_photo_like_jpegs(tmp_path):
+    """DCT-scaled decoding vs full decode on 640x480 JPEGs with texture (>= 35 dB)."""
+    rng = np.random.default_rng(0)
+    cfg_fast, cfg_exact = DataConfig(), DataConfig(exact_decode=True)
+    psnrs = []
+    for i in range(12):
+        base = np.asarray(smooth_image(rng, 640, 480), dtype=np.float64)
+        texture = rng.normal(0, 12, (480, 640, 1))
+        from PIL import Image
+        img = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8))
+        if i % 4 == 0:
+            img = img.convert("L")
+        path = tmp_path / f"{i}.jpg"
+        img.save(path, quality=90)
+        data = path.read_bytes()
+        fast = load_view(data, cfg_fast).astype(np.float64)
+        exact = load_view(data, cfg_exact)
+        assert np.array_equal(exact, preprocess(decode_rgb(data), cfg_exact).numpy())
+        mse = np.mean((fast - exact.astype(np.float64)) ** 2)
+        psnrs.append(10 * np.log10(255**2 / mse))
+    assert np.mean(psnrs) >= 35, psnrs
+
+
+def test_fast_decode_equals_exact_for_png(tmp_path):
+    img = smooth_image(np.random.default_rng(1), 500, 400)
+    path = tmp_path / "a.png"
+    img.save(path)
+    data = path.read_bytes()
+    assert np.array_equal(load_view(data, DataConfig()), load_view(data, DataConfig(exact_decode=True)))
+
+
+def test_manifest_is_json_with_provenance(tmp_path, image_folder):
+    prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, progress=False)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["format"] == "imgvae-cache" and manifest["sources"] == [str(image_folder)]
+    assert len((tmp_path / "c" / "keys.txt").read_text().splitlines()) == 24
