@@ -34,8 +34,9 @@ class DataConfig:
     crop: Literal["center", "random"] = "center"
     crop_size: int = 375
     crop_scale: tuple[float, float] = (0.25, 1.0)
-    # false: JPEGs decoded at reduced scale (libjpeg DCT scaling), several times
-    # faster and within ~35-40 dB PSNR; true: full decode, bit-identical to the seed.
+    # false: JPEGs decoded at reduced scale (libjpeg DCT scaling),
+    # ~2x faster, 49 dB mean PSNR from exact (bench/RESULTS.md); true: full decode,
+    # bit-identical to the seed.
     exact_decode: bool = False
     # Distinct crops drawn per image per epoch (useful for a few large photos).
     views_per_image: int = 1
