@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,28 +19,28 @@ def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0) -> torc
     return temperature * torch.randn(n, *model.latent_shape, generator=generator)
 
 
-@torch.no_grad()
-def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], (n, 3, S, S), in eval mode (BatchNorm running stats)."""
+@contextmanager
+def _inference(model: VAE):
+    """Eval mode (BatchNorm running stats, no autograd), restoring the previous mode."""
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        return denormalize(model.decode(z.to(device)).float()).cpu()
+        with torch.no_grad():
+            yield next(model.parameters()).device
     finally:
         model.train(was_training)
 
 
-@torch.no_grad()
+def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], (n, 3, S, S), on the CPU."""
+    with _inference(model) as device:
+        return denormalize(model.decode(z.to(device)).float()).cpu()
+
+
 def reconstruct(model: VAE, x: torch.Tensor) -> torch.Tensor:
     """Normalised images -> deterministic reconstructions (posterior mean) in [0, 1]."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
+    with _inference(model) as device:
         return denormalize(model(x.to(device), sample=False).x_hat.float()).cpu()
-    finally:
-        model.train(was_training)
 
 
 def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
