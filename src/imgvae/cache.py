@@ -56,7 +56,6 @@ class CacheSource:
             raise SourceError(f"{root}: unreadable cache manifest ({e})") from None
         if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
             raise SourceError(f"{root}: not an imgvae cache of version {CACHE_VERSION}")
-        self.manifest = manifest
         self.preprocessing = manifest["preprocessing"]
         self.valid = np.load(self.root / VALID)
         self.keys = (self.root / KEYS).read_text().splitlines()

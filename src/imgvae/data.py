@@ -92,12 +92,10 @@ def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) ->
     (bench/RESULTS.md).
     Other formats take the exact path either way.
     """
-    if cfg.exact_decode:
-        return preprocess(decode_rgb(data), cfg, rng).numpy()
     img = Image.open(io.BytesIO(data))
     width, height = img.size
     left, top, side = crop_box(width, height, cfg, rng)
-    scale = next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
+    scale = 1 if cfg.exact_decode else next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
     if scale > 1:
         # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
         img.draft(None, (-(-width // scale), -(-height // scale)))
