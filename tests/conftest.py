@@ -58,7 +58,7 @@ def coco_zips(tmp_path) -> dict[str, Path]:
 TINY = [
     "data.image_size=32", "data.crop_size=64", "data.num_workers=0",
     "model.latent_dim=16", "train.batch_size=8", "train.log_every=1",
-    "train.grid_size=2", "train.ckpt_every=1", "train.device=cpu",
+    "train.grid_size=2", "train.ckpt_every=1", "train.device=cpu", "train.final_eval=false",
 ]
 
 

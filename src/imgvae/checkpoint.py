@@ -17,6 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError, from_dict
+from .models import build_model
+
 FORMAT_VERSION = 1
 WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
 
@@ -117,3 +120,15 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> N
         unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A checkpoint (or run folder) -> (model in eval mode on device, its Config)."""
+    weights, state = load_checkpoint(path, device)
+    try:
+        cfg = from_dict(state["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{path}: the checkpoint's config cannot be read ({e})") from None
+    model = build_model(cfg.model, cfg.data.image_size).to(device)
+    load_weights(model, weights, resolve_checkpoint(path))
+    return model.eval(), cfg

@@ -81,6 +81,8 @@ class TrainConfig:
     ckpt_every: int = 5
     # Side of the square picture grids (grid_size**2 images).
     grid_size: int = 5
+    # After the last epoch: `imgvae evaluate` on data.eval (metrics.json), then report.html.
+    final_eval: bool = True
 
 
 @dataclass(frozen=True)

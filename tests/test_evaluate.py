@@ -1,0 +1,158 @@
+"""Metrics against independent computations, on small tensors and fake models."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from conftest import tiny_config, write_jpegs
+from imgvae.evaluate import evaluate, image_metrics
+from imgvae.features import GaussianStats, frechet_distance
+from imgvae.losses import bits_per_dim, discretized_gaussian_log_likelihood
+from imgvae.models import VAE, DiagonalGaussian
+from imgvae.sample import lerp, slerp
+
+
+def phi(v):
+    return 0.5 * (1 + math.erf(v / math.sqrt(2)))
+
+
+def test_psnr_and_mse_of_known_noise():
+    real = 0.1 + 0.8 * torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    d = torch.tensor([0.01, 0.05, 0.1])[:, None, None, None]
+    signs = torch.randint(0, 2, real.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    metrics = image_metrics(real, real + d * signs)
+    torch.testing.assert_close(metrics["mse"], d.flatten() ** 2)
+    torch.testing.assert_close(metrics["psnr"], 10 * torch.log10(1 / d.flatten() ** 2))
+
+
+def test_ssim_of_identical_images_is_one_and_lower_for_noisy():
+    real = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(image_metrics(real, real)["ssim"], torch.ones(2))
+    assert (image_metrics(real, (real + 0.2 * torch.randn_like(real)).clamp(0, 1))["ssim"] < 0.9).all()
+    assert "ms_ssim" not in image_metrics(real, real)  # too small for 5 scales
+    big = torch.rand(1, 3, 176, 176)
+    torch.testing.assert_close(image_metrics(big, big)["ms_ssim"], torch.ones(1))
+
+
+def test_discretized_gaussian_matches_erf_and_sums_to_one():
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    mean, sigma = 0.3, 0.2
+    log_p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), math.log(sigma))
+    for k in (0, 100, 200, 255):
+        x = k / 127.5 - 1
+        lo = -math.inf if k == 0 else (x - 1 / 255 - mean) / sigma
+        hi = math.inf if k == 255 else (x + 1 / 255 - mean) / sigma
+        expected = (1.0 if hi == math.inf else phi(hi)) - (0.0 if lo == -math.inf else phi(lo))
+        assert log_p[k].item() == pytest.approx(math.log(expected), rel=1e-7)
+    assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
+    # 50 sigma out, erf underflows but the log mass stays accurate: the bin's mass is
+    # the upper tail beyond its near edge a (the far edge adds e^-39 of it), and
+    # log Q(a) = -a^2/2 - log(a sqrt(2 pi)) + log(1 - 1/a^2 + 3/a^4) (Mills ratio).
+    far = discretized_gaussian_log_likelihood(torch.tensor([0.0]), torch.tensor([-0.5]), math.log(0.01))
+    a = (0.5 - 1 / 255) / 0.01
+    expected = -a * a / 2 - math.log(a * math.sqrt(2 * math.pi)) + math.log(1 - 1 / a**2 + 3 / a**4)
+    assert far.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bits_per_dim_hand_case():
+    # 3 x 2 x 2 = 12 dimensions, 12 * ln 2 * 5 nats -> 5 bits/dim.
+    assert bits_per_dim(12 * math.log(2) * 5, 12) == pytest.approx(5.0)
+
+
+class FakeVAE(VAE):
+    """Posterior means: `active` dims vary with the image, the rest are 0 (collapsed);
+    log-variance 0; the decoder returns mid-grey whatever z is."""
+
+    def __init__(self, active: int, latent: int):
+        super().__init__()
+        self.active, self.latent_shape = active, (latent,)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        brightness = x.mean((1, 2, 3))[:, None] * 10
+        mean = torch.cat([brightness * (i + 1) for i in range(self.active)] + [torch.zeros(len(x), self.latent_shape[0] - self.active)], 1)
+        return DiagonalGaussian(mean, torch.zeros_like(mean))
+
+    def decode(self, z):
+        return torch.zeros(len(z), 3, 32, 32) + 0 * self.dummy
+
+
+def fake_eval(tmp_path, active):
+    write_jpegs(tmp_path / "eval", 10, seed=5)
+    cfg = tiny_config([tmp_path / "eval"], [tmp_path / "eval"], "data.exact_decode=true")
+    model = FakeVAE(active=active, latent=8)
+    metrics = evaluate(model, cfg, [str(tmp_path / "eval")], iw_samples=4, batch_size=4, progress=False)
+    images = []
+    for path in sorted((tmp_path / "eval").glob("*.jpg")):  # centre crop 64 (or the shorter side), resize 32
+        img = Image.open(path).convert("RGB")
+        side = min(64, *img.size)
+        left, top = round((img.width - side) / 2), round((img.height - side) / 2)
+        images.append(np.asarray(img.crop((left, top, left + side, top + side)).resize((32, 32), Image.Resampling.BILINEAR)))
+    return metrics, np.stack(images)
+
+
+def test_evaluate_active_units_and_kl_per_dim_on_collapsed_model(tmp_path):
+    metrics, _ = fake_eval(tmp_path, active=3)
+    latent = metrics["latent"]
+    assert latent["active_units"] == 3 and latent["dims"] == 8
+    assert latent["kl_per_dim"][3:] == [0.0] * 5
+    assert all(v > 0 for v in latent["kl_per_dim"][:3])
+    # KL of N(mu, 1) from N(0, 1) is mu^2 / 2: dim i has mu = (i + 1) * mu_0.
+    kl = latent["kl_per_dim"]
+    assert kl[1] == pytest.approx(4 * kl[0]) and kl[2] == pytest.approx(9 * kl[0])
+    assert metrics["likelihood"]["kl_nats"] == pytest.approx(sum(kl))
+
+
+def test_evaluate_likelihood_and_psnr_by_hand(tmp_path):
+    # All dims collapsed, q(z|x) = p(z): KL = 0 and every importance weight is p(x|z).
+    # The decoder says N(0, 1) for every subpixel on the [-1, 1] scale, whatever z:
+    # -log p(x|z) is a sum of log bin masses computed with erf.
+    metrics, images = fake_eval(tmp_path, active=0)
+    levels = images.astype(np.float64) / 127.5 - 1
+    table = {k: -math.log((1.0 if k == 255 else phi(k / 127.5 - 1 + 1 / 255)) - (0.0 if k == 0 else phi(k / 127.5 - 1 - 1 / 255)))
+             for k in range(256)}
+    recon_nats = np.vectorize(table.get)(images).reshape(len(images), -1).sum(1).mean()
+    lik = metrics["likelihood"]
+    assert metrics["images"] == 10 and levels.shape == (10, 32, 32, 3)
+    assert lik["recon_nats"] == pytest.approx(recon_nats, rel=1e-9)
+    assert lik["kl_nats"] == 0.0 and metrics["latent"]["active_units"] == 0
+    assert lik["neg_elbo_bpd"] == pytest.approx(recon_nats / (3 * 32 * 32 * math.log(2)), rel=1e-9)
+    assert lik["neg_iw_nats"] == pytest.approx(recon_nats, rel=1e-9)
+    # Reconstructions are mid-grey (0.5 rounds to 128/255): PSNR computed independently.
+    mse = ((images / 255.0 - 128 / 255) ** 2).reshape(len(images), -1).mean(1)
+    assert metrics["reconstruction"]["psnr"]["mean"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
+    assert metrics["reconstruction"]["mse"]["mean"] == pytest.approx(mse.mean(), rel=1e-5)
+    assert metrics["reconstruction"]["ms_ssim"] is None
+    assert metrics["distribution"]["fd_effnet_recon"] > 0
+
+
+def test_frechet_distance_against_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 5))
+    b = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) * 0.5 + 1.0
+    stats = []
+    for f in (a, b):
+        s = GaussianStats()
+        s.add(torch.from_numpy(f[:120]))
+        s.add(torch.from_numpy(f[120:]))
+        stats.append(s)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert frechet_distance(*stats) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(stats[0], stats[0]) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_slerp_and_lerp_endpoints_and_norm():
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 3.0])
+    t = torch.linspace(0, 1, 5)
+    path = slerp(a, b, t)
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b)
+    torch.testing.assert_close(path.norm(dim=1), torch.full((5,), 3.0))  # stays on the sphere
+    torch.testing.assert_close(lerp(a, b, t)[2], torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(slerp(a, 2 * a, t), lerp(a, 2 * a, t))  # parallel: falls back to linear
