@@ -31,15 +31,27 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks per decade between lo > 0 and hi."""
+    ticks = [m * 10**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    inside = [t for t in ticks if lo <= t <= hi]
+    return [t for t in inside if t == 10 ** round(math.log10(t))] if len(inside) > 6 else inside
+
+
 def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+    a = abs(v)
+    if a >= 1e5 or 0 < a < 1e-3:
+        return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-")
+    return f"{v:.0f}" if a >= 100 else f"{v:.3g}"
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, width: int = 420, height: int = 240) -> str:
-    """An inline SVG line chart; series: name -> [(x, y)], non-finite points dropped."""
+    """An inline SVG line chart; series: name -> [(x, y)], non-finite points dropped.
+    The y axis turns logarithmic when the values are positive and span more than 20x
+    (a first-epoch KL spike would flatten everything else)."""
     series = {k: [(x, y) for x, y in v if math.isfinite(y)] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
-    left, right, top, bottom = 56, 12, 26, 34
+    left, right, top, bottom = 62, 12, 26, 34
     out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            f'<text x="{width / 2}" y="16" text-anchor="middle" class="title">{html.escape(title)}</text>']
     if not series:
@@ -52,15 +64,19 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel:
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
         y0, y1 = y0 - abs(y0) * 0.1 - 1e-9, y1 + abs(y1) * 0.1 + 1e-9
+    log_y = y0 > 0 and y1 / y0 > 20
+    scale = math.log10 if log_y else (lambda v: v)
     pw, ph = width - left - right, height - top - bottom
 
     def px(x):
         return left + (x - x0) / (x1 - x0) * pw
 
     def py(y):
-        return top + (1 - (y - y0) / (y1 - y0)) * ph
+        return top + (1 - (scale(y) - scale(y0)) / (scale(y1) - scale(y0))) * ph
 
-    for t in _ticks(y0, y1):
+    if log_y:
+        out.append(f'<text x="{left + 4}" y="{top + 12}" class="axisnote">log scale</text>')
+    for t in (_log_ticks(y0, y1) if log_y else _ticks(y0, y1)):
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="gridline"/>'
                    f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
     for t in _ticks(x0, x1):
@@ -131,7 +147,7 @@ h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4
 table { border-collapse: collapse; } th, td { text-align: left; padding: 3px 12px 3px 0; vertical-align: top; }
 th { font-weight: 600; color: #444; } .note { color: #666; font-size: 13px; max-width: 900px; }
 .chart { margin: 4px 8px 8px 0; font-size: 11px; } .chart .title { font-size: 13px; font-weight: 600; }
-.gridline { stroke: #eee; } .frame { fill: none; stroke: #999; }
+.gridline { stroke: #eee; } .axisnote { fill: #888; } .frame { fill: none; stroke: #999; }
 .grids td { text-align: center; } .grids img { width: 220px; image-rendering: pixelated; border: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: 10px; font-size: 12px; overflow-x: auto; }
 """
