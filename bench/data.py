@@ -82,7 +82,7 @@ def our_batches(dataset, workers, batch, device):
     for epoch in range(1000):
         sampler.set_epoch(epoch)
         for step, (images, _, _) in enumerate(loader):
-            yield to_model_input(images, device, torch.Generator().manual_seed(step))
+            yield to_model_input(images, device, torch.rand(len(images), generator=torch.Generator().manual_seed(step)) < 0.5)
 
 
 def loader_rate(batches, n_images) -> float:

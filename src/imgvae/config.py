@@ -53,6 +53,11 @@ class ModelConfig:
     latent_dim: int = 128
     # PyTorch's default; the seed's 0.9 was a Lasagne-convention porting bug.
     bn_momentum: float = 0.1
+    # resnet: channels of the first level (x2, x4 deeper), `levels` downsamplings
+    # (image_size must be a multiple of 2**levels), residual blocks per level.
+    base_channels: int = 64
+    levels: int = 3
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,20 @@ class TrainConfig:
     log_every: int = 20
     # Keep a checkpoint every N epochs besides "last" (0 = only the last one).
     ckpt_every: int = 5
+    # Also checkpoint every N optimiser steps inside an epoch (0 = epoch ends only):
+    # a crash then loses at most N steps. Only the newest such checkpoint is kept.
+    ckpt_every_steps: int = 0
+    # "bf16" / "fp16": autocast (fp16 adds a GradScaler); weights and optimiser stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the training model
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    # Micro-batches of batch_size per optimiser step (per process); the global batch is
+    # batch_size * grad_accum * number of processes.
+    grad_accum: int = 1
+    # Clip the gradient norm to this value (0 = no clipping; the norm is still logged).
+    grad_clip: float = 0.0
+    # A step whose gradient norm is not finite is skipped; this many in a row stop the run.
+    max_bad_steps: int = 10
     # Side of the square picture grids (grid_size**2 images).
     grid_size: int = 5
     # After the last epoch: `imgvae evaluate` on data.eval (metrics.json), then report.html.
@@ -172,13 +191,13 @@ def _validate(cfg, prefix: str) -> None:
     """Range checks that types alone cannot express."""
     positive = {
         DataConfig: ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
-        ModelConfig: ["latent_dim"],
-        TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size"],
+        ModelConfig: ["latent_dim", "base_channels", "levels", "blocks"],
+        TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size", "grad_accum", "max_bad_steps"],
     }.get(type(cfg), [])
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("eval_limit", "num_workers", "ckpt_every", "weight_decay", "beta"):
+    for name in ("eval_limit", "num_workers", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip"):
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(cfg, name)}")
     if isinstance(cfg, DataConfig):

@@ -9,6 +9,7 @@ exactly, whatever the number of workers, and resume mid-way.
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .cache import CacheSource
 from .config import DataConfig
@@ -128,13 +129,12 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * STD + MEAN).clamp(0, 1)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, hflip_generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 batch -> normalised float batch on device, each image flipped
-    left-right with probability 1/2 when a generator is given (training)."""
+def to_model_input(images: torch.Tensor, device: torch.device, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on device; images where the bool mask
+    flips (B,) is true are mirrored left-right (training)."""
     x = normalize(images.to(device, non_blocking=True))
-    if hflip_generator is not None:
-        flip = torch.rand(x.shape[0], generator=hflip_generator) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+    if flips is not None:
+        x = torch.where(flips.to(device)[:, None, None, None], x.flip(-1), x)
     return x
 
 
@@ -230,6 +230,24 @@ def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> 
     return dataset
 
 
+class ResumableSampler(Sampler):
+    """A DistributedSampler's order for an epoch, from sample `start` on (resuming
+    mid-epoch without replaying the batches already trained on)."""
+
+    def __init__(self, base: DistributedSampler):
+        self.base, self.start = base, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.start, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.start
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,
@@ -239,12 +257,13 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[DataLoader, DistributedSampler]:
+) -> tuple[DataLoader, ResumableSampler]:
     """Loader plus its sampler; call sampler.set_epoch(e) and dataset.set_epoch(e)
-    before each epoch. The sampler shards across ranks when world_size > 1."""
-    sampler = DistributedSampler(
+    before each epoch. The sampler shards across ranks when world_size > 1: rank r
+    gets positions r, r + W, ... of the epoch's order."""
+    sampler = ResumableSampler(DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
-    )
+    ))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -37,9 +37,11 @@ class DiagonalGaussian:
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
         self.mean, self.logvar = mean, logvar
 
-    def sample(self) -> torch.Tensor:
-        # Reparametrisation: z = mu + sigma * eps keeps z differentiable in mu, sigma.
-        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean)
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps (reparametrisation: differentiable in mu, sigma);
+        eps ~ N(0, I) drawn here unless given (same shape as mean)."""
+        eps = torch.randn_like(self.mean) if noise is None else noise.to(self.mean)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -55,6 +57,11 @@ class VAEOutput:
     posterior: DiagonalGaussian
     z: torch.Tensor  # the latent that was decoded
 
+    def float(self) -> "VAEOutput":
+        """fp32 copy of every field, for a loss computed outside autocast."""
+        posterior = DiagonalGaussian(self.posterior.mean.float(), self.posterior.logvar.float())
+        return VAEOutput(self.x_hat.float(), posterior, self.z.float())
+
 
 class VAE(nn.Module):
     """Interface shared by all registered models."""
@@ -67,10 +74,11 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, sample: bool = True) -> VAEOutput:
-        """sample=False decodes the posterior mean (deterministic reconstructions)."""
+    def forward(self, x: torch.Tensor, sample: bool = True, noise: torch.Tensor | None = None) -> VAEOutput:
+        """sample=False decodes the posterior mean (deterministic reconstructions);
+        noise: the eps of the reparametrisation, (B, *latent_shape), else drawn."""
         posterior = self.encode(x)
-        z = posterior.sample() if sample else posterior.mode()
+        z = posterior.sample(noise) if sample else posterior.mode()
         return VAEOutput(self.decode(z), posterior, z)
 
 
@@ -132,3 +140,64 @@ class SeedVAE(VAE):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         h = self.decoder_fc(z).view(z.shape[0], *self.bottleneck)
         return self.decoder(h)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a (1x1-projected) skip."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            _group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+            _group_norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1),
+        )
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+@register("resnet")
+class ResNetVAE(VAE):
+    """A flat latent like the seed's, with residual blocks, GroupNorm and SiLU.
+
+    No BatchNorm: an image's output does not depend on its batch, so DDP and
+    gradient accumulation give the same result as one large batch. Encoder:
+    `levels` x (blocks, stride-2 conv), channels base * (1, 2, 4, 4, ...); a linear layer to
+    (mean, logvar). Decoder mirrors it with nearest-neighbour upsampling + conv.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        if image_size % 2**cfg.levels:
+            raise ValueError(f"model 'resnet' needs image_size divisible by 2**levels = {2**cfg.levels}, got {image_size}")
+        widths = [cfg.base_channels * 2 ** min(i, 2) for i in range(cfg.levels + 1)]
+        side = image_size // 2**cfg.levels
+        self.bottleneck = (widths[-1], side, side)
+        self.latent_shape = (cfg.latent_dim,)
+        down: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for cin, cout in zip(widths, widths[1:]):
+            down += [ResBlock(cin, cin) for _ in range(cfg.blocks)]
+            down.append(nn.Conv2d(cin, cout, 3, stride=2, padding=1))
+        down += [ResBlock(widths[-1], widths[-1]), _group_norm(widths[-1]), nn.SiLU(), nn.Flatten()]
+        self.encoder = nn.Sequential(*down)
+        flat = widths[-1] * side * side
+        self.to_stats = nn.Linear(flat, 2 * cfg.latent_dim)
+        self.from_latent = nn.Linear(cfg.latent_dim, flat)
+        up: list[nn.Module] = [ResBlock(widths[-1], widths[-1])]
+        for cin, cout in zip(widths[::-1], widths[::-1][1:]):
+            up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1)]
+            up += [ResBlock(cout, cout) for _ in range(cfg.blocks)]
+        up += [_group_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*up)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)  # (B, latent_dim) each
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.from_latent(z).view(z.shape[0], *self.bottleneck))

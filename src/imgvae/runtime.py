@@ -1,8 +1,17 @@
-"""Where and how a run executes: device choice (and, with issue 7, processes and precision)."""
+"""Where and how a run executes: device, processes (torchrun / DDP) and precision.
+
+A single process never calls init_process_group; under torchrun (WORLD_SIZE > 1 in
+the environment) each process joins the group: NCCL on GPUs, gloo on CPUs.
+"""
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 
 
 class RunError(RuntimeError):
@@ -17,3 +26,66 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"device {name!r} was asked for but CUDA is not available")
     return device
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (a no-op in a single process)."""
+        if self.distributed:
+            values = values.to(self.device)
+            dist.all_reduce(values)
+        return values.cpu()
+
+
+def start_processes(device_name: str) -> Processes:
+    """The process group torchrun set up in the environment, or a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(0, 1, pick_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world_size, device)
+
+
+def stop_processes(processes: Processes) -> None:
+    if processes.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for the forward pass ("fp32": none)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16, whose small gradients would underflow; disabled otherwise.
+    Starts at 2^8, not 2^16: our losses are sums over pixels (1e3 to 1e5), whose
+    gradients at 2^16 overflow fp16 for the first ~10 steps."""
+    return torch.amp.GradScaler(device.type, init_scale=2.0**8, enabled=precision == "fp16")

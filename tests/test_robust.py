@@ -1,0 +1,215 @@
+"""Scaling and robustness: mid-epoch resume, SIGKILL, NaN skipping, clipping,
+gradient accumulation, DDP over 2 gloo processes, mixed precision."""
+
+import importlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, tiny_config, write_jpegs
+from imgvae.checkpoint import load_checkpoint
+from imgvae.runtime import RunError
+from imgvae.train import Trainer, train
+
+train_module = importlib.import_module("imgvae.train")  # the module (imgvae.train is also the function)
+
+# A BatchNorm-free model: one image's gradient does not depend on its batch-mates,
+# so accumulation and DDP must reproduce one large batch.
+RESNET = ["model.name=resnet", "model.base_channels=8", "model.levels=2", "train.optimizer=adam", "train.lr=1e-3"]
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def assert_same_weights(a, b, exact=True):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    write_jpegs(tmp_path / "photos", 24, seed=1)
+    return tmp_path / "photos"
+
+
+def test_mid_epoch_resume_equals_a_straight_run(tmp_path, photos, monkeypatch):
+    cfg = tiny_config([photos], [], "train.epochs=2", "train.ckpt_every_steps=1")
+    train(cfg, tmp_path / "straight", progress=False)
+
+    original = Trainer._checkpoint
+
+    def crash_after_step_4(self, name):
+        original(self, name)
+        if name == "step_00000004":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "resumed")[1]
+    assert (state["epoch"], state["step"], state["batches_done"]) == (1, 4, 1)  # 3 steps per epoch
+    summary = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert summary["steps"] == 6
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "steps.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _train_cmd(out, photos, *extra):
+    return [sys.executable, "-m", "imgvae", "train", "-o", str(out), "--no-progress", *TINY,
+            f"data.train=[{photos}]", "data.eval=[]", *extra]
+
+
+def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
+    every = 2
+    args = ["train.epochs=4", f"train.ckpt_every_steps={every}"]  # 12 steps
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for attempt in range(3):
+        cmd = _train_cmd(out, photos, *args) if attempt == 0 else [sys.executable, "-m", "imgvae", "train", "--resume", str(out), "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 60
+        while not (out / "steps.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.8))  # mid-step, mid-epoch or mid-checkpoint-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (out / "checkpoints" / "last").exists():
+            continue
+        state = load_checkpoint(out)[1]  # the newest checkpoint always loads
+        logged = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
+        assert max(logged) - state["step"] <= every  # at most one interval lost
+    subprocess.run([sys.executable, "-m", "imgvae", "train", "--resume", str(out), "--no-progress"], check=True,
+                   capture_output=True, env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["epochs"] == 4
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, photos, *args), check=True, capture_output=True)
+    assert_same_weights(out, straight)
+
+
+def test_leftover_temp_checkpoint_from_a_crash_is_ignored(tmp_path, photos):
+    cfg = tiny_config([photos], [], "train.epochs=1")
+    train(cfg, tmp_path / "run", progress=False)
+    partial = tmp_path / "run" / "checkpoints" / ".tmp-epoch_002"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)  # killed while writing
+    summary = train(tiny_config([photos], [], "train.epochs=2"), tmp_path / "run", resume=True, progress=False)
+    assert summary["epochs"] == 2 and not partial.exists()
+
+
+def test_nan_batches_are_skipped_and_weights_stay_finite(tmp_path, photos, monkeypatch):
+    calls = {"n": 0}
+    real = train_module.to_model_input
+
+    def poisoned(images, device, flips=None):
+        calls["n"] += 1
+        x = real(images, device, flips)
+        return torch.full_like(x, float("nan")) if calls["n"] in (2, 3) else x
+
+    monkeypatch.setattr(train_module, "to_model_input", poisoned)
+    summary = train(tiny_config([photos], [], "train.epochs=2"), tmp_path / "run", progress=False)
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert all(r["train/loss"] == r["train/loss"] for r in history)  # no NaN in the epoch means
+
+
+def test_too_many_nan_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(tmp_path, photos, monkeypatch):
+    real = train_module.to_model_input
+    calls = {"n": 0}
+
+    def poisoned(images, device, flips=None):
+        calls["n"] += 1
+        x = real(images, device, flips)
+        return torch.full_like(x, float("nan")) if calls["n"] >= 3 else x
+
+    monkeypatch.setattr(train_module, "to_model_input", poisoned)
+    cfg = tiny_config([photos], [], "train.epochs=2", "train.max_bad_steps=2", "train.ckpt_every_steps=1")
+    with pytest.raises(RunError, match="2 steps in a row had a non-finite loss or gradient .step 4.; stopped, last good checkpoint kept"):
+        train(cfg, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run")[1]
+    assert state["step"] == 3  # steps 1, 2 applied; step 3 skipped and saved; step 4 stops
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
+
+
+def test_gradient_clipping_bounds_the_applied_gradient(tmp_path, photos, monkeypatch):
+    seen = []
+    step = torch.optim.RMSprop.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.RMSprop, "step", recording_step)
+    train(tiny_config([photos], [], "train.epochs=1", "train.grad_clip=0.5"), tmp_path / "run", progress=False)
+    logged = [json.loads(line)["grad_norm"] for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert len(seen) == 3 and all(n <= 0.5 * 1.0001 for n in seen)
+    assert all(n > 0.5 for n in logged)  # the raw norms were larger: clipping acted
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path, photos):
+    big = train(tiny_config([photos], [], *RESNET, "train.epochs=1"), tmp_path / "big", progress=False)
+    accum = train(tiny_config([photos], [], *RESNET, "train.epochs=1", "train.batch_size=4", "train.grad_accum=2"),
+                  tmp_path / "accum", progress=False)
+    assert big["steps"] == accum["steps"] == 3
+    assert_same_weights(tmp_path / "big", tmp_path / "accum", exact=False)
+
+
+def _torchrun(out, photos, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "imgvae", "train", "-o", str(out), "--no-progress", *TINY, *RESNET,
+           f"data.train=[{photos}]", "data.eval=[]", "train.batch_size=4", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_ddp_two_gloo_processes_equal_one_process_and_resume(tmp_path, photos):
+    _torchrun(tmp_path / "ddp", photos, "train.epochs=2")
+    train(tiny_config([photos], [], *RESNET, "train.epochs=2"), tmp_path / "single", progress=False)  # batch 8 = 2 x 4
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single", exact=False)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    assert not (tmp_path / "ddp" / "checkpoints" / ".lock").exists()
+
+    _torchrun(tmp_path / "ddp_resumed", photos, "train.epochs=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "imgvae", "train", "--resume", str(tmp_path / "ddp_resumed"), "--no-progress", "train.epochs=2"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "ddp_resumed", exact=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_train_with_finite_loss(tmp_path, photos, precision):
+    cfg = tiny_config([photos], [], "train.epochs=1", f"train.precision={precision}", "train.channels_last=true",
+                      "data.image_size=16")  # fp16 on CPU is emulated: keep it small
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 3 and summary["final"]["train/loss"] < 1e6
+    assert all(w.dtype != torch.float16 and torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
+    state = load_checkpoint(tmp_path / "run")[1]
+    assert state["scaler"]["scale"] > 0 if precision == "fp16" else state["scaler"] == {}
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, photos):
+    train(tiny_config([photos], [], *RESNET, "train.epochs=1"), tmp_path / "eager", progress=False)
+    train(tiny_config([photos], [], *RESNET, "train.epochs=1", "train.compile=true"), tmp_path / "compiled", progress=False)
+    assert_same_weights(tmp_path / "eager", tmp_path / "compiled", exact=False)
