@@ -31,7 +31,7 @@ from torchvision import transforms as T
 from imgvae.cache import prepare
 from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig
 from imgvae.data import build_dataset, decode_rgb, load_view, make_loader, preprocess, to_model_input
-from imgvae.losses import gaussian_elbo
+from imgvae.losses import vae_loss
 from imgvae.models import build_model
 from imgvae.train import build_optimizer
 
@@ -108,7 +108,7 @@ def wait_share(batches, steps: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         x = next(it)
         t1 = time.perf_counter()
-        loss, _ = gaussian_elbo(x, model(x), LossConfig())
+        loss, _ = vae_loss(x, model(x), LossConfig())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -34,7 +34,7 @@ from data import SeedDataset, write_corpus  # noqa: E402  (bench/data.py)
 
 from imgvae.cache import prepare  # noqa: E402
 from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
-from imgvae.losses import gaussian_elbo  # noqa: E402
+from imgvae.losses import vae_loss  # noqa: E402
 from imgvae.models import build_model  # noqa: E402
 from imgvae.train import build_optimizer, train  # noqa: E402
 
@@ -51,7 +51,7 @@ def seed_loop(corpus: Path, batch: int, device: torch.device, workers: int) -> f
         start, seen = time.perf_counter(), 0
         for x in loader:
             x = x.to(device)
-            loss, _ = gaussian_elbo(x, model(x), LossConfig())
+            loss, _ = vae_loss(x, model(x), LossConfig())
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import tiny_config, write_jpegs
 from imgvae.evaluate import evaluate, image_metrics
 from imgvae.features import GaussianStats, frechet_distance
-from imgvae.losses import bits_per_dim, discretized_gaussian_log_likelihood
+from imgvae.losses import bits_per_dim, discretized_log_likelihood
 from imgvae.models import VAE, DiagonalGaussian
 from imgvae.sample import lerp, slerp
 
@@ -41,7 +41,7 @@ def test_ssim_of_identical_images_is_one_and_lower_for_noisy():
 def test_discretized_gaussian_matches_erf_and_sums_to_one():
     levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     mean, sigma = 0.3, 0.2
-    log_p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), math.log(sigma))
+    log_p = discretized_log_likelihood(levels, torch.full_like(levels, mean), math.log(sigma))
     for k in (0, 100, 200, 255):
         x = k / 127.5 - 1
         lo = -math.inf if k == 0 else (x - 1 / 255 - mean) / sigma
@@ -52,7 +52,7 @@ def test_discretized_gaussian_matches_erf_and_sums_to_one():
     # 50 sigma out, erf underflows but the log mass stays accurate: the bin's mass is
     # the upper tail beyond its near edge a (the far edge adds e^-39 of it), and
     # log Q(a) = -a^2/2 - log(a sqrt(2 pi)) + log(1 - 1/a^2 + 3/a^4) (Mills ratio).
-    far = discretized_gaussian_log_likelihood(torch.tensor([0.0]), torch.tensor([-0.5]), math.log(0.01))
+    far = discretized_log_likelihood(torch.tensor([0.0]), torch.tensor([-0.5]), math.log(0.01))
     a = (0.5 - 1 / 255) / 0.01
     expected = -a * a / 2 - math.log(a * math.sqrt(2 * math.pi)) + math.log(1 - 1 / a**2 + 3 / a**4)
     assert far.item() == pytest.approx(expected, rel=1e-6)
@@ -77,7 +77,7 @@ class FakeVAE(VAE):
         mean = torch.cat([brightness * (i + 1) for i in range(self.active)] + [torch.zeros(len(x), self.latent_shape[0] - self.active)], 1)
         return DiagonalGaussian(mean, torch.zeros_like(mean))
 
-    def decode(self, z):
+    def decoder_output(self, z):
         return torch.zeros(len(z), 3, 32, 32) + 0 * self.dummy
 
 

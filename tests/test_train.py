@@ -14,7 +14,7 @@ from conftest import TINY, tiny_config, write_jpegs
 from imgvae.checkpoint import CheckpointError, load_checkpoint, load_weights
 from imgvae.config import load_config
 from imgvae.data import build_dataset, to_model_input
-from imgvae.losses import gaussian_elbo
+from imgvae.losses import vae_loss
 from imgvae.models import build_model
 from imgvae.cli import main
 from imgvae.train import RunError, _lock, train
@@ -49,9 +49,9 @@ def test_cli_end_to_end_on_coco_zips_writes_every_output(tmp_path, coco_zips, ca
     x = to_model_input(torch.stack([dataset.load(i) for i in range(8)]), torch.device("cpu"))
     torch.manual_seed(3)
     model = build_model(cfg.model, cfg.data.image_size)
-    before = gaussian_elbo(x, model(x, sample=False), cfg.loss)[0].item()
+    before = vae_loss(x, model(x, sample=False), cfg.loss)[0].item()
     load_weights(model, weights(out), out)
-    after = gaussian_elbo(x, model(x, sample=False), cfg.loss)[0].item()
+    after = vae_loss(x, model(x, sample=False), cfg.loss)[0].item()
     assert after < 0.8 * before
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 * (24 // 8) and summary["skipped_files"] == 0

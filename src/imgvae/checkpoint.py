@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, from_dict
+from .losses import decoder_scale
 from .models import build_model
 
 FORMAT_VERSION = 1
@@ -47,16 +48,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(ckpt_root: Path, name: str, model: torch.nn.Module, state: dict) -> Path:
-    """Write ckpt_root/name/{model.safetensors,state.pt} and point `last` at it."""
+def _plain_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in unwrap(module).state_dict().items()}
+
+
+def save_checkpoint(ckpt_root: Path, name: str, model: torch.nn.Module, state: dict,
+                    extra: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write ckpt_root/name/{model.safetensors,state.pt} (plus KEY.safetensors for each
+    extra module, e.g. "ema", "discriminator") and point `last` at it."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, str(tmp / WEIGHTS))
+    files = {WEIGHTS: model, **{f"{key}.safetensors": module for key, module in (extra or {}).items()}}
+    for filename, module in files.items():
+        save_file(_plain_weights(module), str(tmp / filename))
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
-    for f in (WEIGHTS, STATE):
+    for f in (*files, STATE):
         _fsync(tmp / f)
     final = ckpt_root / name
     if final.exists():  # re-written (e.g. after a resume): move the old one aside first
@@ -97,13 +105,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_extra(path: str | Path, key: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+    """The weights saved as `extra[key]` (e.g. "ema"), or None if the checkpoint has none."""
+    file = resolve_checkpoint(path) / f"{key}.safetensors"
+    return _load_safetensors(file, device) if file.is_file() else None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """-> (weights, state). Never unpickles arbitrary objects."""
     ckpt = resolve_checkpoint(path)
-    try:
-        weights = load_file(str(ckpt / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / WEIGHTS}: not a readable safetensors file ({e})") from None
+    weights = _load_safetensors(ckpt / WEIGHTS, device)
     try:
         state = torch.load(ckpt / STATE, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects, EOF/RuntimeError when truncated
@@ -122,13 +140,15 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> N
         raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A checkpoint (or run folder) -> (model in eval mode on device, its Config)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """A checkpoint (or run folder) -> (model in eval mode on device, its Config);
+    with the EMA weights when the run kept them (and ema is true)."""
     weights, state = load_checkpoint(path, device)
     try:
         cfg = from_dict(state["config"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{path}: the checkpoint's config cannot be read ({e})") from None
-    model = build_model(cfg.model, cfg.data.image_size).to(device)
-    load_weights(model, weights, resolve_checkpoint(path))
+    model = build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss)).to(device)
+    averaged = load_extra(path, "ema", device) if ema else None
+    load_weights(model, averaged or weights, resolve_checkpoint(path))
     return model.eval(), cfg

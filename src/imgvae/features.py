@@ -108,3 +108,30 @@ def feature_networks(fid_weights: str | Path | None, device: torch.device) -> li
     if fid_weights:
         networks.append(InceptionFeatures(fid_weights))
     return [n.to(device) for n in networks]
+
+
+class PerceptualDistance(nn.Module):
+    """LPIPS-style distance between two image batches on the [-1, 1] scale -> (B,):
+    EfficientNet-Lite0 feature maps after 4 of its blocks, unit-normalised along
+    channels, squared differences averaged over positions, summed over layers.
+    Fed at the images' own size (no resize: cheap enough to train with)."""
+
+    LAYERS = (1, 3, 8, 15)
+
+    def __init__(self):
+        super().__init__()
+        self.net = EffNetFeatures().net
+        self.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        net, out = self.net, []
+        h = net._swish(net._bn0(net._conv_stem(x)))
+        for i, block in enumerate(net._blocks[: max(self.LAYERS) + 1]):
+            h = block(h)
+            if i in self.LAYERS:
+                out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.net.eval()  # frozen BatchNorm statistics whatever the caller's mode
+        return sum((fa - fb).pow(2).sum(1).mean((1, 2)) for fa, fb in zip(self.features(a), self.features(b)))

@@ -14,7 +14,11 @@ from torch import nn
 
 from .config import ModelConfig
 
-MODELS: dict[str, Callable[[ModelConfig, int], "VAE"]] = {}
+MODELS: dict[str, Callable[[ModelConfig, int, str], "VAE"]] = {}
+# What the decoder says about pixel noise besides its mean: nothing ("none": the loss
+# fixes it), one learned log-scale ("scalar"), or a log-scale per subpixel ("pixel",
+# 3 more output channels).
+SCALES = ("none", "scalar", "pixel")
 
 
 def register(name: str):
@@ -25,10 +29,12 @@ def register(name: str):
     return add
 
 
-def build_model(cfg: ModelConfig, image_size: int) -> "VAE":
+def build_model(cfg: ModelConfig, image_size: int, scale: str = "none") -> "VAE":
+    """The registered model cfg.name for square images of image_size; scale: see SCALES
+    (losses.decoder_scale(loss config) says which a loss needs)."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; available: {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg, image_size)
+    return MODELS[cfg.name](cfg, image_size, scale)
 
 
 class DiagonalGaussian:
@@ -53,33 +59,64 @@ class DiagonalGaussian:
 
 @dataclass
 class VAEOutput:
-    x_hat: torch.Tensor  # (B, 3, S, S) reconstruction in [-1, 1]
+    x_hat: torch.Tensor  # (B, 3, S, S) decoder mean on the [-1, 1] scale
     posterior: DiagonalGaussian
     z: torch.Tensor  # the latent that was decoded
+    log_scale: torch.Tensor | None = None  # (B, 3, S, S) decoder log-scale, if the model has one
 
     def float(self) -> "VAEOutput":
         """fp32 copy of every field, for a loss computed outside autocast."""
         posterior = DiagonalGaussian(self.posterior.mean.float(), self.posterior.logvar.float())
-        return VAEOutput(self.x_hat.float(), posterior, self.z.float())
+        log_scale = None if self.log_scale is None else self.log_scale.float()
+        return VAEOutput(self.x_hat.float(), posterior, self.z.float(), log_scale)
 
 
 class VAE(nn.Module):
-    """Interface shared by all registered models."""
+    """Interface shared by all registered models: subclasses define `encode` and
+    `decoder_output` (B, out_channels, S, S), out_channels = 6 with scale "pixel"."""
 
     latent_shape: tuple[int, ...]
+
+    def __init__(self, scale: str = "none"):
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"unknown decoder scale {scale!r}; available: {list(SCALES)}")
+        self.scale = scale
+        self.out_channels = 6 if scale == "pixel" else 3
+        # sigma-VAE's single learned noise level: the optimiser tunes it with the weights.
+        self.log_scale = nn.Parameter(torch.zeros(())) if scale == "scalar" else None
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_distribution(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents -> (decoder mean (B, 3, S, S), log-scale (B, 3, S, S) or None)."""
+        h = self.decoder_output(z)
+        mean = h[:, :3]
+        if self.scale == "pixel":
+            return mean, h[:, 3:]
+        if self.scale == "scalar":
+            return mean, self.log_scale.expand_as(mean)
+        return mean, None
+
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output convolution weight (the adversarial loss balances its gradients)."""
+        return self.decoder[-1].weight
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, *latent_shape) -> decoder mean (B, 3, S, S)."""
+        return self.decode_distribution(z)[0]
 
     def forward(self, x: torch.Tensor, sample: bool = True, noise: torch.Tensor | None = None) -> VAEOutput:
         """sample=False decodes the posterior mean (deterministic reconstructions);
         noise: the eps of the reparametrisation, (B, *latent_shape), else drawn."""
         posterior = self.encode(x)
         z = posterior.sample(noise) if sample else posterior.mode()
-        return VAEOutput(self.decode(z), posterior, z)
+        mean, log_scale = self.decode_distribution(z)
+        return VAEOutput(mean, posterior, z, log_scale)
 
 
 def _conv_bn_relu(cin: int, cout: int, momentum: float, transpose: bool = False) -> list[nn.Module]:
@@ -98,8 +135,8 @@ class SeedVAE(VAE):
     The seed hard-wired 64x64; here the 8x8 bottleneck is image_size / 8.
     """
 
-    def __init__(self, cfg: ModelConfig, image_size: int):
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, image_size: int, scale: str = "none"):
+        super().__init__(scale)
         if image_size % 8:
             raise ValueError(f"model 'seed' needs image_size divisible by 8, got {image_size}")
         m, d = cfg.bn_momentum, cfg.latent_dim
@@ -124,8 +161,7 @@ class SeedVAE(VAE):
             *_conv_bn_relu(256, 256, m, transpose=True),
             *_conv_bn_relu(256, 128, m, transpose=True),
             *_conv_bn_relu(128, 32, m, transpose=True),
-            nn.Conv2d(32, 3, 5, stride=1, padding=2),
-            nn.Tanh(),
+            nn.Conv2d(32, self.out_channels, 5, stride=1, padding=2),
         )
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
@@ -137,9 +173,9 @@ class SeedVAE(VAE):
         h = self.encoder(x)  # (B, 1024)
         return DiagonalGaussian(self.to_mean(h), self.to_logvar(h))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.decoder_fc(z).view(z.shape[0], *self.bottleneck)
-        return self.decoder(h)
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.decoder(self.decoder_fc(z).view(z.shape[0], *self.bottleneck))
+        return torch.cat([torch.tanh(h[:, :3]), h[:, 3:]], 1)  # the seed's tanh bounds the mean only
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -171,8 +207,8 @@ class ResNetVAE(VAE):
     (mean, logvar). Decoder mirrors it with nearest-neighbour upsampling + conv.
     """
 
-    def __init__(self, cfg: ModelConfig, image_size: int):
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, image_size: int, scale: str = "none"):
+        super().__init__(scale)
         if image_size % 2**cfg.levels:
             raise ValueError(f"model 'resnet' needs image_size divisible by 2**levels = {2**cfg.levels}, got {image_size}")
         widths = [cfg.base_channels * 2 ** min(i, 2) for i in range(cfg.levels + 1)]
@@ -192,12 +228,97 @@ class ResNetVAE(VAE):
         for cin, cout in zip(widths[::-1], widths[::-1][1:]):
             up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1)]
             up += [ResBlock(cout, cout) for _ in range(cfg.blocks)]
-        up += [_group_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
+        up += [_group_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], self.out_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*up)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         mean, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)  # (B, latent_dim) each
         return DiagonalGaussian(mean, logvar)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.from_latent(z).view(z.shape[0], *self.bottleneck))
+
+
+class SelfAttention(nn.Module):
+    """Single-head attention over the h*w positions of a feature map (LDM's mid block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (B, hw, C) each
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.out(y.transpose(1, 2).reshape(b, c, h, w))
+
+
+class KLAutoencoder(VAE):
+    """A spatial latent, as latent-diffusion's AutoencoderKL: z is (latent_channels,
+    S / f, S / f) with f = 2**downsamplings; ResBlocks with GroupNorm + SiLU, an
+    attention mid block, channels base * (1, 2, 4, 4). Any image_size divisible by f.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_size: int, scale: str, downsamplings: int):
+        super().__init__(scale)
+        factor = 2**downsamplings
+        if image_size % factor:
+            raise ValueError(f"model 'kl-f{factor}' needs image_size divisible by {factor}, got {image_size}")
+        widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
+        side, c = image_size // factor, cfg.latent_channels
+        self.latent_shape = (c, side, side)
+
+        def mid(width):
+            return [ResBlock(width, width), SelfAttention(width), ResBlock(width, width)]
+
+        down: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for i, width in enumerate(widths):
+            down += [ResBlock(widths[max(i - 1, 0)] if b == 0 else width, width) for b in range(cfg.blocks)]
+            if i < downsamplings:
+                down.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        down += [*mid(widths[-1]), _group_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 2 * c, 3, padding=1)]
+        self.encoder = nn.Sequential(*down)
+        up: list[nn.Module] = [nn.Conv2d(c, widths[-1], 3, padding=1), *mid(widths[-1])]
+        for i, width in reversed(list(enumerate(widths))):
+            up += [ResBlock(widths[min(i + 1, downsamplings)] if b == 0 else width, width) for b in range(cfg.blocks)]
+            if i > 0:
+                up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+        up += [_group_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], self.out_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*up)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = self.encoder(x).chunk(2, dim=1)  # (B, c, S/f, S/f) each
+        # LDM's clamp: keeps exp(logvar) finite early in training.
+        return DiagonalGaussian(mean, logvar.clamp(-30.0, 20.0))
+
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+
+register("kl-f4")(lambda cfg, image_size, scale="none": KLAutoencoder(cfg, image_size, scale, 2))
+register("kl-f8")(lambda cfg, image_size, scale="none": KLAutoencoder(cfg, image_size, scale, 3))
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN (as in taming-transformers): (B, 3, S, S) -> (B, 1, ~S/8, ~S/8)
+    real/fake logits, one per overlapping patch."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            blocks += [nn.Conv2d(width, out, 4, stride=2 if i < layers else 1, padding=1, bias=False),
+                       nn.BatchNorm2d(out), nn.LeakyReLU(0.2, inplace=True)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*blocks)
+        for module in self.modules():  # pix2pix's N(0, 0.02) init
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

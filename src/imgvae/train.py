@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -25,15 +26,24 @@ from .cache import CacheSource
 from .config import Config, TrainConfig, save_config, to_dict
 from .data import BadFiles, ImageDataset, build_dataset, make_loader, normalize, to_model_input
 from .evaluate import evaluate_checkpoint, format_table
-from .losses import gaussian_elbo
-from .models import VAE, build_model
+from .features import PerceptualDistance
+from .losses import adaptive_gan_weight, decoder_scale, hinge_discriminator_loss, kl_weight, vae_loss
+from .models import VAE, PatchDiscriminator, build_model
 from .report import write_report
 from .runtime import Processes, RunError, autocast, grad_scaler, start_processes, stop_processes
 from .sample import decode, grid, prior_noise, reconstruct, save_grid
 
 
+# The learned scalar decoder scale gets a 100x learning rate: Adam moves a single
+# parameter by ~lr per step, so at 3e-4 sigma would need ~10^4 steps to fall from 1 to 0.1.
+SCALE_LR_MULTIPLIER = 100.0
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+    scale = getattr(model, "log_scale", None)
+    params = [{"params": [p for p in model.parameters() if p is not scale]}]
+    if scale is not None:
+        params.append({"params": [scale], "lr": cfg.lr * SCALE_LR_MULTIPLIER})
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -58,11 +68,22 @@ def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shap
     return flips[positions], noise[positions]
 
 
-def training_step(model, x: torch.Tensor, noise: torch.Tensor, cfg: Config):
-    """Forward (under autocast) + loss in fp32 for one normalised batch x (B, 3, S, S)."""
+def training_step(model, x: torch.Tensor, noise: torch.Tensor, cfg: Config, kl_scale: float,
+                  perceptual=None, discriminator=None, last_layer=None):
+    """Forward (under autocast) + loss in fp32 for one normalised batch x (B, 3, S, S).
+    With a discriminator, adds its hinge generator loss at taming's adaptive weight.
+    -> (loss, stats, decoder mean)."""
     with autocast(x.device, cfg.train.precision):
         out = model(x, noise=noise)
-    return gaussian_elbo(x, out.float(), cfg.loss)
+    out = out.float()
+    loss, stats = vae_loss(x, out, cfg.loss, kl_scale, perceptual)
+    if discriminator is not None:
+        with autocast(x.device, cfg.train.precision):
+            generator_loss = -discriminator(out.x_hat).float().mean()
+        weight = cfg.loss.adversarial * adaptive_gan_weight(loss, generator_loss, last_layer)
+        loss = loss + weight * generator_loss
+        stats |= {"generator": generator_loss.detach(), "gan_weight": weight, "loss": loss.detach()}
+    return loss, stats, out.x_hat
 
 
 @torch.no_grad()
@@ -76,7 +97,7 @@ def eval_loss(model: VAE, loader, dataset: ImageDataset, cfg: Config, device, ba
         if len(images) == 0:
             continue
         x = to_model_input(images, device)
-        _, stats = gaussian_elbo(x, model(x, sample=False), cfg.loss)
+        _, stats = vae_loss(x, model(x, sample=False), cfg.loss)
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v.item() * len(images)
         count += len(images)
@@ -173,12 +194,24 @@ class Trainer:
             self.eval_loader = torch.utils.data.DataLoader(subset, batch_size=tc.batch_size, num_workers=cfg.data.num_workers,
                                                            collate_fn=self.loader.collate_fn, pin_memory=pin)
 
-        self.raw_model = build_model(cfg.model, cfg.data.image_size).to(device)
+        self.raw_model = build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss)).to(device)
         if tc.channels_last:
             self.raw_model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.raw_model, tc)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=tc.lr_gamma)
         self.scaler = grad_scaler(device, tc.precision)
+        self.ema = None
+        if tc.ema > 0:  # the averaged copy makes grids, evaluation and samples
+            self.ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
+        self.perceptual = PerceptualDistance().to(device) if cfg.loss.perceptual > 0 else None
+        self.discriminator = self.d_optimizer = None
+        if cfg.loss.adversarial > 0:
+            if procs.distributed or tc.grad_accum > 1:
+                raise RunError("loss.adversarial works in a single process with train.grad_accum=1 for now")
+            self.discriminator = PatchDiscriminator().to(device)
+            self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.loss.discriminator_lr, betas=(0.5, 0.9))
+        per_epoch = len(self.sampler.base) // tc.batch_size
+        self.total_steps = tc.epochs * math.ceil(per_epoch / tc.grad_accum)
         # Position: finished epochs, optimiser steps, loader batches done in the current epoch.
         self.epoch, self.step, self.batches_done = 0, 0, 0
         self.epoch_sums, self.epoch_images, self.bad_steps, self.skipped_steps = {}, 0, 0, 0
@@ -190,6 +223,12 @@ class Trainer:
             self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
             self.epoch_sums, self.epoch_images = state["epoch_sums"], state["epoch_images"]
             self.skipped_steps = state["skipped_steps"]
+            if self.ema is not None:
+                ckpt.load_weights(self.ema.module, ckpt.load_extra(out, "ema", device), out)
+                self.ema.n_averaged.fill_(state["ema_updates"])
+            if self.discriminator is not None:
+                ckpt.load_weights(self.discriminator, ckpt.load_extra(out, "discriminator", device), out)
+                self.d_optimizer.load_state_dict(state["d_optimizer"])
         model = self.raw_model
         if procs.distributed:
             if device.type == "cuda":  # BatchNorm statistics over the global batch (needs GPUs)
@@ -245,9 +284,14 @@ class Trainer:
                         x = x.contiguous(memory_format=torch.channels_last)
                     last_micro = micro + 1 == group or self.batches_done == per_epoch
                     # Under DDP, gradients are all-reduced only on the step's last micro-batch.
+                    gan = self.discriminator is not None and self.step >= cfg.loss.adversarial_start
                     with self.ddp.no_sync() if procs.distributed and not last_micro else nullcontext():
-                        loss, stats = training_step(self.model, x, noise.to(self.device), cfg)
+                        loss, stats, x_hat = training_step(
+                            self.model, x, noise.to(self.device), cfg, kl_weight(cfg.loss, self.step, self.total_steps),
+                            self.perceptual, self.discriminator if gan else None, self.raw_model.last_layer())
                         self.scaler.scale(loss / group).backward()
+                    if gan:
+                        stats["discriminator"] = self._discriminator_step(x, x_hat.detach())
                     loss_finite &= bool(torch.isfinite(loss))
                     for k, v in stats.items():
                         group_sums[k] = group_sums.get(k, 0.0) + v.item() * len(images)
@@ -279,11 +323,20 @@ class Trainer:
                         f.write(json.dumps({"step": self.step, "epoch_float": epoch + self.batches_done / per_epoch, **values}) + "\n")
                     rate = run_images * procs.world_size / max(time.time() - epoch_start, 1e-9)
                     bar.set_postfix(loss=f"{values['loss']:.1f}", kl=f"{values['kl']:.1f}", img_s=f"{rate:.0f}")
-                if tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0:
+                out_of_time = bool(tc.time_limit) and time.time() - started > 60 * tc.time_limit
+                if out_of_time or (tc.time_limit and procs.distributed):  # rank clocks differ: agree
+                    out_of_time = procs.all_reduce_sum(torch.tensor([float(out_of_time)]))[0].item() > 0
+                if out_of_time or (tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0):
                     self._checkpoint(f"step_{self.step:08d}")
+                if out_of_time:
+                    break
             bar.close()
             seconds = time.time() - epoch_start
             images_seen += run_images
+            if self.batches_done < per_epoch:  # stopped by train.time_limit
+                self._say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {self.step}; "
+                          f"continue with --resume {self.out}")
+                break
             self._end_epoch(seconds, run_images, bad, fixed, fixed_z, writer, history)
         if writer is not None:
             writer.close()
@@ -301,6 +354,8 @@ class Trainer:
         if applied:
             self.scaler.step(self.optimizer)
             self.bad_steps = 0
+            if self.ema is not None:
+                self.ema.update_parameters(self.raw_model)
         else:
             self.skipped_steps += 1
             # fp16 overflows with a finite loss are the GradScaler's business (it lowers the scale).
@@ -314,6 +369,20 @@ class Trainer:
         self.step += 1
         return grad_norm, applied
 
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """One hinge-loss update of the PatchGAN on this batch and its reconstructions."""
+        with autocast(real.device, self.tc.precision):
+            loss = hinge_discriminator_loss(self.discriminator(real).float(), self.discriminator(fake).float())
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if all(torch.isfinite(p.grad).all() for p in self.discriminator.parameters() if p.grad is not None):
+            self.d_optimizer.step()
+        return loss.detach()
+
+    def eval_model(self) -> VAE:
+        """The weights that make grids, evaluations and samples: the EMA when kept."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
     def _end_epoch(self, seconds, run_images, bad, fixed, fixed_z, writer, history) -> None:
         cfg, tc, procs, epoch = self.cfg, self.tc, self.procs, self.epoch
         keys = sorted(self.epoch_sums)
@@ -325,7 +394,7 @@ class Trainer:
         self.scheduler.step()
         self.epoch, self.batches_done, self.epoch_sums, self.epoch_images = epoch + 1, 0, {}, 0
         if procs.main:
-            model = self.raw_model
+            model = self.eval_model()
             eval_stats = eval_loss(model, self.eval_loader, self.eval_set, cfg, self.device, bad) if self.eval_loader else {}
             # The seed's three pictures, per epoch.
             nrow = tc.grid_size
@@ -364,7 +433,12 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "config": to_dict(self.cfg), "log_dir": str(self.logs),
             }
-            ckpt.save_checkpoint(self.ckpt_dir, name, self.raw_model, state)
+            extra = {}
+            if self.ema is not None:
+                extra["ema"], state["ema_updates"] = self.ema.module, int(self.ema.n_averaged)
+            if self.discriminator is not None:
+                extra["discriminator"], state["d_optimizer"] = self.discriminator, self.d_optimizer.state_dict()
+            ckpt.save_checkpoint(self.ckpt_dir, name, self.raw_model, state, extra)
             every = self.tc.ckpt_every
             keep = {f"epoch_{e:03d}" for e in range(1, self.epoch + 1) if every and e % every == 0}
             ckpt.prune_checkpoints(self.ckpt_dir, keep)  # older step_* ones go; `last` always stays

@@ -1,0 +1,77 @@
+"""Quality at equal wall-clock: train each preset for the same budget on the same
+data, evaluate on held-out images never seen in training, print one table.
+
+Default data: the embedded photos' random crops (6 photos for training, 2 others
+held out), as `make demo`, with 1,024 crops per photo per epoch so that the
+per-epoch learning-rate decay of every preset sees comparable epochs.
+
+    python bench/quality.py                         # 5 presets x 10 minutes on this machine
+    python bench/quality.py --minutes 3 --presets demo resnet
+    python bench/quality.py --train /data/coco/train2017.zip --eval /data/coco/val2017.zip --minutes 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from imgvae.config import load_config
+from imgvae.evaluate import evaluate_checkpoint
+from imgvae.train import train
+
+PRESETS = ["demo", "resnet", "kl-f8", "kl-f4", "sharp"]  # demo = the seed model and recipe
+
+
+def run_preset(preset: str, args, out: Path) -> dict:
+    overrides = [
+        f"data.train=[{args.train}]", f"data.eval=[{args.eval}]", "data.image_size=64",
+        "train.epochs=1000", f"train.time_limit={args.minutes}", "train.final_eval=false", f"train.seed={args.seed}",
+        "train.log_every=20", "train.ckpt_every=0",
+    ]
+    if args.train == "embedded:train":
+        overrides += ["data.crop=random", "data.views_per_image=1024", f"data.eval_views_per_image={args.eval_views}"]
+    cfg = load_config(preset, overrides)
+    summary = train(cfg, out, progress=False)
+    metrics, _ = evaluate_checkpoint(out, seed=args.seed, progress=False, iw_samples=args.iw_samples)
+    return {
+        "preset": preset, "params": summary["parameters"], "steps": summary["steps"],
+        "img_per_s": summary["images_seen_this_run"] / summary["seconds_this_run"],
+        "psnr": metrics["reconstruction"]["psnr"]["mean"], "ssim": metrics["reconstruction"]["ssim"]["mean"],
+        "bpd": metrics["likelihood"]["neg_elbo_bpd"], "iw_bpd": metrics["likelihood"]["neg_iw_bpd"],
+        "fd_recon": metrics["distribution"]["fd_effnet_recon"], "fd_samples": metrics["distribution"]["fd_effnet_samples"],
+        "active": f"{metrics['latent']['active_units']}/{metrics['latent']['dims']}", "images": metrics["images"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per preset")
+    parser.add_argument("--train", default="embedded:train")
+    parser.add_argument("--eval", default="embedded:eval")
+    parser.add_argument("--eval-views", type=int, default=64, help="crops per held-out embedded photo")
+    parser.add_argument("--iw-samples", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="run folders (kept: grids, report.html)")
+    args = parser.parse_args()
+    rows = []
+    for preset in args.presets:
+        out = args.out / preset
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append(run_preset(preset, args, out))
+        print(json.dumps(rows[-1]), flush=True)
+    (args.out / "quality.json").write_text(json.dumps(rows, indent=2))
+    seed_psnr = next((r["psnr"] for r in rows if r["preset"] == "demo"), None)
+    print(f"\n{args.minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}")
+    print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon | fd_effnet samples | active units |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        gain = f" ({r['psnr'] - seed_psnr:+.1f})" if seed_psnr is not None and r["preset"] != "demo" else ""
+        print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.1f} | {r['steps']} | {r['psnr']:.2f}{gain} | "
+              f"{r['ssim']:.3f} | {r['bpd']:.3f} | {r['iw_bpd']:.3f} | {r['fd_recon']:.1f} | {r['fd_samples']:.1f} | {r['active']} |")
+
+
+if __name__ == "__main__":
+    main()
