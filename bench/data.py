@@ -172,8 +172,8 @@ def main():
         base = rows[0][1]
         print(f"\n{len(paths)} JPEGs, batch {args.batch}, {args.workers} loader workers "
               f"(cache: in-process), {torch.get_num_threads()} torch threads")
-        print(f"| loader | img/s | vs (a) | data wait, share of step | training img/s |")
-        print(f"|---|---:|---:|---:|---:|")
+        print("| loader | img/s | vs (a) | data wait, share of step | training img/s |")
+        print("|---|---:|---:|---:|---:|")
         for name, rate, share, train_rate in rows:
             print(f"| {name} | {rate:,.0f} | {rate / base:.1f}x | {100 * share:.1f} % | {train_rate:.1f} |")
     finally:

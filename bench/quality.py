@@ -5,7 +5,7 @@ Default data: the embedded photos' random crops (6 photos for training, 2 others
 held out), as `make demo`, with 1,024 crops per photo per epoch so that the
 per-epoch learning-rate decay of every preset sees comparable epochs.
 
-    python bench/quality.py                         # 5 presets x 10 minutes on this machine
+    python bench/quality.py                         # 6 presets x 10 minutes on this machine
     python bench/quality.py --minutes 3 --presets demo resnet
     python bench/quality.py --train /data/coco/train2017.zip --eval /data/coco/val2017.zip --minutes 60
 """
@@ -21,7 +21,8 @@ from imgvae.config import load_config
 from imgvae.evaluate import evaluate_checkpoint
 from imgvae.train import train
 
-PRESETS = ["demo", "resnet", "kl-f8", "kl-f4", "sharp"]  # demo = the seed model and recipe
+# demo = the seed model and recipe; NAME+key=value+... adds overrides to a preset.
+PRESETS = ["demo", "demo+loss.sigma=scalar", "resnet", "kl-f8", "kl-f4", "sharp"]
 
 
 def run_preset(preset: str, args, out: Path) -> dict:
@@ -32,7 +33,8 @@ def run_preset(preset: str, args, out: Path) -> dict:
     ]
     if args.train == "embedded:train":
         overrides += ["data.crop=random", "data.views_per_image=1024", f"data.eval_views_per_image={args.eval_views}"]
-    cfg = load_config(preset, overrides)
+    name, *extra = preset.split("+")
+    cfg = load_config(name, overrides + extra)
     summary = train(cfg, out, progress=False)
     metrics, _ = evaluate_checkpoint(out, seed=args.seed, progress=False, iw_samples=args.iw_samples)
     return {
@@ -58,7 +60,7 @@ def main():
     args = parser.parse_args()
     rows = []
     for preset in args.presets:
-        out = args.out / preset
+        out = args.out / preset.replace("+", "_")
         shutil.rmtree(out, ignore_errors=True)
         rows.append(run_preset(preset, args, out))
         print(json.dumps(rows[-1]), flush=True)

@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import yaml
 
-from imgvae.config import Config, ConfigError, from_dict, load_config, save_config, to_dict
+from imgvae.config import PRESET_DIR, Config, ConfigError, from_dict, load_config, save_config, to_dict
 
 
 def test_seed_preset_is_the_seed_recipe():
@@ -62,3 +64,10 @@ def test_round_trip_through_yaml_and_frozen(tmp_path):
     with pytest.raises(AttributeError):
         cfg.train.epochs = 5
     assert Config() == from_dict({})
+
+
+def test_seed_preset_lists_every_key():
+    listed = yaml.safe_load((PRESET_DIR / "seed.yaml").read_text())
+    for section in ("data", "model", "loss", "train"):
+        keys = {f.name for f in dataclasses.fields(type(getattr(Config(), section)))}
+        assert keys == set(listed[section]), section

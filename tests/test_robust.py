@@ -213,3 +213,11 @@ def test_compiled_training_matches_eager(tmp_path, photos):
     train(tiny_config([photos], [], *RESNET, "train.epochs=1"), tmp_path / "eager", progress=False)
     train(tiny_config([photos], [], *RESNET, "train.epochs=1", "train.compile=true"), tmp_path / "compiled", progress=False)
     assert_same_weights(tmp_path / "eager", tmp_path / "compiled", exact=False)
+
+
+def test_time_limit_stops_at_a_step_with_a_resumable_checkpoint(tmp_path, photos):
+    cfg = tiny_config([photos], [], "train.epochs=2", "train.time_limit=0.00001")  # under a millisecond
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 1 and (tmp_path / "run" / "checkpoints" / "step_00000001").is_dir()
+    resumed = train(tiny_config([photos], [], "train.epochs=2"), tmp_path / "run", resume=True, progress=False)
+    assert resumed["steps"] == 6 and resumed["epochs"] == 2

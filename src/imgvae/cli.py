@@ -22,7 +22,7 @@ from .train import train
 EPILOG_TRAIN = """\
 overrides: any config key as section.key=value, e.g.
   train.epochs=3 model.latent_dim=64 data.train=[coco/train2017.zip,coco/test2017.zip]
-sections and keys: see configs/seed.yaml; presets: seed, demo (or a YAML path).
+sections and keys: see configs/seed.yaml; presets: seed, demo, resnet, kl-f4, kl-f8, sharp (or a YAML path).
 
 examples:
   imgvae train --config demo -o runs/demo
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("-o", "--out", metavar="OUT", help="results folder (config, checkpoints, grids, history)")
     t.add_argument("-l", "--logs", metavar="LOGS", help="TensorBoard log folder (default: OUT/logs)")
-    t.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo)")
+    t.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo, resnet, kl-f4, kl-f8, sharp)")
     t.add_argument("--resume", metavar="OUT", help="continue the run in this results folder")
     t.add_argument("--seed", type=int, help="random seed (same as train.seed=N)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (same as train.device=...)")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo)")
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo, resnet, kl-f4, kl-f8, sharp)")
     p.add_argument("--split", choices=["train", "eval"], default="train", help="prepare data.train (default) or data.eval")
     p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

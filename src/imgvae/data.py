@@ -209,6 +209,18 @@ class BadFiles:
         return len(self.reasons)
 
 
+def first_images(dataset: ImageDataset, n: int) -> torch.Tensor:
+    """The first n readable images of the dataset, uint8 (n', 3, S, S)."""
+    images = []
+    for i in range(len(dataset)):
+        x, _, _ = dataset[i]
+        if x is not None:
+            images.append(x)
+        if len(images) == n:
+            break
+    return torch.stack(images)
+
+
 def check_readable(dataset: ImageDataset) -> None:
     """Fail before training when not one file of the source decodes."""
     for index in range(0, len(dataset), dataset.views):

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_model, resolve_checkpoint
 from .config import Config, ConfigError
-from .data import BadFiles, build_dataset, collate, denormalize, normalize
+from .data import BadFiles, ImageDataset, build_dataset, collate, denormalize, normalize, to_model_input
 from .features import GaussianStats, feature_networks, frechet_distance
-from .losses import LIKELIHOOD_FAMILY, LOG_SCALE_RANGE, bits_per_dim, discretized_log_likelihood
+from .losses import LIKELIHOOD_FAMILY, LOG_SCALE_RANGE, bits_per_dim, discretized_log_likelihood, vae_loss
 from .models import VAE
 from .runtime import pick_device
 from .sample import prior_noise
@@ -60,6 +60,25 @@ def log_weights(model: VAE, x: torch.Tensor, family: str, samples: int) -> tuple
         log_px.append(lp)
         log_w.append(lp + log_p - log_q)
     return torch.stack(log_px), torch.stack(log_w)
+
+
+@torch.no_grad()
+def eval_loss(model: VAE, loader, dataset: ImageDataset, cfg: Config, device, bad: BadFiles) -> dict[str, float]:
+    """Mean loss over the held-out set, reconstructing from the posterior mean
+    (deterministic); the KL term is exact."""
+    model.eval()
+    totals, count = {}, 0
+    for images, _, bad_items in loader:
+        bad.add(dataset, bad_items)
+        if len(images) == 0:
+            continue
+        x = to_model_input(images, device)
+        _, stats = vae_loss(x, model(x, sample=False), cfg.loss)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(images)
+        count += len(images)
+    model.train()
+    return {k: v / count for k, v in totals.items()} if count else {}
 
 
 def _mean_std(values: torch.Tensor) -> dict[str, float]:

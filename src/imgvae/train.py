@@ -22,13 +22,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .adversarial import Adversary
 from .cache import CacheSource
 from .config import Config, TrainConfig, save_config, to_dict
-from .data import BadFiles, ImageDataset, build_dataset, make_loader, normalize, to_model_input
-from .evaluate import evaluate_checkpoint, format_table
+from .data import BadFiles, build_dataset, first_images, make_loader, normalize, to_model_input
+from .evaluate import eval_loss, evaluate_checkpoint, format_table
 from .features import PerceptualDistance
-from .losses import adaptive_gan_weight, decoder_scale, hinge_discriminator_loss, kl_weight, vae_loss
-from .models import VAE, PatchDiscriminator, build_model
+from .losses import decoder_scale, kl_weight, vae_loss
+from .models import VAE, build_model
 from .report import write_report
 from .runtime import Processes, RunError, autocast, grad_scaler, start_processes, stop_processes
 from .sample import decode, grid, prior_noise, reconstruct, save_grid
@@ -69,52 +70,18 @@ def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shap
 
 
 def training_step(model, x: torch.Tensor, noise: torch.Tensor, cfg: Config, kl_scale: float,
-                  perceptual=None, discriminator=None, last_layer=None):
-    """Forward (under autocast) + loss in fp32 for one normalised batch x (B, 3, S, S).
-    With a discriminator, adds its hinge generator loss at taming's adaptive weight.
-    -> (loss, stats, decoder mean)."""
+                  perceptual=None, adversary: Adversary | None = None, last_layer=None):
+    """Forward (under autocast) + loss in fp32 for one normalised batch x (B, 3, S, S),
+    plus the adversary's generator term when given. -> (loss, stats, decoder mean)."""
     with autocast(x.device, cfg.train.precision):
         out = model(x, noise=noise)
     out = out.float()
     loss, stats = vae_loss(x, out, cfg.loss, kl_scale, perceptual)
-    if discriminator is not None:
-        with autocast(x.device, cfg.train.precision):
-            generator_loss = -discriminator(out.x_hat).float().mean()
-        weight = cfg.loss.adversarial * adaptive_gan_weight(loss, generator_loss, last_layer)
-        loss = loss + weight * generator_loss
-        stats |= {"generator": generator_loss.detach(), "gan_weight": weight, "loss": loss.detach()}
+    if adversary is not None:
+        term, gan_stats = adversary.generator_term(loss, out.x_hat, last_layer)
+        loss = loss + term
+        stats |= gan_stats | {"loss": loss.detach()}
     return loss, stats, out.x_hat
-
-
-@torch.no_grad()
-def eval_loss(model: VAE, loader, dataset: ImageDataset, cfg: Config, device, bad: BadFiles) -> dict[str, float]:
-    """Mean loss over the held-out set, reconstructing from the posterior mean
-    (deterministic); the KL term is exact."""
-    model.eval()
-    totals, count = {}, 0
-    for images, _, bad_items in loader:
-        bad.add(dataset, bad_items)
-        if len(images) == 0:
-            continue
-        x = to_model_input(images, device)
-        _, stats = vae_loss(x, model(x, sample=False), cfg.loss)
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(images)
-        count += len(images)
-    model.train()
-    return {k: v / count for k, v in totals.items()} if count else {}
-
-
-def grid_images(dataset: ImageDataset, n: int) -> torch.Tensor:
-    """The first n readable images of the dataset, uint8 (n', 3, S, S)."""
-    images = []
-    for i in range(len(dataset)):
-        x, _, _ = dataset[i]
-        if x is not None:
-            images.append(x)
-        if len(images) == n:
-            break
-    return torch.stack(images)
 
 
 def _lock(out: Path):
@@ -204,12 +171,11 @@ class Trainer:
         if tc.ema > 0:  # the averaged copy makes grids, evaluation and samples
             self.ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
         self.perceptual = PerceptualDistance().to(device) if cfg.loss.perceptual > 0 else None
-        self.discriminator = self.d_optimizer = None
+        self.adversary = None
         if cfg.loss.adversarial > 0:
             if procs.distributed or tc.grad_accum > 1:
                 raise RunError("loss.adversarial works in a single process with train.grad_accum=1 for now")
-            self.discriminator = PatchDiscriminator().to(device)
-            self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.loss.discriminator_lr, betas=(0.5, 0.9))
+            self.adversary = Adversary(cfg, device)
         per_epoch = len(self.sampler.base) // tc.batch_size
         self.total_steps = tc.epochs * math.ceil(per_epoch / tc.grad_accum)
         # Position: finished epochs, optimiser steps, loader batches done in the current epoch.
@@ -226,9 +192,9 @@ class Trainer:
             if self.ema is not None:
                 ckpt.load_weights(self.ema.module, ckpt.load_extra(out, "ema", device), out)
                 self.ema.n_averaged.fill_(state["ema_updates"])
-            if self.discriminator is not None:
-                ckpt.load_weights(self.discriminator, ckpt.load_extra(out, "discriminator", device), out)
-                self.d_optimizer.load_state_dict(state["d_optimizer"])
+            if self.adversary is not None:
+                ckpt.load_weights(self.adversary.discriminator, ckpt.load_extra(out, "discriminator", device), out)
+                self.adversary.optimizer.load_state_dict(state["d_optimizer"])
         model = self.raw_model
         if procs.distributed:
             if device.type == "cuda":  # BatchNorm statistics over the global batch (needs GPUs)
@@ -249,7 +215,7 @@ class Trainer:
             _truncate_jsonl(steps_file, "step", self.step)
             writer = SummaryWriter(str(self.logs))
         n_grid = tc.grid_size**2
-        fixed = grid_images(self.eval_set if self.eval_set is not None else self.train_set, n_grid) if procs.main else None
+        fixed = first_images(self.eval_set if self.eval_set is not None else self.train_set, n_grid) if procs.main else None
         fixed_z = prior_noise(self.raw_model, n_grid, seed=tc.seed)
         bad = BadFiles()
         started, images_seen = time.time(), 0
@@ -261,6 +227,7 @@ class Trainer:
         if self.epoch >= tc.epochs:
             self._say(f"imgvae: {self.out} already finished {self.epoch} epochs; raise train.epochs to continue")
 
+        out_of_time = False
         while self.epoch < tc.epochs:
             epoch = self.epoch
             self.sampler.set_epoch(epoch, start=self.batches_done * tc.batch_size)
@@ -284,14 +251,14 @@ class Trainer:
                         x = x.contiguous(memory_format=torch.channels_last)
                     last_micro = micro + 1 == group or self.batches_done == per_epoch
                     # Under DDP, gradients are all-reduced only on the step's last micro-batch.
-                    gan = self.discriminator is not None and self.step >= cfg.loss.adversarial_start
+                    gan = self.adversary is not None and self.adversary.active(self.step)
                     with self.ddp.no_sync() if procs.distributed and not last_micro else nullcontext():
                         loss, stats, x_hat = training_step(
                             self.model, x, noise.to(self.device), cfg, kl_weight(cfg.loss, self.step, self.total_steps),
-                            self.perceptual, self.discriminator if gan else None, self.raw_model.last_layer())
+                            self.perceptual, self.adversary if gan else None, self.raw_model.last_layer())
                         self.scaler.scale(loss / group).backward()
                     if gan:
-                        stats["discriminator"] = self._discriminator_step(x, x_hat.detach())
+                        stats["discriminator"] = self.adversary.update(x, x_hat)
                     loss_finite &= bool(torch.isfinite(loss))
                     for k, v in stats.items():
                         group_sums[k] = group_sums.get(k, 0.0) + v.item() * len(images)
@@ -333,11 +300,12 @@ class Trainer:
             bar.close()
             seconds = time.time() - epoch_start
             images_seen += run_images
-            if self.batches_done < per_epoch:  # stopped by train.time_limit
+            if self.batches_done == per_epoch:  # else stopped mid-epoch by train.time_limit
+                self._end_epoch(seconds, run_images, bad, fixed, fixed_z, writer, history)
+            if out_of_time:
                 self._say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {self.step}; "
                           f"continue with --resume {self.out}")
                 break
-            self._end_epoch(seconds, run_images, bad, fixed, fixed_z, writer, history)
         if writer is not None:
             writer.close()
         return self._finish(history, started, images_seen, n_params, bad)
@@ -368,16 +336,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return grad_norm, applied
-
-    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """One hinge-loss update of the PatchGAN on this batch and its reconstructions."""
-        with autocast(real.device, self.tc.precision):
-            loss = hinge_discriminator_loss(self.discriminator(real).float(), self.discriminator(fake).float())
-        self.d_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if all(torch.isfinite(p.grad).all() for p in self.discriminator.parameters() if p.grad is not None):
-            self.d_optimizer.step()
-        return loss.detach()
 
     def eval_model(self) -> VAE:
         """The weights that make grids, evaluations and samples: the EMA when kept."""
@@ -436,8 +394,8 @@ class Trainer:
             extra = {}
             if self.ema is not None:
                 extra["ema"], state["ema_updates"] = self.ema.module, int(self.ema.n_averaged)
-            if self.discriminator is not None:
-                extra["discriminator"], state["d_optimizer"] = self.discriminator, self.d_optimizer.state_dict()
+            if self.adversary is not None:
+                extra["discriminator"], state["d_optimizer"] = self.adversary.discriminator, self.adversary.optimizer.state_dict()
             ckpt.save_checkpoint(self.ckpt_dir, name, self.raw_model, state, extra)
             every = self.tc.ckpt_every
             keep = {f"epoch_{e:03d}" for e in range(1, self.epoch + 1) if every and e % every == 0}
