@@ -17,8 +17,15 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+
+from imgvae.checkpoint import load_model
 from imgvae.config import load_config
+from imgvae.data import build_dataset, normalize
 from imgvae.evaluate import evaluate_checkpoint
+from imgvae.sample import reconstruct, sample
 from imgvae.train import train
 
 # demo = the seed model and recipe; NAME+key=value+... adds overrides to a preset.
@@ -47,6 +54,35 @@ def run_preset(preset: str, args, out: Path) -> dict:
     }
 
 
+def _labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """One PNG: a label column, then each row's [0, 1] images (n, 3, S, S) side by side."""
+    strips = [make_grid(images, nrow=len(images), padding=2, pad_value=1.0) for _, images in rows]
+    label_w, h, w = 230, strips[0].shape[1], strips[0].shape[2]
+    canvas = Image.new("RGB", (label_w + w, h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
+        canvas.paste(Image.fromarray(strip.mul(255).round().byte().permute(1, 2, 0).numpy()), (label_w, i * h))
+        draw.text((6, i * h + h // 2 - 6), label, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
+    """Held-out reconstructions and prior samples of every preset's final weights, side by side."""
+    runs = [out / preset.replace("+", "_") for preset in presets]
+    data = load_config(runs[0] / "config.yaml").data
+    held_out = build_dataset(data.eval, data, train=False, seed=0)
+    step = max(len(held_out) // n, 1)
+    truth = torch.stack([held_out[i * step][0] for i in range(n)])
+    recon_rows, sample_rows = [("held-out crops", truth.float() / 255)], []
+    for preset, run in zip(presets, runs):
+        model, _ = load_model(run, "cpu")
+        recon_rows.append((preset, reconstruct(model, normalize(truth))))
+        sample_rows.append((preset, sample(model, n, seed=0)))
+    _labelled_rows(recon_rows, docs / "quality_reconstructions.png")
+    _labelled_rows(sample_rows, docs / "quality_samples.png")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=PRESETS)
@@ -57,14 +93,19 @@ def main():
     parser.add_argument("--iw-samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="run folders (kept: grids, report.html)")
+    parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the side-by-side pictures go")
+    parser.add_argument("--pictures-only", action="store_true", help="redraw the pictures from the runs in --out")
     args = parser.parse_args()
+    if args.pictures_only:
+        return pictures(args.presets, args.out, args.docs)
     rows = []
     for preset in args.presets:
-        out = args.out / preset.replace("+", "_")
+        out = args.out / preset.replace("+", "_")  # the same folder name pictures() reads
         shutil.rmtree(out, ignore_errors=True)
         rows.append(run_preset(preset, args, out))
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2))
+    pictures(args.presets, args.out, args.docs)
     seed_psnr = next((r["psnr"] for r in rows if r["preset"] == "demo"), None)
     print(f"\n{args.minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}")
     print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon | fd_effnet samples | active units |")

@@ -15,7 +15,7 @@ from imgvae.losses import (
     reconstruction_nll, vae_loss,
 )
 from imgvae.models import DiagonalGaussian, VAEOutput, build_model
-from imgvae.train import train
+from imgvae.train import ema_with_warmup, train
 
 X = torch.tensor([[[[-1.0, 0.2], [0.6, 1.0]]]]).expand(1, 3, 2, 2).clone()  # (1, 3, 2, 2)
 MEAN = torch.full_like(X, 0.1)
@@ -129,3 +129,13 @@ def test_ema_and_adversarial_run_resume_and_feed_evaluation(tmp_path):
     assert torch.equal(model.log_scale.detach(), ema["log_scale"])  # evaluation and sampling use the EMA
     steps = (tmp_path / "run" / "steps.jsonl").read_text()
     assert '"generator"' in steps and '"sigma"' in steps
+
+
+def test_ema_warmup_rule():
+    averaged, current = [torch.tensor([0.0])], [torch.tensor([1.0])]
+    update = ema_with_warmup(0.999)
+    update(averaged, current, torch.tensor(1))  # decay min(0.999, 2 / 11)
+    assert averaged[0].item() == pytest.approx(1 - 2 / 11)
+    averaged = [torch.tensor([0.0])]
+    update(averaged, current, torch.tensor(100_000))  # long runs: the configured decay
+    assert averaged[0].item() == pytest.approx(0.001)

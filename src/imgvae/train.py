@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -50,6 +50,22 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def ema_with_warmup(decay: float):
+    """AveragedModel update with decay min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's num_updates rule): a plain 0.999 would keep early, poor weights for
+    thousands of steps, which short runs never get past."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not torch.is_floating_point(averaged[0]):  # e.g. BatchNorm's batch counter: keep the latest
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
 
 
 def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shape, procs: Processes):
@@ -169,7 +185,7 @@ class Trainer:
         self.scaler = grad_scaler(device, tc.precision)
         self.ema = None
         if tc.ema > 0:  # the averaged copy makes grids, evaluation and samples
-            self.ema = AveragedModel(self.raw_model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
+            self.ema = AveragedModel(self.raw_model, multi_avg_fn=ema_with_warmup(tc.ema), use_buffers=True)
         self.perceptual = PerceptualDistance().to(device) if cfg.loss.perceptual > 0 else None
         self.adversary = None
         if cfg.loss.adversarial > 0:
