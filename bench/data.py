@@ -33,7 +33,7 @@ from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig
 from imgvae.data import build_dataset, decode_rgb, load_view, make_loader, preprocess, to_model_input
 from imgvae.losses import vae_loss
 from imgvae.models import build_model
-from imgvae.train import build_optimizer
+from imgvae.optim import build_optimizer
 
 SIZES = [(640, 480)] * 6 + [(480, 640), (640, 427), (500, 375), (612, 612)]
 

@@ -36,7 +36,8 @@ from imgvae.cache import prepare  # noqa: E402
 from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
 from imgvae.losses import vae_loss  # noqa: E402
 from imgvae.models import build_model  # noqa: E402
-from imgvae.train import build_optimizer, train  # noqa: E402
+from imgvae.optim import build_optimizer  # noqa: E402
+from imgvae.train import train  # noqa: E402
 
 
 def seed_loop(corpus: Path, batch: int, device: torch.device, workers: int) -> float:

@@ -15,7 +15,8 @@ from imgvae.losses import (
     reconstruction_nll, vae_loss,
 )
 from imgvae.models import DiagonalGaussian, VAEOutput, build_model
-from imgvae.train import ema_with_warmup, train
+from imgvae.optim import ema_with_warmup
+from imgvae.train import train
 
 X = torch.tensor([[[[-1.0, 0.2], [0.6, 1.0]]]]).expand(1, 3, 2, 2).clone()  # (1, 3, 2, 2)
 MEAN = torch.full_like(X, 0.1)

@@ -4,7 +4,7 @@ import torch
 from imgvae.config import LossConfig, ModelConfig, TrainConfig
 from imgvae.losses import vae_loss
 from imgvae.models import MODELS, SCALES, DiagonalGaussian, VAEOutput, build_model
-from imgvae.train import build_optimizer
+from imgvae.optim import build_optimizer
 
 
 def count(module):
