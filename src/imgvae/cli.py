@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from .cache import prepare
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
@@ -138,7 +136,6 @@ def _evaluate_command(args) -> None:
 
 
 def _generate_command(args) -> None:
-    torch.manual_seed(args.seed)
     model, cfg = load_model(args.checkpoint, pick_device(args.device))
     if args.command == "reconstruct":
         written = reconstruct_files(model, cfg, args.images, args.out)

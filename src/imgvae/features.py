@@ -67,7 +67,7 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # The FID network takes uint8 and resizes to 299 itself.
-        return self.net((images * 255).round().to(torch.uint8)).double()
+        return self.net((images * 255).round().to(torch.uint8))
 
 
 class GaussianStats:
