@@ -41,12 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("-o", "--out", metavar="OUT", help="results folder (config, checkpoints, grids, history)")
     t.add_argument("-l", "--logs", metavar="LOGS", help="TensorBoard log folder (default: OUT/logs)")
-    t.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo, resnet, kl-f4, kl-f8, sharp)")
+    _config_args(t)
     t.add_argument("--resume", metavar="OUT", help="continue the run in this results folder")
     t.add_argument("--seed", type=int, help="random seed (same as train.seed=N)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (same as train.device=...)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in log files)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     p = sub.add_parser(
         "prepare", help="preprocess a dataset once into a fast uint8 cache",
@@ -61,11 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo, resnet, kl-f4, kl-f8, sharp)")
+    _config_args(p)
     p.add_argument("--split", choices=["train", "eval"], default="train", help="prepare data.train (default) or data.eval")
     p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     e = sub.add_parser(
         "evaluate", help="metrics of a checkpoint on a held-out set (metrics.json + a table)",
         description="Reconstruction (MSE, PSNR, SSIM, MS-SSIM), likelihood (negative ELBO and an importance-"
@@ -117,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "evaluation metrics and KL per latent dimension. Train writes it at the end.")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo, resnet, kl-f4, kl-f8, sharp)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -218,19 +218,24 @@ def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None
     return metrics, path
 
 
-def format_table(metrics: dict) -> str:
-    """The printed summary of a metrics dict."""
+def metric_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value) rows summarising a metrics dict: the printed table and the report's."""
     rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
-    rows = [("images", f"{metrics['images']}")]
+    rows = [("images", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
     for k in ("mse", "psnr", "ssim", "ms_ssim"):
         v = rec[k]
         rows.append((k.upper().replace("_", "-"), f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "n/a (needs >= 161 px)"))
     rows += [
         ("-ELBO nats/image", f"{lik['neg_elbo_nats']:.1f} (recon {lik['recon_nats']:.1f} + KL {lik['kl_nats']:.1f})"),
         ("-ELBO bits/dim", f"{lik['neg_elbo_bpd']:.4f}"),
-        (f"-IW bound (K={lik['iw_samples']}) bits/dim", f"{lik['neg_iw_bpd']:.4f}"),
-        ("active units", f"{lat['active_units']} / {lat['dims']}"),
+        (f"-IW bound (K={lik['iw_samples']}) bits/dim", f"{lik['neg_iw_bpd']:.4f} ({lik['neg_iw_nats']:.1f} nats/image)"),
+        ("active units", f"{lat['active_units']} / {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
     ]
-    rows += [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+    return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+
+
+def format_table(metrics: dict) -> str:
+    """The printed summary of a metrics dict."""
+    rows = metric_rows(metrics)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

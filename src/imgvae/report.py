@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from .evaluate import metric_rows
+
 SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 GRID_KINDS = ("ground_truth", "reconstructions", "samples")
 
@@ -126,17 +128,7 @@ def _metrics_section(metrics: dict | None) -> str:
     if metrics is None:
         return "<p>No metrics.json in this run yet: run <code>imgvae evaluate RUN_DIR</code>.</p>"
     rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
-    rows = [("images evaluated", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
-    for k in ("mse", "psnr", "ssim", "ms_ssim"):
-        v = rec[k]
-        rows.append((k.upper().replace("_", "-"), f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "n/a (needs >= 161 px)"))
-    rows += [
-        ("negative ELBO", f"{lik['neg_elbo_nats']:.1f} nats/image = {lik['neg_elbo_bpd']:.4f} bits/dim "
-                          f"(reconstruction {lik['recon_nats']:.1f} + KL {lik['kl_nats']:.1f})"),
-        (f"importance-weighted bound, K={lik['iw_samples']}", f"{lik['neg_iw_nats']:.1f} nats/image = {lik['neg_iw_bpd']:.4f} bits/dim"),
-        ("active units", f"{lat['active_units']} of {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
-    ]
-    rows += [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+    rows = metric_rows(metrics)
     notes = f"<p class='note'>{html.escape(rec['note'])}. {html.escape(lik['discretisation'])}. {html.escape(dist['note'])}.</p>"
     return _table(rows) + notes + kl_chart(lat["kl_per_dim"], lat["posterior_mean_var"], lat["active_threshold"])
 
