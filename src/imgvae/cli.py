@@ -11,6 +11,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 from .evaluate import evaluate_checkpoint, format_table
 from .features import FeatureError
+from .prior import fit_checkpoint_prior, load_prior
 from .report import write_report
 from .runtime import RunError, pick_device
 from .sample import interpolate_files, reconstruct_files, sample_files
@@ -92,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
     _common(r)
 
-    s = sub.add_parser("sample", help="images from the prior", description="Decode z ~ N(0, T^2 I): "
-                       "sample_NNN.png and a samples.png grid.")
+    s = sub.add_parser("sample", help="images from the prior", description="Decode latents from the prior: "
+                       "sample_NNN.png and a samples.png grid. The prior is N(0, T^2 I), or the Gaussian "
+                       "`imgvae fit-prior` fitted to the training latents when the checkpoint has one.")
     s.add_argument("checkpoint", metavar="CKPT")
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--temperature", type=float, default=1.0, metavar="T", help="prior standard deviation (default 1)")
+    s.add_argument("--prior", choices=["auto", "standard", "fitted"], default="auto",
+                   help="auto (default): the fitted prior if the checkpoint has one, else N(0, I)")
     s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
     _common(s)
 
@@ -109,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--steps", type=int, default=8, help="decoded points, ends included (default 8)")
     i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
     _common(i)
+
+    f = sub.add_parser("fit-prior", help="fit a Gaussian to the training latents, for better samples",
+                       description="Encode training images (default: the run's data.train, its training crops, no flips) and fit one "
+                       "full-covariance Gaussian to their posteriors: CKPT/prior.safetensors. `sample` and "
+                       "`evaluate` then use it (fd_*_samples_fitted). Spatial-latent models (kl-f4, kl-f8) decode "
+                       "N(0, I) to texture; from a fitted prior they give far better samples.",
+                       epilog="examples:\n  imgvae fit-prior runs/kl-f8\n"
+                       "  imgvae fit-prior runs/kl-f8 --data cache/coco-train --limit 50000\n"
+                       "  imgvae sample runs/kl-f8 -n 64 -o samples/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("checkpoint", metavar="CKPT")
+    f.add_argument("--data", nargs="+", metavar="SOURCE", help="training sources (default: the run's data.train)")
+    f.add_argument("--limit", type=int, default=10_000, metavar="N",
+                   help="images, spread evenly over the data (default 10000; 0: all)")
+    f.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     rep = sub.add_parser("report", help="write RUN_DIR/report.html",
                          description="One self-contained HTML page: config, training curves, per-epoch pictures, "
@@ -145,7 +166,10 @@ def _generate_command(args) -> None:
     elif args.command == "sample":
         if args.n < 1:
             raise ConfigError(f"-n must be >= 1, got {args.n}")
-        written = sample_files(model, args.n, args.out, args.seed, args.temperature)
+        prior = None if args.prior == "standard" else load_prior(args.checkpoint)
+        if args.prior == "fitted" and prior is None:
+            raise CheckpointError(f"{args.checkpoint} has no fitted prior: run `imgvae fit-prior {args.checkpoint}` first")
+        written = sample_files(model, args.n, args.out, args.seed, args.temperature, prior)
     else:
         if args.steps < 2:
             raise ConfigError(f"--steps must be >= 2, got {args.steps}")
@@ -193,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             _prepare_command(args)
         elif args.command == "evaluate":
             _evaluate_command(args)
+        elif args.command == "fit-prior":
+            prior, path = fit_checkpoint_prior(args.checkpoint, args.data, limit=args.limit, batch_size=args.batch_size,
+                                               device=args.device, progress=not args.no_progress)
+            print(f"imgvae: wrote {path} (a Gaussian over {prior.mean.numel()} latent dimensions, "
+                  f"fitted on {prior.images} images)")
         elif args.command == "report":
             print(f"imgvae: wrote {write_report(args.run_dir)}")
         else:

@@ -129,7 +129,10 @@ class TrainConfig:
     ema: float = 0.0
     # Side of the square picture grids (grid_size**2 images).
     grid_size: int = 5
-    # After the last epoch: `imgvae evaluate` on data.eval (metrics.json), then report.html.
+    # After the last epoch: fit a Gaussian prior to the latents of this many training
+    # images (`imgvae fit-prior`; 0 = off), then `imgvae evaluate` on data.eval
+    # (metrics.json), then report.html.
+    prior_images: int = 0
     final_eval: bool = True
 
 
@@ -227,7 +230,8 @@ def _validate(cfg, prefix: str) -> None:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
     for name in ("eval_limit", "num_workers", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip",
-                 "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start", "ema", "time_limit"):
+                 "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start", "ema", "time_limit",
+                 "prior_images"):
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(cfg, name)}")
     if isinstance(cfg, DataConfig):

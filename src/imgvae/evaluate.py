@@ -22,6 +22,7 @@ from .data import BadFiles, ImageDataset, build_dataset, collate, denormalize, n
 from .features import GaussianStats, feature_networks, frechet_distance
 from .losses import LIKELIHOOD_FAMILY, LOG_SCALE_RANGE, bits_per_dim, discretized_log_likelihood, vae_loss
 from .models import VAE
+from .prior import LatentPrior, load_prior
 from .runtime import pick_device
 from .sample import prior_noise
 from .sources import SourceError
@@ -97,12 +98,14 @@ def evaluate(
     seed: int = 0,
     fid_weights: str | Path | None = None,
     limit: int = 0,
+    prior: LatentPrior | None = None,
     progress: bool = True,
 ) -> dict:
     """All metrics over the whole held-out set `sources` (preprocessed as cfg.data's
     eval split). Deterministic for a given seed: reconstructions decode the
     posterior mean; the ELBO / IW samples and prior samples use seeded noise.
-    limit > 0: only the first `limit` images."""
+    limit > 0: only the first `limit` images. With a fitted `prior`, its samples
+    are scored too (fd_*_samples_fitted), from the same noise as N(0, I)'s."""
     if iw_samples < 1:
         raise ConfigError(f"iw_samples must be >= 1, got {iw_samples}")
     model.eval()
@@ -114,7 +117,8 @@ def evaluate(
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     networks = feature_networks(fid_weights, device)
-    stats = {(net.name, kind): GaussianStats() for net in networks for kind in ("real", "recon", "samples")}
+    sample_kinds = ("samples", "samples_fitted") if prior is not None else ("samples",)
+    stats = {(net.name, kind): GaussianStats() for net in networks for kind in ("real", "recon", *sample_kinds)}
     per_image: dict[str, list[torch.Tensor]] = {}
     kl_sum = mean_sum = mean_sq = None
     n, noise_seed = 0, seed
@@ -141,12 +145,14 @@ def evaluate(
         kl_sum += kl.sum(0)
         mean_sum += mu.sum(0)
         mean_sq += mu.pow(2).sum(0)
-        samples = denormalize(model.decode(prior_noise(model, len(images), noise_seed).to(device)).float())
+        generated = {kind: denormalize(model.decode(prior_noise(model, len(images), noise_seed, prior=p).to(device)).float())
+                     for kind, p in zip(sample_kinds, (None, prior))}
         noise_seed += 1
         for net in networks:
             stats[net.name, "real"].add(net(real))
             stats[net.name, "recon"].add(net(recon))
-            stats[net.name, "samples"].add(net(samples))
+            for kind, fakes in generated.items():
+                stats[net.name, kind].add(net(fakes))
         n += len(images)
     if n == 0:
         raise SourceError(f"no readable image in {sources}")
@@ -190,8 +196,10 @@ def evaluate(
             "note": f"Fréchet distances over {n} images per set; with fewer images than feature dimensions they are "
             "biased upwards: compare only at equal n",
             **{f"{net}_{kind}": frechet_distance(stats[net, "real"], stats[net, kind])
-               for net in dict.fromkeys(name for name, _ in stats) for kind in ("recon", "samples")},
+               for net in dict.fromkeys(name for name, _ in stats) for kind in ("recon", *sample_kinds)},
         },
+        "prior": {"samples": "N(0, I)", "samples_fitted": f"a Gaussian fitted to the latents of {prior.images} "
+                  "training images (prior.safetensors)"} if prior is not None else {"samples": "N(0, I)"},
     }
     return metrics
 
@@ -204,12 +212,14 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
 
 def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None, out: str | Path | None = None,
                         device: str = "auto", **kwargs) -> tuple[dict, Path]:
-    """Load a checkpoint, evaluate it (default sources: its config's data.eval) and
-    write metrics.json (default: into its run folder). -> (metrics, path)."""
+    """Load a checkpoint, evaluate it (default sources: its config's data.eval; its
+    fitted prior when it has one) and write metrics.json (default: into its run
+    folder). -> (metrics, path)."""
     model, cfg = load_model(checkpoint, pick_device(device))
     sources = sources or cfg.data.eval
     if not sources:
         raise ConfigError("no evaluation data: pass --data SOURCE (the run's config has no data.eval)")
+    kwargs.setdefault("prior", load_prior(checkpoint))
     metrics = {"checkpoint": str(resolve_checkpoint(checkpoint).resolve()), **evaluate(model, cfg, sources, **kwargs)}
     run = run_dir_of(checkpoint)
     path = Path(out) if out else (run or Path(".")) / "metrics.json"

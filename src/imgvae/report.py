@@ -15,6 +15,7 @@ from .evaluate import metric_rows
 
 SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 GRID_KINDS = ("ground_truth", "reconstructions", "samples")
+FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # written by train.prior_images
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -177,6 +178,9 @@ def build_report(run_dir: str | Path) -> str:
             grid_rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
     grids = ('<table class="grids"><tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>'
              + "".join(grid_rows) + "</table>") if grid_rows else "<p>No picture grids yet.</p>"
+    if (run / "grids" / FITTED_PRIOR_GRID).is_file():
+        grids += ('<h3>Samples from the fitted prior (final weights)</h3><table class="grids"><tr><td>'
+                  f'<img src="grids/{FITTED_PRIOR_GRID}" alt="samples from the fitted prior"></td></tr></table>')
 
     facts = [("run folder", str(run.resolve()))]
     if summary:

@@ -12,13 +12,15 @@ from torchvision.utils import make_grid, save_image
 from .config import Config
 from .data import denormalize, load_image_file, normalize
 from .models import VAE
+from .prior import LatentPrior
 
 
-def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
-    """Fixed z ~ N(0, T^2 I) of shape (n, *latent_shape), drawn on the CPU so the
-    same seed gives the same noise on any device."""
+def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: LatentPrior | None = None) -> torch.Tensor:
+    """Fixed latents (n, *latent_shape) from N(0, T^2 I), or from a fitted prior at
+    temperature T; drawn on the CPU so the same seed gives the same latents on any device."""
     generator = torch.Generator().manual_seed(seed)
-    return temperature * torch.randn(n, *model.latent_shape, generator=generator)
+    noise = temperature * torch.randn(n, *model.latent_shape, generator=generator)
+    return noise if prior is None else prior.transform(noise)
 
 
 @contextmanager
@@ -45,9 +47,9 @@ def reconstruct(model: VAE, x: torch.Tensor) -> torch.Tensor:
         return denormalize(model(x.to(device), sample=False).x_hat.float()).cpu()
 
 
-def sample(model: VAE, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
-    """n images from the prior N(0, T^2 I), [0, 1], (n, 3, S, S); same seed, same images."""
-    return decode(model, prior_noise(model, n, seed, temperature))
+def sample(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: LatentPrior | None = None) -> torch.Tensor:
+    """n images from the prior (N(0, T^2 I), or a fitted one), [0, 1], (n, 3, S, S); same seed, same images."""
+    return decode(model, prior_noise(model, n, seed, temperature, prior))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -106,10 +108,11 @@ def reconstruct_files(model: VAE, cfg: Config, paths: list[str | Path], out_dir:
     return written + [out / "reconstructions.png"]
 
 
-def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, temperature: float = 1.0) -> list[Path]:
+def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, temperature: float = 1.0,
+                 prior: LatentPrior | None = None) -> list[Path]:
     """n prior samples: out_dir/sample_NNN.png each, and samples.png as one grid."""
     out = Path(out_dir)
-    images = sample(model, n, seed, temperature)
+    images = sample(model, n, seed, temperature, prior)
     written = []
     for i, image in enumerate(images):
         written.append(out / f"sample_{i:03d}.png")

@@ -31,7 +31,8 @@ from .features import PerceptualDistance
 from .losses import decoder_scale, kl_weight, vae_loss
 from .models import VAE, build_model
 from .optim import build_optimizer, ema_with_warmup
-from .report import write_report
+from .prior import fit_checkpoint_prior
+from .report import FITTED_PRIOR_GRID, write_report
 from .runtime import Processes, RunError, autocast, grad_scaler, start_processes, stop_processes
 from .sample import decode, grid, prior_noise, reconstruct, save_grid
 
@@ -400,6 +401,8 @@ class Trainer:
             "checkpoint": str(self.ckpt_dir / ckpt.LAST), "grids": str(self.grid_dir), "logs": str(self.logs),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.tc.prior_images:
+            self._fit_prior()
         if self.tc.final_eval and self.cfg.data.eval:
             metrics, path = evaluate_checkpoint(self.ckpt_dir, device=str(self.device), seed=self.tc.seed,
                                                 batch_size=self.tc.batch_size, progress=self.progress)
@@ -409,6 +412,16 @@ class Trainer:
               f"{len(bad)} unreadable files skipped; checkpoint {summary['checkpoint']}, grids in {self.grid_dir}, "
               f"TensorBoard logs in {self.logs}")
         return summary
+
+    def _fit_prior(self) -> None:
+        """Fit the Gaussian prior on the last checkpoint and draw the grid's noise through it."""
+        prior, path = fit_checkpoint_prior(self.ckpt_dir, limit=self.tc.prior_images, batch_size=self.tc.batch_size,
+                                           device=str(self.device), progress=self.progress)
+        model = self.eval_model()
+        samples = decode(model, prior_noise(model, self.tc.grid_size**2, self.tc.seed, prior=prior))
+        save_grid(samples, self.tc.grid_size, self.grid_dir / FITTED_PRIOR_GRID)
+        print(f"imgvae: fitted a Gaussian prior on {prior.images} training images ({path}); "
+              f"its samples: {self.grid_dir / FITTED_PRIOR_GRID}")
 
     def _say(self, message: str) -> None:
         if self.procs.main:
