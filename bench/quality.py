@@ -7,6 +7,7 @@ per-epoch learning-rate decay of every preset sees comparable epochs.
 
     python bench/quality.py                         # 6 presets x 10 minutes on this machine
     python bench/quality.py --minutes 3 --presets demo resnet
+    python bench/quality.py --evaluate-only       # re-score the runs in --out (e.g. after a new metric)
     python bench/quality.py --train /data/coco/train2017.zip --eval /data/coco/val2017.zip --minutes 60
 """
 
@@ -25,6 +26,7 @@ from imgvae.checkpoint import load_model
 from imgvae.config import load_config
 from imgvae.data import build_dataset, normalize
 from imgvae.evaluate import evaluate_checkpoint
+from imgvae.prior import fit_checkpoint_prior, load_prior
 from imgvae.sample import reconstruct, sample
 from imgvae.train import train
 
@@ -36,13 +38,19 @@ def run_preset(preset: str, args, out: Path) -> dict:
     overrides = [
         f"data.train=[{args.train}]", f"data.eval=[{args.eval}]", "data.image_size=64",
         "train.epochs=1000", f"train.time_limit={args.minutes}", "train.final_eval=false", f"train.seed={args.seed}",
-        "train.log_every=20", "train.ckpt_every=0",
+        "train.log_every=20", "train.ckpt_every=0", f"train.prior_images={args.prior_images}",
     ]
     if args.train == "embedded:train":
         overrides += ["data.crop=random", "data.views_per_image=1024", f"data.eval_views_per_image={args.eval_views}"]
     name, *extra = preset.split("+")
     cfg = load_config(name, overrides + extra)
-    summary = train(cfg, out, progress=False)
+    train(cfg, out, progress=False)
+    return score(preset, args, out)
+
+
+def score(preset: str, args, out: Path) -> dict:
+    """The table row of a finished run: its summary, and `imgvae evaluate` of its final weights."""
+    summary = json.loads((out / "summary.json").read_text())
     metrics, _ = evaluate_checkpoint(out, seed=args.seed, progress=False, iw_samples=args.iw_samples)
     return {
         "preset": preset, "params": summary["parameters"], "steps": summary["steps"],
@@ -50,6 +58,7 @@ def run_preset(preset: str, args, out: Path) -> dict:
         "psnr": metrics["reconstruction"]["psnr"]["mean"], "ssim": metrics["reconstruction"]["ssim"]["mean"],
         "bpd": metrics["likelihood"]["neg_elbo_bpd"], "iw_bpd": metrics["likelihood"]["neg_iw_bpd"],
         "fd_recon": metrics["distribution"]["fd_effnet_recon"], "fd_samples": metrics["distribution"]["fd_effnet_samples"],
+        "fd_samples_fitted": metrics["distribution"].get("fd_effnet_samples_fitted"),
         "active": f"{metrics['latent']['active_units']}/{metrics['latent']['dims']}", "images": metrics["images"],
     }
 
@@ -68,7 +77,8 @@ def _labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
 
 
 def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
-    """Held-out reconstructions and prior samples of every preset's final weights, side by side."""
+    """Held-out reconstructions and samples (from N(0, I) and from the fitted prior) of
+    every preset's final weights, side by side."""
     runs = [out / preset.replace("+", "_") for preset in presets]
     data = load_config(runs[0] / "config.yaml").data
     held_out = build_dataset(data.eval, data, train=False, seed=0)
@@ -78,7 +88,10 @@ def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
     for preset, run in zip(presets, runs):
         model, _ = load_model(run, "cpu")
         recon_rows.append((preset, reconstruct(model, normalize(truth))))
-        sample_rows.append((preset, sample(model, n, seed=0)))
+        sample_rows.append((f"{preset}, N(0, I)", sample(model, n, seed=0)))
+        prior = load_prior(run)
+        if prior is not None:
+            sample_rows.append((f"{preset}, fitted prior", sample(model, n, seed=0, prior=prior)))
     _labelled_rows(recon_rows, docs / "quality_reconstructions.png")
     _labelled_rows(sample_rows, docs / "quality_samples.png")
 
@@ -91,29 +104,41 @@ def main():
     parser.add_argument("--eval", default="embedded:eval")
     parser.add_argument("--eval-views", type=int, default=64, help="crops per held-out embedded photo")
     parser.add_argument("--iw-samples", type=int, default=8)
+    parser.add_argument("--prior-images", type=int, default=10_000,
+                        help="fit a Gaussian prior on this many training latents after training, every preset (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="run folders (kept: grids, report.html)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the side-by-side pictures go")
     parser.add_argument("--pictures-only", action="store_true", help="redraw the pictures from the runs in --out")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="no training: fit each run's prior again (--prior-images) and re-score the runs in --out")
     args = parser.parse_args()
     if args.pictures_only:
         return pictures(args.presets, args.out, args.docs)
     rows = []
     for preset in args.presets:
         out = args.out / preset.replace("+", "_")  # the same folder name pictures() reads
-        shutil.rmtree(out, ignore_errors=True)
-        rows.append(run_preset(preset, args, out))
+        if args.evaluate_only:
+            if args.prior_images:
+                fit_checkpoint_prior(out, limit=args.prior_images, progress=False)
+            rows.append(score(preset, args, out))
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append(run_preset(preset, args, out))
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2))
     pictures(args.presets, args.out, args.docs)
     seed_psnr = next((r["psnr"] for r in rows if r["preset"] == "demo"), None)
-    print(f"\n{args.minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}")
-    print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon | fd_effnet samples | active units |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    minutes = load_config(args.out / args.presets[0].replace("+", "_") / "config.yaml").train.time_limit
+    print(f"\n{minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}")
+    print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon "
+          "| fd_effnet samples N(0, I) | fd_effnet samples fitted prior | active units |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         gain = f" ({r['psnr'] - seed_psnr:+.1f})" if seed_psnr is not None and r["preset"] != "demo" else ""
         print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.1f} | {r['steps']} | {r['psnr']:.2f}{gain} | "
-              f"{r['ssim']:.3f} | {r['bpd']:.3f} | {r['iw_bpd']:.3f} | {r['fd_recon']:.1f} | {r['fd_samples']:.1f} | {r['active']} |")
+              f"{r['ssim']:.3f} | {r['bpd']:.3f} | {r['iw_bpd']:.3f} | {r['fd_recon']:.1f} | {r['fd_samples']:.1f} | "
+              f"{'—' if r['fd_samples_fitted'] is None else format(r['fd_samples_fitted'], '.1f')} | {r['active']} |")
 
 
 if __name__ == "__main__":
