@@ -75,6 +75,8 @@ def test_prior_transform_save_load_and_refusal(tmp_path):
     assert z.shape == (5, 2, 2)
     torch.testing.assert_close(z.flatten(1), mean + noise.flatten(1) @ tril.T)
     torch.testing.assert_close(prior.transform(torch.zeros(1, 2, 2)).flatten(), mean)
+    with pytest.raises(CheckpointError, match="over 4 latent dimensions, this model has 6"):
+        prior.transform(torch.zeros(1, 6))
     prior.save(tmp_path / "prior.safetensors")
     back = LatentPrior.load(tmp_path / "prior.safetensors")
     assert back.images == 7 and torch.equal(back.mean, mean) and torch.equal(back.scale_tril, tril)

@@ -43,6 +43,9 @@ class LatentPrior:
         """Standard normal noise (n, *latent_shape) -> latents from this prior, same shape;
         noise scaled by T gives temperature T around the mean."""
         flat = noise.flatten(1).to(self.scale_tril)
+        if flat.shape[1] != len(self.mean):
+            raise CheckpointError(f"the fitted prior is over {len(self.mean)} latent dimensions, this model has "
+                                  f"{flat.shape[1]}: fit it again with `imgvae fit-prior`")
         return (self.mean.to(flat) + flat @ self.scale_tril.T).view_as(noise).to(noise.dtype)
 
     def save(self, path: Path) -> None:
