@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgvae.cli import main
 from imgvae.config import load_config
 
 
@@ -65,3 +66,13 @@ TINY = [
 def tiny_config(train_sources, eval_sources, *extra: str):
     return load_config(None, TINY + [f"data.train={list(map(str, train_sources))}",
                                      f"data.eval={list(map(str, eval_sources))}", *extra])
+
+
+def train_tiny_run(root: Path, *overrides: str, n_train: int = 16, n_eval: int = 6) -> Path:
+    """Write train / eval JPEGs under root and train on them through the CLI -> the run folder."""
+    write_jpegs(root / "train", n_train, seed=1)
+    write_jpegs(root / "eval", n_eval, seed=2)
+    out = root / "run"
+    assert main(["train", "-o", str(out), "--no-progress", *TINY, *overrides,
+                 f"data.train=[{root / 'train'}]", f"data.eval=[{root / 'eval'}]"]) == 0
+    return out

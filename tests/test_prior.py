@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, tiny_config, write_jpegs
+from conftest import tiny_config, train_tiny_run, write_jpegs
 from imgvae.checkpoint import CheckpointError
 from imgvae.cli import main
 from imgvae.config import ConfigError
@@ -88,13 +88,7 @@ def test_prior_transform_save_load_and_refusal(tmp_path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prior")
-    write_jpegs(root / "train", 16, seed=1)
-    write_jpegs(root / "eval", 6, seed=2)
-    out = root / "run"
-    assert main(["train", "-o", str(out), "--no-progress", *TINY, "train.epochs=1",
-                 f"data.train=[{root / 'train'}]", f"data.eval=[{root / 'eval'}]"]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("prior"), "train.epochs=1")
 
 
 def test_fit_prior_verb_then_sample_and_evaluate_use_it(run, tmp_path, capsys):
@@ -128,11 +122,7 @@ def test_prior_noise_through_a_fitted_prior_keeps_the_seed(run):
 
 
 def test_train_prior_images_fits_at_the_end_and_reports_its_samples(tmp_path):
-    write_jpegs(tmp_path / "train", 12, seed=1)
-    write_jpegs(tmp_path / "eval", 4, seed=2)
-    out = tmp_path / "run"
-    assert main(["train", "-o", str(out), "--no-progress", *TINY, "train.epochs=1", "train.prior_images=8",
-                 "train.final_eval=true", f"data.train=[{tmp_path / 'train'}]", f"data.eval=[{tmp_path / 'eval'}]"]) == 0
+    out = train_tiny_run(tmp_path, "train.epochs=1", "train.prior_images=8", "train.final_eval=true", n_train=12, n_eval=4)
     assert load_prior(out).images == 8
     assert (out / "grids" / "fitted_prior_samples.png").is_file()
     assert "fd_effnet_samples_fitted" in json.loads((out / "metrics.json").read_text())["distribution"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, write_jpegs
+from conftest import train_tiny_run, write_jpegs
 from imgvae.cli import main
 from imgvae.features import FeatureError, InceptionFeatures
 from imgvae.report import build_report
@@ -16,13 +16,7 @@ from imgvae.report import build_report
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-epoch run whose train call also writes metrics.json and report.html."""
-    root = tmp_path_factory.mktemp("verbs")
-    write_jpegs(root / "train", 16, seed=1)
-    write_jpegs(root / "eval", 6, seed=2)
-    out = root / "run"
-    assert main(["train", "-o", str(out), "--no-progress", *TINY, "train.final_eval=true", "train.epochs=2",
-                 f"data.train=[{root / 'train'}]", f"data.eval=[{root / 'eval'}]"]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("verbs"), "train.final_eval=true", "train.epochs=2")
 
 
 def test_train_ends_with_metrics_and_report(run):

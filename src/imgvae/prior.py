@@ -25,6 +25,7 @@ from .config import ConfigError
 from .data import build_dataset, collate, normalize
 from .models import VAE
 from .runtime import pick_device
+from .sample import inference
 from .sources import SourceError
 
 PRIOR_FILE = "prior.safetensors"
@@ -70,7 +71,6 @@ def load_prior(checkpoint: str | Path) -> LatentPrior | None:
     return LatentPrior.load(path) if path.is_file() else None
 
 
-@torch.no_grad()
 def fit_prior(model: VAE, dataset, *, limit: int = 10_000, batch_size: int = 64, progress: bool = True) -> LatentPrior:
     """Fit the Gaussian to the posteriors of `limit` images spread evenly over
     `dataset` (all when limit is 0 or larger than it)."""
@@ -84,22 +84,19 @@ def fit_prior(model: VAE, dataset, *, limit: int = 10_000, batch_size: int = 64,
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          collate_fn=collate)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     n = 0
     mean_sum, var_sum = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dtype=torch.float64)
     outer_sum = torch.zeros(dims, dims, dtype=torch.float64)
-    for images, _, _ in tqdm(loader, desc="fit prior", disable=not progress, dynamic_ncols=True):
-        if len(images) == 0:
-            continue
-        posterior = model.encode(normalize(images.to(device)))
-        mu = posterior.mean.flatten(1).double().cpu()
-        mean_sum += mu.sum(0)
-        outer_sum += mu.T @ mu
-        var_sum += posterior.logvar.exp().flatten(1).double().sum(0).cpu()
-        n += len(images)
-    model.train(was_training)
+    with inference(model) as device:
+        for images, _, _ in tqdm(loader, desc="fit prior", disable=not progress, dynamic_ncols=True):
+            if len(images) == 0:
+                continue
+            posterior = model.encode(normalize(images.to(device)))
+            mu = posterior.mean.flatten(1).double().cpu()
+            mean_sum += mu.sum(0)
+            outer_sum += mu.T @ mu
+            var_sum += posterior.logvar.exp().flatten(1).double().sum(0).cpu()
+            n += len(images)
     if n < 2:
         raise SourceError("fitting a prior needs at least 2 readable images")
     mean = mean_sum / n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -12,7 +13,9 @@ from torchvision.utils import make_grid, save_image
 from .config import Config
 from .data import denormalize, load_image_file, normalize
 from .models import VAE
-from .prior import LatentPrior
+
+if TYPE_CHECKING:  # prior.py uses inference() from here
+    from .prior import LatentPrior
 
 
 def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: LatentPrior | None = None) -> torch.Tensor:
@@ -24,7 +27,7 @@ def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: 
 
 
 @contextmanager
-def _inference(model: VAE):
+def inference(model: VAE):
     """Eval mode (BatchNorm running stats, no autograd), restoring the previous mode."""
     was_training = model.training
     model.eval()
@@ -37,13 +40,13 @@ def _inference(model: VAE):
 
 def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], (n, 3, S, S), on the CPU."""
-    with _inference(model) as device:
+    with inference(model) as device:
         return denormalize(model.decode(z.to(device)).float()).cpu()
 
 
 def reconstruct(model: VAE, x: torch.Tensor) -> torch.Tensor:
     """Normalised images -> deterministic reconstructions (posterior mean) in [0, 1]."""
-    with _inference(model) as device:
+    with inference(model) as device:
         return denormalize(model(x.to(device), sample=False).x_hat.float()).cpu()
 
 
@@ -74,7 +77,7 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def interpolate(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
     """Decode `steps` points from the posterior mean of x_a to that of x_b (normalised
     (3, S, S) images), linearly and spherically -> {"linear", "spherical"}: [0, 1] (steps, 3, S, S)."""
-    with _inference(model) as device:
+    with inference(model) as device:
         z = model.encode(torch.stack([x_a, x_b]).to(device)).mode().float().cpu()
     t = torch.linspace(0, 1, steps)
     return {"linear": decode(model, lerp(z[0], z[1], t)), "spherical": decode(model, slerp(z[0], z[1], t))}
