@@ -1,6 +1,7 @@
 """Training speed of the seed architecture, side by side in one run:
   (a) a faithful copy of the seed's loop: eager fp32, PIL + torchvision transforms
-      in a DataLoader, per-batch .to(device), RMSprop, the seed's loss
+      in a DataLoader with --workers processes, per-batch .to(device), RMSprop, the
+      seed's loss; (a0) the same loop reading its data in-process (0 workers)
   (b) `imgvae train` with default settings on the same JPEG folder
   (c) `imgvae train` with the fastest settings for the device: a prepared uint8
       cache (read in-process) and torch.compile (+ bf16 autocast on CUDA)
@@ -8,7 +9,7 @@ Each variant runs in its own process (peak RSS is that process's, loader workers
 excluded) for 2 epochs of
 the corpus; the table reports the second epoch (no start-up or compilation).
 
-    python bench/train_speed.py                       # 640 JPEGs, batch 64, CPU
+    python bench/train_speed.py                       # 1,280 JPEGs, batch 64, CPU
     python bench/train_speed.py --device cuda --images 20000 --batch 256
     python bench/train_speed.py --model resnet        # another registered model for (b) and (c)
 """
@@ -63,9 +64,9 @@ def seed_loop(corpus: Path, batch: int, device: torch.device, workers: int) -> f
     return rate
 
 
-def imgvae_run(source: str, batch: int, device: str, workers: int, model: str, fast: bool) -> float:
+def imgvae_run(source: str, batch: int, device: str, model: str, fast: bool) -> float:
     overrides = [
-        f"data.train=[{source}]", "data.eval=[]", f"data.num_workers={workers}", f"model.name={model}",
+        f"data.train=[{source}]", "data.eval=[]", f"model.name={model}",
         "train.epochs=2", f"train.batch_size={batch}", f"train.device={device}", "train.final_eval=false",
         "train.ckpt_every=0", "train.log_every=1000000",
     ]
@@ -85,11 +86,11 @@ def imgvae_run(source: str, batch: int, device: str, workers: int, model: str, f
 def child(args) -> None:
     """One variant in this process; prints a JSON line with img/s and peak GPU memory."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.variant == "a":
-        rate = seed_loop(args.corpus, args.batch, device, args.workers)
+    if args.variant in ("a", "a0"):
+        rate = seed_loop(args.corpus, args.batch, device, args.workers if args.variant == "a" else 0)
     else:
         source = str(args.cache if args.variant == "c" else args.corpus)
-        rate = imgvae_run(source, args.batch, str(device), args.workers, args.model, fast=args.variant == "c")
+        rate = imgvae_run(source, args.batch, str(device), args.model, fast=args.variant == "c")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the training process, not its loader workers
     print(json.dumps({"img_per_s": rate, "gpu_peak_mib": gpu, "rss_peak_mib": rss, "device": str(device)}))
@@ -106,12 +107,12 @@ def run_variant(args, variant: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--images", type=int, default=1280)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="loader processes of (a); (b) uses the default (auto)")
     parser.add_argument("--model", default="seed", help="model of (b) and (c); (a) is always the seed's")
-    parser.add_argument("--variant", choices=["a", "b", "c"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["a", "a0", "b", "c"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,14 +125,15 @@ def main():
         write_corpus(args.corpus, args.images)
         prepare([str(args.corpus)], DataConfig(), args.cache, workers=args.workers, progress=False)
         rows = {}
-        for variant, name in (("a", "(a) seed loop: eager fp32, PIL loader"), ("b", "(b) imgvae train, defaults"),
+        for variant, name in (("a", f"(a) seed loop: eager fp32, PIL loader, {args.workers} workers"),
+                              ("a0", "(a0) seed loop, PIL loader in-process"), ("b", "(b) imgvae train, defaults"),
                               ("c", "(c) imgvae train, fastest: cache + compile" +
                                (" + bf16" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else ""))):
             rows[name] = run_variant(args, variant)
             print(f"  measured {name}: {rows[name]['img_per_s']:.1f} img/s", flush=True)
         device = next(iter(rows.values()))["device"]
         base = rows[next(iter(rows))]["img_per_s"]
-        print(f"\n{args.images} JPEGs, batch {args.batch}, model {args.model} for (b)/(c), {args.workers} loader workers, "
+        print(f"\n{args.images} JPEGs, batch {args.batch}, model {args.model} for (b)/(c), "
               f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else f", {os.cpu_count()} CPUs"))
         print("| variant | img/s (2nd epoch) | vs (a) | peak RSS MiB | peak GPU MiB |")
         print("|---|---:|---:|---:|---:|")

@@ -9,13 +9,25 @@ from imgvae import cache
 from imgvae.cache import prepare
 from imgvae.cli import main
 from imgvae.config import DataConfig
-from imgvae.data import build_dataset, decode_rgb, load_view, make_loader, preprocess
+from imgvae.data import build_dataset, decode_rgb, load_view, loader_workers, make_loader, preprocess
 from imgvae.sources import SourceError, open_source
 from imgvae.train import train
 
 
 def all_views(dataset):
     return torch.stack([dataset.load(i) for i in range(len(dataset))])
+
+
+def test_loader_workers_by_source_and_device(tmp_path, image_folder, monkeypatch):
+    cfg = DataConfig(image_size=32, crop_size=64)
+    prepare([str(image_folder)], cfg, tmp_path / "cache", workers=1, progress=False)
+    cached = build_dataset([str(tmp_path / "cache")], cfg, train=True, seed=0)
+    jpegs = build_dataset([str(image_folder)], cfg, train=True, seed=0)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loader_workers(cached, 4, gpu) == 0  # a cache is a memory copy: always in-process
+    assert loader_workers(jpegs, "auto", cpu) == 0 and loader_workers(jpegs, "auto", gpu) == 8
+    assert loader_workers(jpegs, 3, cpu) == 3
 
 
 @pytest.mark.parametrize("exact", [True, False])

@@ -27,6 +27,8 @@ def test_overrides_parse_yaml_values_and_nest():
                                "data.crop_scale=[0.5, 1]", "data.hflip=false", "train.lr=3e-4"])
     assert cfg.train.epochs == 3 and cfg.model.latent_dim == 64 and cfg.data.train == ["a.zip", "b"]
     assert cfg.data.crop_scale == (0.5, 1.0) and cfg.data.hflip is False and cfg.train.lr == 3e-4
+    assert load_config("seed", ["data.num_workers=3"]).data.num_workers == 3
+    assert load_config("seed", ["data.num_workers=auto"]).data.num_workers == "auto"
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,8 @@ def test_overrides_parse_yaml_values_and_nest():
         ("data.crop_scale=[0.5, 2]", "crop_scale must satisfy"),
         ("data.hflip=yes please", "data.hflip: expected true/false"),
         ("epochs3", "not of the form section.key=value"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("data.num_workers=some", "data.num_workers: 'some' does not fit"),
     ],
 )
 def test_bad_values_fail_with_one_clear_message(override, message):

@@ -44,7 +44,9 @@ class DataConfig:
     hflip: bool = True
     # 0 = the whole eval set.
     eval_limit: int = 0
-    num_workers: int = 2
+    # Loader processes; "auto": none when training on the CPU (decoding in the training
+    # process is faster there), min(8, CPU cores) on a GPU (data.loader_workers).
+    num_workers: int | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class TrainConfig:
     # NHWC memory format: +17 % seed-model img/s on the 2-core CPU (bench/RESULTS.md),
     # and the layout tensor cores want on GPUs.
     channels_last: bool = True
+    # CPU runs: glibc malloc keeps freed memory instead of returning (and page-faulting
+    # in) large blocks every step; the process keeps its peak memory (runtime.keep_freed_memory).
+    keep_freed_memory: bool = True
     # Micro-batches of batch_size per optimiser step (per process); the global batch is
     # batch_size * grad_accum * number of processes.
     grad_accum: int = 1
@@ -232,8 +237,9 @@ def _validate(cfg, prefix: str) -> None:
     for name in ("eval_limit", "num_workers", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip",
                  "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start", "ema", "time_limit",
                  "prior_images"):
-        if hasattr(cfg, name) and getattr(cfg, name) < 0:
-            raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(cfg, name)}")
+        value = getattr(cfg, name, 0)
+        if isinstance(value, (int, float)) and value < 0:  # num_workers may be "auto"
+            raise ConfigError(f"{prefix}{name} must be >= 0, got {value}")
     if isinstance(cfg, DataConfig):
         lo, hi = cfg.crop_scale
         if not 0 < lo <= hi <= 1:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_model, resolve_checkpoint
 from .config import Config, ConfigError
-from .data import BadFiles, ImageDataset, build_dataset, collate, denormalize, normalize, to_model_input
+from .data import BadFiles, ImageDataset, build_dataset, collate, denormalize, loader_workers, normalize, to_model_input
 from .features import GaussianStats, feature_networks, frechet_distance
 from .losses import LIKELIHOOD_FAMILY, LOG_SCALE_RANGE, bits_per_dim, discretized_log_likelihood, vae_loss
 from .models import VAE
@@ -113,7 +113,7 @@ def evaluate(
     torch.manual_seed(seed)
     dataset = build_dataset(sources, cfg.data, train=False, seed=cfg.train.seed)
     subset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset)) if limit else len(dataset)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=cfg.data.num_workers,
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=loader_workers(dataset, cfg.data.num_workers, device),
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     networks = feature_networks(fid_weights, device)

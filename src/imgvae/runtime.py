@@ -6,6 +6,7 @@ the environment) each process joins the group: NCCL on GPUs, gloo on CPUs.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,6 +73,25 @@ def start_processes(device_name: str) -> Processes:
 def stop_processes(processes: Processes) -> None:
     if processes.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default, blocks over 32 MiB (the seed model's 64 MiB linear layer and its
+    gradients) come from fresh mmap calls, and every step page-faults them in again; on
+    the 2-core CPU that is ~17 % of a training step (bench/RESULTS.md). Process-wide;
+    the cost is that the process keeps its peak memory. Returns False where the C library
+    is not glibc (nothing changed)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .adversarial import Adversary
-from .cache import CacheSource
 from .config import Config, TrainConfig, save_config, to_dict
-from .data import BadFiles, build_dataset, first_images, make_loader, normalize, to_model_input
+from .data import BadFiles, build_dataset, first_images, loader_workers, make_loader, normalize, to_model_input
 from .evaluate import eval_loss, evaluate_checkpoint, format_table
 from .features import PerceptualDistance
 from .losses import decoder_scale, kl_weight, vae_loss
@@ -33,7 +32,7 @@ from .models import VAE, build_model
 from .optim import build_optimizer, ema_with_warmup
 from .prior import fit_checkpoint_prior
 from .report import FITTED_PRIOR_GRID, write_report
-from .runtime import Processes, RunError, autocast, grad_scaler, start_processes, stop_processes
+from .runtime import Processes, RunError, autocast, grad_scaler, keep_freed_memory, start_processes, stop_processes
 from .sample import decode, grid, prior_noise, reconstruct, save_grid
 
 
@@ -125,6 +124,8 @@ class Trainer:
         self.logs = Path(log_dir) if log_dir else out / "logs"
         self.ckpt_dir, self.grid_dir = out / "checkpoints", out / "grids"
         device = self.device = procs.device
+        if device.type == "cpu" and tc.keep_freed_memory:
+            keep_freed_memory()
 
         torch.manual_seed(tc.seed)
         self.train_set = build_dataset(cfg.data.train, cfg.data, train=True, seed=tc.seed)
@@ -133,17 +134,15 @@ class Trainer:
             raise RunError(f"the training set has {len(self.train_set)} images, fewer than one global batch "
                            f"(train.batch_size={tc.batch_size} x {procs.world_size} processes)")
         pin = device.type == "cuda"
-        # Reading a prepared cache is a memory copy (~40k img/s in-process): worker
-        # processes would only take CPU time from the model.
-        all_cache = all(isinstance(s, CacheSource) for s in self.train_set.source.sources)
-        workers = 0 if all_cache else cfg.data.num_workers
-        self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
+        self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed,
+                                                loader_workers(self.train_set, cfg.data.num_workers, device),
                                                 pin, procs.rank, procs.world_size)
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
             limit = cfg.data.eval_limit or len(self.eval_set)
             subset = torch.utils.data.Subset(self.eval_set, range(min(limit, len(self.eval_set))))
-            self.eval_loader = torch.utils.data.DataLoader(subset, batch_size=tc.batch_size, num_workers=cfg.data.num_workers,
+            workers = loader_workers(self.eval_set, cfg.data.num_workers, device)
+            self.eval_loader = torch.utils.data.DataLoader(subset, batch_size=tc.batch_size, num_workers=workers,
                                                            collate_fn=self.loader.collate_fn, pin_memory=pin)
 
         self.raw_model = build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss)).to(device)
