@@ -43,6 +43,7 @@ def test_overrides_parse_yaml_values_and_nest():
         ("data.hflip=yes please", "data.hflip: expected true/false"),
         ("epochs3", "not of the form section.key=value"),
         ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("data.memory_cache_gb=-1", "data.memory_cache_gb must be >= 0, got -1"),
         ("data.num_workers=some", "data.num_workers: 'some' does not fit"),
     ],
 )

@@ -186,3 +186,31 @@ def test_random_crops_repeat_per_seed_epoch_and_vary_across_epochs():
     ev = build_dataset(["embedded:eval"], DataConfig(crop="random", eval_views_per_image=3), train=False, seed=0)
     ev.set_epoch(7)  # held-out views do not move with the epoch
     assert torch.equal(ev.load(1), build_dataset(["embedded:eval"], ev.cfg, train=False, seed=0).load(1))
+
+
+def test_views_kept_in_memory_are_filled_by_workers_and_skip_decoding_later(tmp_path, monkeypatch):
+    write_jpegs(tmp_path / "photos", 12, seed=3)
+    cfg = DataConfig(image_size=32, crop_size=64)
+    uncached = build_dataset([str(tmp_path / "photos")], cfg, train=True, seed=0)
+    expected = [uncached.load(i) for i in range(12)]
+    dataset = build_dataset([str(tmp_path / "photos")], cfg, train=True, seed=0)
+    assert dataset.keep_in_memory(12 * 3 * 32 * 32, shared=True)
+    loader, sampler = make_loader(dataset, batch_size=4, train=True, seed=0, num_workers=2)
+    first = list(loader)  # the workers decode, into memory the training process sees
+    assert dataset.filled.all()
+    monkeypatch.setattr(type(dataset.source.sources[0]), "read_bytes", lambda *a: pytest.fail("decoded again"))
+    sampler.set_epoch(1)
+    for images, indices, _ in [*first, *loader]:
+        for image, index in zip(images, indices.tolist()):
+            assert torch.equal(image, expected[index])
+
+
+def test_views_that_change_or_do_not_fit_are_not_kept(tmp_path):
+    write_jpegs(tmp_path / "photos", 4, seed=3)
+    cfg = DataConfig(image_size=32, crop_size=64)
+    folder = [str(tmp_path / "photos")]
+    assert not build_dataset(folder, cfg, train=True, seed=0).keep_in_memory(4 * 3 * 32 * 32 - 1, shared=False)
+    random_crops = DataConfig(image_size=32, crop="random")
+    assert not build_dataset(folder, random_crops, train=True, seed=0).keep_in_memory(2**30, shared=False)
+    # Held-out random crops are the same every epoch: kept.
+    assert build_dataset(folder, random_crops, train=False, seed=0).keep_in_memory(2**30, shared=False)

@@ -82,7 +82,8 @@ def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
     rng = random.Random(0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for attempt in range(3):
-        cmd = _train_cmd(out, photos, *args) if attempt == 0 else [sys.executable, "-m", "imgvae", "train", "--resume", str(out), "--no-progress"]
+        resume = [sys.executable, "-m", "imgvae", "train", "--resume", str(out), "--no-progress"]
+        cmd = _train_cmd(out, photos, *args) if attempt == 0 else resume
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 60
         while not (out / "steps.jsonl").exists() and proc.poll() is None and time.time() < deadline:

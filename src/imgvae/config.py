@@ -47,6 +47,10 @@ class DataConfig:
     # Loader processes; "auto": none when training on the CPU (decoding in the training
     # process is faster there), min(8, CPU cores) on a GPU (data.loader_workers).
     num_workers: int | Literal["auto"] = "auto"
+    # GiB of RAM per split for views that do not change between epochs (centre crops,
+    # eval views): kept once decoded, so later epochs skip decoding. A split whose
+    # views do not all fit is decoded every epoch. 0 = off.
+    memory_cache_gb: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def _validate(cfg, prefix: str) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("eval_limit", "num_workers", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip",
+    for name in ("eval_limit", "num_workers", "memory_cache_gb", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip",
                  "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start", "ema", "time_limit",
                  "prior_images"):
         value = getattr(cfg, name, 0)

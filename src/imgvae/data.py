@@ -154,6 +154,28 @@ class ImageDataset(Dataset):
         self.source, self.cfg, self.train, self.seed = source, cfg, train, seed
         self.views = cfg.views_per_image if train else cfg.eval_views_per_image
         self.epoch = 0
+        self.memory = self.filled = None  # see keep_in_memory
+
+    def keep_in_memory(self, max_bytes: float, shared: bool) -> bool:
+        """Keep each view in RAM once decoded, so that later epochs skip decoding.
+
+        Only where views do not change between epochs (all but random training crops),
+        are not read from a prepared cache already, and all fit in max_bytes. shared: in
+        shared memory, which loader workers fill for the training process; refused
+        (False) when /dev/shm has no room for it."""
+        size = self.cfg.image_size
+        nbytes = len(self) * 3 * size * size
+        if ((self.train and self.cfg.crop == "random") or nbytes > max_bytes
+                or all(isinstance(s, CacheSource) for s in self.source.sources)):
+            return False
+        if shared and os.path.isdir("/dev/shm"):
+            stat = os.statvfs("/dev/shm")
+            if stat.f_bavail * stat.f_frsize < nbytes + 2**28:  # also leave room for the batches in transit
+                return False
+        memory = torch.empty(len(self), 3, size, size, dtype=torch.uint8)  # pages are touched only when filled
+        filled = torch.zeros(len(self), dtype=torch.bool)
+        self.memory, self.filled = (memory.share_memory_(), filled.share_memory_()) if shared else (memory, filled)
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -166,13 +188,19 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The preprocessed view; raises on an unreadable file."""
+        if self.memory is not None and self.filled[index]:
+            return self.memory[index]
         source, i = self.source.locate(index // self.views)
         if isinstance(source, CacheSource):
             return torch.from_numpy(source.image(i))
         rng = None
         if self.cfg.crop == "random":
             rng = item_rng(self.seed, self.epoch if self.train else -1, index)
-        return torch.from_numpy(load_view(source.read_bytes(i), self.cfg, rng))
+        view = torch.from_numpy(load_view(source.read_bytes(i), self.cfg, rng))
+        if self.memory is not None:
+            self.memory[index] = view
+            self.filled[index] = True
+        return view
 
     def __getitem__(self, index: int):
         try:

@@ -134,14 +134,16 @@ class Trainer:
             raise RunError(f"the training set has {len(self.train_set)} images, fewer than one global batch "
                            f"(train.batch_size={tc.batch_size} x {procs.world_size} processes)")
         pin = device.type == "cuda"
-        self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed,
-                                                loader_workers(self.train_set, cfg.data.num_workers, device),
+        workers = loader_workers(self.train_set, cfg.data.num_workers, device)
+        self.in_memory = self.train_set.keep_in_memory(cfg.data.memory_cache_gb * 2**30, shared=workers > 0)
+        self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
                                                 pin, procs.rank, procs.world_size)
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
             limit = cfg.data.eval_limit or len(self.eval_set)
             subset = torch.utils.data.Subset(self.eval_set, range(min(limit, len(self.eval_set))))
             workers = loader_workers(self.eval_set, cfg.data.num_workers, device)
+            self.eval_set.keep_in_memory(cfg.data.memory_cache_gb * 2**30, shared=workers > 0)
             self.eval_loader = torch.utils.data.DataLoader(subset, batch_size=tc.batch_size, num_workers=workers,
                                                            collate_fn=self.loader.collate_fn, pin_memory=pin)
 
@@ -207,7 +209,8 @@ class Trainer:
         self._say(f"imgvae: model {cfg.model.name} ({n_params:,} parameters) on {self.device}"
                   f"{f' x {procs.world_size} processes' if procs.distributed else ''}; train {len(self.train_set):,} images "
                   f"from {self.train_set.source.name}; eval {len(self.eval_loader.dataset) if self.eval_loader else 0:,}; "
-                  f"epochs {self.epoch + 1}..{tc.epochs}")
+                  f"epochs {self.epoch + 1}..{tc.epochs}"
+                  f"{'; training views kept in RAM once decoded' if self.in_memory else ''}")
         if self.epoch >= tc.epochs:
             self._say(f"imgvae: {self.out} already finished {self.epoch} epochs; raise train.epochs to continue")
 
