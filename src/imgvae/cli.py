@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "`imgvae fit-prior` fitted to the training latents when the checkpoint has one.")
     s.add_argument("checkpoint", metavar="CKPT")
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--temperature", type=float, default=1.0, metavar="T", help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its mean (default 1)")
+    s.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its mean (default 1)")
     s.add_argument("--prior", choices=["auto", "standard", "fitted"], default="auto",
                    help="auto (default): the fitted prior if the checkpoint has one, else N(0, I)")
     s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
