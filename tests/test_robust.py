@@ -3,6 +3,7 @@ gradient accumulation, DDP over 2 gloo processes, mixed precision."""
 
 import importlib
 import json
+import math
 import os
 import random
 import signal
@@ -196,6 +197,22 @@ def test_ddp_two_gloo_processes_equal_one_process_and_resume(tmp_path, photos):
            "-m", "imgvae", "train", "--resume", str(tmp_path / "ddp_resumed"), "--no-progress", "train.epochs=2"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert_same_weights(tmp_path / "ddp", tmp_path / "ddp_resumed", exact=False)
+
+
+def test_adversarial_loss_under_grad_accum_and_ddp_steps_the_discriminator_once_per_step(tmp_path, photos):
+    gan = ["loss.adversarial=0.5", "loss.sigma=scalar", "train.epochs=1"]
+    train(tiny_config([photos], [], *RESNET, *gan, "train.batch_size=4", "train.grad_accum=2"), tmp_path / "accum",
+          progress=False)
+    _torchrun(tmp_path / "ddp", photos, *gan)
+    for run in (tmp_path / "accum", tmp_path / "ddp"):
+        summary = json.loads((run / "summary.json").read_text())
+        state = load_checkpoint(run)[1]
+        d_steps = {int(s["step"]) for s in state["d_optimizer"]["state"].values()}
+        assert summary["steps"] == 3 and d_steps == {3}, (run.name, d_steps)
+        discriminator = load_file(str(run / "checkpoints" / "last" / "discriminator.safetensors"))
+        assert all(torch.isfinite(w).all() for w in discriminator.values())
+        logged = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["discriminator"]) and r["gan_weight"] > 0 for r in logged)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -1,11 +1,19 @@
 """The PatchGAN opponent of loss.adversarial (taming-transformers' recipe): a
 discriminator with its own Adam, trained with the hinge loss on each batch and its
 reconstructions from loss.adversarial_start on; the VAE gets -D(x_hat) at an
-adaptive weight that balances its gradient against the reconstruction's."""
+adaptive weight that balances its gradient against the reconstruction's.
+
+Like the VAE, the discriminator takes one optimiser step per training step: its
+gradients are accumulated over the step's micro-batches and, under torchrun, averaged
+over processes before the step. The adaptive weight is computed per micro-batch and process, from
+local gradients, as in taming-transformers under DDP.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.func import functional_call
 
 from .config import Config
 from .losses import adaptive_gan_weight, hinge_discriminator_loss
@@ -14,9 +22,12 @@ from .runtime import autocast
 
 
 class Adversary:
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = cfg
-        self.discriminator = PatchDiscriminator().to(device)
+    def __init__(self, cfg: Config, device: torch.device, world_size: int = 1):
+        self.cfg, self.world_size = cfg, world_size
+        discriminator = PatchDiscriminator().to(device)
+        if world_size > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
+            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        self.discriminator = discriminator
         self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.loss.discriminator_lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
@@ -24,18 +35,31 @@ class Adversary:
 
     def generator_term(self, loss: torch.Tensor, x_hat: torch.Tensor, last_layer: torch.Tensor):
         """-> (weighted generator loss to add to the VAE loss, stats)."""
+        # Detached weights: the VAE's loss must not leave gradients in the discriminator.
+        weights = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         with autocast(x_hat.device, self.cfg.train.precision):
-            generator_loss = -self.discriminator(x_hat).float().mean()
+            generator_loss = -functional_call(self.discriminator, weights, (x_hat,)).float().mean()
         weight = self.cfg.loss.adversarial * adaptive_gan_weight(loss, generator_loss, last_layer)
         return weight * generator_loss, {"generator": generator_loss.detach(), "gan_weight": weight}
 
-    def update(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """One hinge-loss step on a batch and its (detached) reconstructions; skipped
-        when its gradients are not finite. -> the discriminator loss."""
+    def accumulate(self, real: torch.Tensor, fake: torch.Tensor, share: float) -> torch.Tensor:
+        """Add share x the hinge-loss gradient of a micro-batch and its (detached)
+        reconstructions. -> the discriminator loss."""
         with autocast(real.device, self.cfg.train.precision):
             loss = hinge_discriminator_loss(self.discriminator(real).float(), self.discriminator(fake.detach()).float())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if all(torch.isfinite(p.grad).all() for p in self.discriminator.parameters() if p.grad is not None):
-            self.optimizer.step()
+        (loss * share).backward()
         return loss.detach()
+
+    def step(self) -> None:
+        """The optimiser step over the accumulated gradients, averaged over processes
+        (every process calls this); skipped when they are not finite."""
+        params = list(self.discriminator.parameters())
+        if self.world_size > 1:
+            for p in params:
+                if p.grad is None:  # a process whose micro-batches were all too small
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+        if all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -159,9 +159,7 @@ class Trainer:
         self.perceptual = PerceptualDistance().to(device) if cfg.loss.perceptual > 0 else None
         self.adversary = None
         if cfg.loss.adversarial > 0:
-            if procs.distributed or tc.grad_accum > 1:
-                raise RunError("loss.adversarial works in a single process with train.grad_accum=1 for now")
-            self.adversary = Adversary(cfg, device)
+            self.adversary = Adversary(cfg, device, procs.world_size)
         per_epoch = len(self.sampler.base) // tc.batch_size
         self.total_steps = tc.epochs * math.ceil(per_epoch / tc.grad_accum)
         # Position: finished epochs, optimiser steps, loader batches done in the current epoch.
@@ -231,6 +229,7 @@ class Trainer:
                     group, group_sums, group_images, loss_finite = min(tc.grad_accum, per_epoch - self.batches_done + 1), {}, 0, True
                     # BatchNorm statistics move in the forward pass: keep a copy to undo a skipped step.
                     saved_buffers = [b.detach().clone() for b in self.raw_model.buffers()]
+                    gan = self.adversary is not None and self.adversary.active(self.step)
                 if len(images) >= 2:  # BatchNorm needs two samples to train
                     flips, noise = step_randomness(tc, self.step, micro, len(images), self.raw_model.latent_shape, procs)
                     x = to_model_input(images, self.device, flips if cfg.data.hflip else None)
@@ -238,14 +237,13 @@ class Trainer:
                         x = x.contiguous(memory_format=torch.channels_last)
                     last_micro = micro + 1 == group or self.batches_done == per_epoch
                     # Under DDP, gradients are all-reduced only on the step's last micro-batch.
-                    gan = self.adversary is not None and self.adversary.active(self.step)
                     with self.ddp.no_sync() if procs.distributed and not last_micro else nullcontext():
                         loss, stats, x_hat = training_step(
                             self.model, x, noise.to(self.device), cfg, kl_weight(cfg.loss, self.step, self.total_steps),
                             self.perceptual, self.adversary if gan else None, self.raw_model.last_layer())
                         self.scaler.scale(loss / group).backward()
                     if gan:
-                        stats["discriminator"] = self.adversary.update(x, x_hat)
+                        stats["discriminator"] = self.adversary.accumulate(x, x_hat, 1 / group)
                     loss_finite &= bool(torch.isfinite(loss))
                     for k, v in stats.items():
                         group_sums[k] = group_sums.get(k, 0.0) + v.item() * len(images)
@@ -258,6 +256,8 @@ class Trainer:
                 if group_images == 0:
                     continue
                 grad_norm, applied = self._optimizer_step(loss_finite)
+                if gan:
+                    self.adversary.step()
                 if applied:  # statistics of skipped steps would be NaN
                     for k, v in group_sums.items():
                         self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
