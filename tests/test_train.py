@@ -152,3 +152,12 @@ def test_untrusted_checkpoint_files_are_refused(tmp_path, image_folder):
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "imgvae", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume OUT" in result.stdout and "KEY=VALUE" in result.stdout
+
+
+def test_memory_cache_budget_is_shared_by_a_machines_processes(tmp_path, image_folder, capsys, monkeypatch):
+    cfg = tiny_config([image_folder], [], "train.epochs=1", "data.memory_cache_gb=0.0001")  # 107 KB; 24 views need 74 KB
+    train(cfg, tmp_path / "one", progress=False)
+    assert "training views kept in RAM" in capsys.readouterr().out
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # a quarter each: too little
+    train(cfg, tmp_path / "four", progress=False)
+    assert "training views kept in RAM" not in capsys.readouterr().out

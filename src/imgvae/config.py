@@ -47,9 +47,10 @@ class DataConfig:
     # Loader processes; "auto": none when training on the CPU (decoding in the training
     # process is faster there), min(8, CPU cores) on a GPU (data.loader_workers).
     num_workers: int | Literal["auto"] = "auto"
-    # GiB of RAM per split for views that do not change between epochs (centre crops,
-    # eval views): kept once decoded, so later epochs skip decoding. A split whose
-    # views do not all fit is decoded every epoch. 0 = off.
+    # GiB of RAM per split and machine (torchrun's processes on it share the budget, each
+    # keeping a copy) for views that do not change between epochs (centre crops, eval
+    # views): kept once decoded, so later epochs skip decoding. A split whose views do
+    # not all fit is decoded every epoch. 0 = off.
     memory_cache_gb: float = 4.0
 
 

@@ -172,9 +172,14 @@ class ImageDataset(Dataset):
             stat = os.statvfs("/dev/shm")
             if stat.f_bavail * stat.f_frsize < nbytes + 2**28:  # also leave room for the batches in transit
                 return False
-        memory = torch.empty(len(self), 3, size, size, dtype=torch.uint8)  # pages are touched only when filled
+        memory = torch.empty(len(self), 3, size, size, dtype=torch.uint8)  # private pages: touched only when filled
         filled = torch.zeros(len(self), dtype=torch.bool)
-        self.memory, self.filled = (memory.share_memory_(), filled.share_memory_()) if shared else (memory, filled)
+        if shared:
+            try:  # shared memory is committed in full here
+                memory, filled = memory.share_memory_(), filled.share_memory_()
+            except (RuntimeError, OSError):
+                return False
+        self.memory, self.filled = memory, filled
         return True
 
     def set_epoch(self, epoch: int) -> None:

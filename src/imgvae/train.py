@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -135,7 +136,9 @@ class Trainer:
                            f"(train.batch_size={tc.batch_size} x {procs.world_size} processes)")
         pin = device.type == "cuda"
         workers = loader_workers(self.train_set, cfg.data.num_workers, device)
-        self.in_memory = self.train_set.keep_in_memory(cfg.data.memory_cache_gb * 2**30, shared=workers > 0)
+        # The budget is per machine: torchrun's processes on it keep a copy each.
+        memory_budget = cfg.data.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.in_memory = self.train_set.keep_in_memory(memory_budget, shared=workers > 0)
         self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
                                                 pin, procs.rank, procs.world_size)
         self.eval_loader = None
@@ -143,7 +146,7 @@ class Trainer:
             limit = cfg.data.eval_limit or len(self.eval_set)
             subset = torch.utils.data.Subset(self.eval_set, range(min(limit, len(self.eval_set))))
             workers = loader_workers(self.eval_set, cfg.data.num_workers, device)
-            self.eval_set.keep_in_memory(cfg.data.memory_cache_gb * 2**30, shared=workers > 0)
+            self.eval_set.keep_in_memory(memory_budget, shared=workers > 0)
             self.eval_loader = torch.utils.data.DataLoader(subset, batch_size=tc.batch_size, num_workers=workers,
                                                            collate_fn=self.loader.collate_fn, pin_memory=pin)
 
