@@ -4,9 +4,9 @@ reconstructions from loss.adversarial_start on; the VAE gets -D(x_hat) at an
 adaptive weight that balances its gradient against the reconstruction's.
 
 Like the VAE, the discriminator takes one optimiser step per training step: its
-gradients are accumulated over the step's micro-batches and, under torchrun, averaged
-over processes before the step. The adaptive weight is computed per micro-batch and process, from
-local gradients, as in taming-transformers under DDP.
+gradients are accumulated over the step's micro-batches and, under torchrun,
+averaged over processes before the step. The adaptive weight is computed per
+micro-batch and process from local gradients, as in taming-transformers under DDP.
 """
 
 from __future__ import annotations
