@@ -34,6 +34,10 @@ from imgvae.train import train
 PRESETS = ["demo", "demo+loss.sigma=scalar", "resnet", "kl-f8", "kl-f4", "sharp"]
 
 
+def run_dir(out: Path, preset: str) -> Path:
+    return out / preset.replace("+", "_")
+
+
 def run_preset(preset: str, args, out: Path) -> dict:
     overrides = [
         f"data.train=[{args.train}]", f"data.eval=[{args.eval}]", "data.image_size=64",
@@ -79,7 +83,7 @@ def _labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
 def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
     """Held-out reconstructions and samples (from N(0, I) and from the fitted prior) of
     every preset's final weights, side by side."""
-    runs = [out / preset.replace("+", "_") for preset in presets]
+    runs = [run_dir(out, preset) for preset in presets]
     data = load_config(runs[0] / "config.yaml").data
     held_out = build_dataset(data.eval, data, train=False, seed=0)
     step = max(len(held_out) // n, 1)
@@ -117,7 +121,7 @@ def main():
         return pictures(args.presets, args.out, args.docs)
     rows = []
     for preset in args.presets:
-        out = args.out / preset.replace("+", "_")  # the same folder name pictures() reads
+        out = run_dir(args.out, preset)
         if args.evaluate_only:
             if args.prior_images:
                 fit_checkpoint_prior(out, limit=args.prior_images, progress=False)
@@ -129,7 +133,7 @@ def main():
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2))
     pictures(args.presets, args.out, args.docs)
     seed_psnr = next((r["psnr"] for r in rows if r["preset"] == "demo"), None)
-    minutes = load_config(args.out / args.presets[0].replace("+", "_") / "config.yaml").train.time_limit
+    minutes = load_config(run_dir(args.out, args.presets[0]) / "config.yaml").train.time_limit
     print(f"\n{minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}")
     print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon "
           "| fd_effnet samples N(0, I) | fd_effnet samples fitted prior | active units |")

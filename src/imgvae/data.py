@@ -156,6 +156,11 @@ class ImageDataset(Dataset):
         self.epoch = 0
         self.memory = self.filled = None  # see keep_in_memory
 
+    @property
+    def from_prepared_cache(self) -> bool:
+        """Every view is read from `imgvae prepare` caches: already a memory copy."""
+        return all(isinstance(s, CacheSource) for s in self.source.sources)
+
     def keep_in_memory(self, max_bytes: float, shared: bool) -> bool:
         """Keep each view in RAM once decoded, so that later epochs skip decoding.
 
@@ -165,8 +170,7 @@ class ImageDataset(Dataset):
         (False) when /dev/shm has no room for it."""
         size = self.cfg.image_size
         nbytes = len(self) * 3 * size * size
-        if ((self.train and self.cfg.crop == "random") or nbytes > max_bytes
-                or all(isinstance(s, CacheSource) for s in self.source.sources)):
+        if (self.train and self.cfg.crop == "random") or nbytes > max_bytes or self.from_prepared_cache:
             return False
         if shared and os.path.isdir("/dev/shm"):
             stat = os.statvfs("/dev/shm")
@@ -283,7 +287,7 @@ def loader_workers(dataset: ImageDataset, num_workers: int | str, device: torch.
     compute threads and the others wait for it, so decoding in the training process
     costs less (bench/RESULTS.md: 77 against 64 img/s on 2 cores); min(8, CPU cores)
     on a GPU, which the loader must keep fed."""
-    if all(isinstance(s, CacheSource) for s in dataset.source.sources):
+    if dataset.from_prepared_cache:
         return 0
     if num_workers == "auto":
         return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
