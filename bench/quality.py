@@ -3,7 +3,9 @@ data, evaluate on held-out images never seen in training, print one table.
 
 Default data: the embedded photos' random crops (6 photos for training, 2 others
 held out), as `make demo`, with 1,024 crops per photo per epoch so that the
-per-epoch learning-rate decay of every preset sees comparable epochs.
+per-epoch learning-rate decay of every preset sees comparable epochs. The held-out
+photos are other scenes, so samples are scored against crops of the training photos
+(the distribution the models learn), as FID is scored against training images.
 
     python bench/quality.py                         # 6 presets x 10 minutes on this machine
     python bench/quality.py --minutes 3 --presets demo resnet
@@ -55,7 +57,8 @@ def run_preset(preset: str, args, out: Path) -> dict:
 def score(preset: str, args, out: Path) -> dict:
     """The table row of a finished run: its summary, and `imgvae evaluate` of its final weights."""
     summary = json.loads((out / "summary.json").read_text())
-    metrics, _ = evaluate_checkpoint(out, seed=args.seed, progress=False, iw_samples=args.iw_samples)
+    metrics, _ = evaluate_checkpoint(out, seed=args.seed, progress=False, iw_samples=args.iw_samples,
+                                     sample_reference=sample_reference(args))
     return {
         "preset": preset, "params": summary["parameters"], "steps": summary["steps"],
         "img_per_s": summary["images_seen_this_run"] / summary["seconds_this_run"],
@@ -64,7 +67,17 @@ def score(preset: str, args, out: Path) -> dict:
         "fd_recon": metrics["distribution"]["fd_effnet_recon"], "fd_samples": metrics["distribution"]["fd_effnet_samples"],
         "fd_samples_fitted": metrics["distribution"].get("fd_effnet_samples_fitted"),
         "active": f"{metrics['latent']['active_units']}/{metrics['latent']['dims']}", "images": metrics["images"],
+        "reference_images": metrics["samples_reference"]["images"],
     }
+
+
+def sample_reference(args) -> list[str] | None:
+    """What samples are scored against: the embedded held-out photos are other scenes than
+    the training photos (real training crops score 376 against them, worse than any
+    model's samples), so there the training photos' crops; otherwise the held-out set."""
+    if args.sample_reference == "held-out" or (args.sample_reference is None and args.train != "embedded:train"):
+        return None
+    return [args.sample_reference or args.train]
 
 
 def _labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
@@ -110,6 +123,9 @@ def main():
     parser.add_argument("--iw-samples", type=int, default=8)
     parser.add_argument("--prior-images", type=int, default=10_000,
                         help="fit a Gaussian prior on this many training latents after training, every preset (0: off)")
+    parser.add_argument("--sample-reference", metavar="SOURCE",
+                        help="real images the samples are scored against: a source, or 'held-out' (default: the "
+                        "training photos' crops when training on the embedded photos, else the held-out set)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="run folders (kept: grids, report.html)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the side-by-side pictures go")
@@ -134,7 +150,9 @@ def main():
     pictures(args.presets, args.out, args.docs)
     seed_psnr = next((r["psnr"] for r in rows if r["preset"] == "demo"), None)
     minutes = load_config(run_dir(args.out, args.presets[0]) / "config.yaml").train.time_limit
-    print(f"\n{minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}")
+    reference = sample_reference(args)
+    print(f"\n{minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}; samples "
+          f"scored against {rows[0]['reference_images']} {'crops of ' + reference[0] if reference else 'held-out images'}")
     print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon "
           "| fd_effnet samples N(0, I) | fd_effnet samples fitted prior | active units |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config, write_jpegs
-from imgvae.evaluate import evaluate, image_metrics
-from imgvae.features import GaussianStats, frechet_distance
+from imgvae.evaluate import evaluate, image_metrics, metric_rows
+from imgvae.features import EffNetFeatures, GaussianStats, frechet_distance
 from imgvae.losses import bits_per_dim, discretized_log_likelihood
 from imgvae.models import VAE, DiagonalGaussian
 from imgvae.sample import lerp, slerp
@@ -81,18 +81,23 @@ class FakeVAE(VAE):
         return torch.zeros(len(z), 3, 32, 32) + 0 * self.dummy
 
 
-def fake_eval(tmp_path, active):
-    write_jpegs(tmp_path / "eval", 10, seed=5)
-    cfg = tiny_config([tmp_path / "eval"], [tmp_path / "eval"], "data.exact_decode=true")
-    model = FakeVAE(active=active, latent=8)
-    metrics = evaluate(model, cfg, [str(tmp_path / "eval")], iw_samples=4, batch_size=4, progress=False)
+def eval_views(folder):
+    """The eval split's views of a tiny_config folder, with PIL: centre crop 64 (or the shorter side), resize 32."""
     images = []
-    for path in sorted((tmp_path / "eval").glob("*.jpg")):  # centre crop 64 (or the shorter side), resize 32
+    for path in sorted(folder.glob("*.jpg")):
         img = Image.open(path).convert("RGB")
         side = min(64, *img.size)
         left, top = round((img.width - side) / 2), round((img.height - side) / 2)
         images.append(np.asarray(img.crop((left, top, left + side, top + side)).resize((32, 32), Image.Resampling.BILINEAR)))
-    return metrics, np.stack(images)
+    return np.stack(images)
+
+
+def fake_eval(tmp_path, active, **kwargs):
+    write_jpegs(tmp_path / "eval", 10, seed=5)
+    cfg = tiny_config([tmp_path / "eval"], [tmp_path / "eval"], "data.exact_decode=true")
+    model = FakeVAE(active=active, latent=8)
+    metrics = evaluate(model, cfg, [str(tmp_path / "eval")], iw_samples=4, batch_size=4, progress=False, **kwargs)
+    return metrics, eval_views(tmp_path / "eval")
 
 
 def test_evaluate_active_units_and_kl_per_dim_on_collapsed_model(tmp_path):
@@ -128,6 +133,25 @@ def test_evaluate_likelihood_and_psnr_by_hand(tmp_path):
     assert metrics["reconstruction"]["mse"]["mean"] == pytest.approx(mse.mean(), rel=1e-5)
     assert metrics["reconstruction"]["ms_ssim"] is None
     assert metrics["distribution"]["fd_effnet_recon"] > 0
+
+
+def test_samples_scored_against_a_reference_set(tmp_path):
+    # The fake decoder gives mid-grey whatever z is: the samples are 128/255 images.
+    write_jpegs(tmp_path / "train", 6, seed=9)
+    held_out, _ = fake_eval(tmp_path, active=2)
+    metrics, _ = fake_eval(tmp_path, active=2, sample_reference=[str(tmp_path / "train")])
+    net = EffNetFeatures().eval()
+    reference, grey = GaussianStats(), GaussianStats()
+    with torch.no_grad():
+        reference.add(net(torch.from_numpy(eval_views(tmp_path / "train")).permute(0, 3, 1, 2).float().div(255)))
+        grey.add(net(torch.full((6, 3, 32, 32), 128 / 255)))
+    dist = metrics["distribution"]
+    assert dist["fd_effnet_samples"] == pytest.approx(frechet_distance(reference, grey), rel=1e-4)
+    assert dist["fd_effnet_samples"] != pytest.approx(held_out["distribution"]["fd_effnet_samples"], rel=1e-2)
+    assert dist["fd_effnet_recon"] == held_out["distribution"]["fd_effnet_recon"]  # still against the held-out images
+    assert metrics["samples_reference"] == {"sources": [str(tmp_path / "train")], "images": 6, "held_out": False}
+    assert held_out["samples_reference"]["held_out"] and held_out["samples_reference"]["images"] == 10
+    assert ("samples scored against", f"6 images from {tmp_path / 'train'}") in metric_rows(metrics)
 
 
 def test_frechet_distance_against_scipy():

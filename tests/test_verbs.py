@@ -39,6 +39,15 @@ def test_evaluate_cli_writes_metrics_and_prints_table(run, tmp_path, capsys):
     # Same seed, same numbers.
     assert main(["evaluate", str(run), "-o", str(tmp_path / "m2.json"), "--iw-samples", "3", "--limit", "4", "--no-progress"]) == 0
     assert json.loads((tmp_path / "m2.json").read_text()) == metrics
+    # Samples scored against the training images instead: 16 samples, the held-out metrics unchanged.
+    train_dir = str(run.parent / "train")
+    assert main(["evaluate", str(run), "-o", str(tmp_path / "m3.json"), "--iw-samples", "3", "--limit", "4",
+                 "--sample-reference", train_dir, "--no-progress"]) == 0
+    against_train = json.loads((tmp_path / "m3.json").read_text())
+    assert against_train["samples_reference"] == {"sources": [train_dir], "images": 16, "held_out": False}
+    assert against_train["reconstruction"] == metrics["reconstruction"]
+    assert against_train["distribution"]["fd_effnet_samples"] != metrics["distribution"]["fd_effnet_samples"]
+    assert f"16 images from {train_dir}" in capsys.readouterr().out
 
 
 def test_reconstruct_sample_interpolate(run, tmp_path):

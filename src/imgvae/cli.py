@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     e.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (default: all)")
     e.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity InceptionV3 weights file: adds real FID")
+    e.add_argument("--sample-reference", nargs="+", metavar="SOURCE",
+                   help="score samples against these images, not the held-out ones: use training data when the "
+                   "held-out images come from other scenes (default: the held-out images, right for COCO val2017)")
     _common(e)
 
     r = sub.add_parser("reconstruct", help="reconstruct your own images, side by side",
@@ -154,6 +157,7 @@ def _evaluate_command(args) -> None:
     metrics, path = evaluate_checkpoint(
         args.checkpoint, args.data, args.out, device=args.device, iw_samples=args.iw_samples,
         batch_size=args.batch_size, seed=args.seed, fid_weights=args.fid_weights, limit=args.limit,
+        sample_reference=args.sample_reference,
         progress=not args.no_progress,
     )
     print(format_table(metrics))

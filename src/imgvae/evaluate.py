@@ -99,30 +99,50 @@ def evaluate(
     fid_weights: str | Path | None = None,
     limit: int = 0,
     prior: LatentPrior | None = None,
+    sample_reference: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
     """All metrics over the whole held-out set `sources` (preprocessed as cfg.data's
     eval split). Deterministic for a given seed: reconstructions decode the
     posterior mean; the ELBO / IW samples and prior samples use seeded noise.
     limit > 0: only the first `limit` images. With a fitted `prior`, its samples
-    are scored too (fd_*_samples_fitted), from the same noise as N(0, I)'s."""
+    are scored too (fd_*_samples_fitted), from the same noise as N(0, I)'s.
+    Samples are scored against the held-out images, or against `sample_reference`
+    (preprocessed as the eval split, as many samples as images) when the held-out
+    images do not share the training distribution: a perfect generator of the
+    training images would otherwise score worse than a blurry one."""
     if iw_samples < 1:
         raise ConfigError(f"iw_samples must be >= 1, got {iw_samples}")
     model.eval()
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    dataset = build_dataset(sources, cfg.data, train=False, seed=cfg.train.seed)
-    subset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset)) if limit else len(dataset)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=loader_workers(dataset, cfg.data.num_workers, device),
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
+
+    def held_out_loader(specs: list[str], limit: int = 0):
+        dataset = build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
+        subset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset)) if limit else len(dataset)))
+        return dataset, torch.utils.data.DataLoader(
+            subset, batch_size=batch_size, num_workers=loader_workers(dataset, cfg.data.num_workers, device),
+            collate_fn=collate, pin_memory=device.type == "cuda")
+
+    dataset, loader = held_out_loader(sources, limit)
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     networks = feature_networks(fid_weights, device)
     sample_kinds = ("samples", "samples_fitted") if prior is not None else ("samples",)
-    stats = {(net.name, kind): GaussianStats() for net in networks for kind in ("real", "recon", *sample_kinds)}
+    reference = "reference" if sample_reference else "real"  # the real images samples are scored against
+    stats = {(net.name, kind): GaussianStats() for net in networks for kind in ("real", "recon", "reference", *sample_kinds)}
     per_image: dict[str, list[torch.Tensor]] = {}
     kl_sum = mean_sum = mean_sq = None
     n, noise_seed = 0, seed
     bad = BadFiles()
+
+    def add_samples(count: int) -> None:
+        nonlocal noise_seed
+        for kind, p in zip(sample_kinds, (None, prior)):
+            fakes = denormalize(model.decode(prior_noise(model, count, noise_seed, prior=p).to(device)).float())
+            for net in networks:
+                stats[net.name, kind].add(net(fakes))
+        noise_seed += 1
+
     for images, _, bad_items in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
         bad.add(dataset, bad_items)
         if len(images) == 0:
@@ -145,17 +165,26 @@ def evaluate(
         kl_sum += kl.sum(0)
         mean_sum += mu.sum(0)
         mean_sq += mu.pow(2).sum(0)
-        generated = {kind: denormalize(model.decode(prior_noise(model, len(images), noise_seed, prior=p).to(device)).float())
-                     for kind, p in zip(sample_kinds, (None, prior))}
-        noise_seed += 1
         for net in networks:
             stats[net.name, "real"].add(net(real))
             stats[net.name, "recon"].add(net(recon))
-            for kind, fakes in generated.items():
-                stats[net.name, kind].add(net(fakes))
+        if not sample_reference:
+            add_samples(len(images))
         n += len(images)
     if n == 0:
         raise SourceError(f"no readable image in {sources}")
+    n_reference = n
+    if sample_reference:
+        reference_data, reference_loader = held_out_loader(sample_reference)
+        n_reference = 0
+        for images, _, bad_items in tqdm(reference_loader, desc="samples", disable=not progress, dynamic_ncols=True):
+            bad.add(reference_data, bad_items)
+            for net in networks:
+                stats[net.name, "reference"].add(net(images.float().div(255).to(device)))
+            add_samples(len(images))
+            n_reference += len(images)
+        if n_reference < 2:
+            raise SourceError(f"scoring samples needs at least 2 readable images in {sample_reference}")
 
     values = {k: torch.cat(v) for k, v in per_image.items()}
     size = cfg.data.image_size
@@ -193,11 +222,13 @@ def evaluate(
             "posterior_mean_var": [float(v) for v in mean_var],
         },
         "distribution": {
-            "note": f"Fréchet distances over {n} images per set; with fewer images than feature dimensions they are "
-            "biased upwards: compare only at equal n",
-            **{f"{net}_{kind}": frechet_distance(stats[net, "real"], stats[net, kind])
+            "note": f"Fréchet distances over {n} images per set ({n_reference} for samples); with fewer images than "
+            "feature dimensions they are biased upwards: compare only at equal n",
+            **{f"{net}_{kind}": frechet_distance(stats[net, "real" if kind == "recon" else reference], stats[net, kind])
                for net in dict.fromkeys(name for name, _ in stats) for kind in ("recon", *sample_kinds)},
         },
+        "samples_reference": {"sources": list(sample_reference or sources), "images": n_reference,
+                              "held_out": not sample_reference},
         "prior": {"samples": "N(0, I)", "samples_fitted": f"a Gaussian fitted to the latents of {prior.images} "
                   "training images (prior.safetensors)"} if prior is not None else {"samples": "N(0, I)"},
     }
@@ -232,6 +263,9 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
     """(label, value) rows summarising a metrics dict: the printed table and the report's."""
     rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
     rows = [("images", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
+    if "samples_reference" in metrics and not metrics["samples_reference"]["held_out"]:
+        ref = metrics["samples_reference"]
+        rows.append(("samples scored against", f"{ref['images']} images from {', '.join(ref['sources'])}"))
     for k in ("mse", "psnr", "ssim", "ms_ssim"):
         v = rec[k]
         rows.append((k.upper().replace("_", "-"), f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "n/a (needs >= 161 px)"))
