@@ -38,6 +38,7 @@ def test_overrides_parse_yaml_values_and_nest():
         ("trian.epochs=3", r"unknown config key\(s\) \['trian'\]"),
         ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
         ("train.epochs=0", "train.epochs must be > 0"),
+        ("train.prior_components=0", "train.prior_components must be > 0"),
         ("train.optimizer=sgd", r"train.optimizer: 'sgd' is not one of \['rmsprop', 'adam', 'adamw'\]"),
         ("data.crop_scale=[0.5, 2]", "crop_scale must satisfy"),
         ("data.hflip=yes please", "data.hflip: expected true/false"),

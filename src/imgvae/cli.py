@@ -97,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
 
     s = sub.add_parser("sample", help="images from the prior", description="Decode latents from the prior: "
-                       "sample_NNN.png and a samples.png grid. The prior is N(0, T^2 I), or the Gaussian "
+                       "sample_NNN.png and a samples.png grid. The prior is N(0, T^2 I), or the Gaussian (mixture) "
                        "`imgvae fit-prior` fitted to the training latents when the checkpoint has one.")
     s.add_argument("checkpoint", metavar="CKPT")
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its mean (default 1)")
+                   help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its means (default 1)")
     s.add_argument("--prior", choices=["auto", "standard", "fitted"], default="auto",
                    help="auto (default): the fitted prior if the checkpoint has one, else N(0, I)")
     s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
@@ -118,19 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
     _common(i)
 
-    f = sub.add_parser("fit-prior", help="fit a Gaussian to the training latents, for better samples",
-                       description="Encode training images (default: the run's data.train, its training crops, no flips) and fit one "
-                       "full-covariance Gaussian to their posteriors: CKPT/prior.safetensors. `sample` and "
-                       "`evaluate` then use it (fd_*_samples_fitted). Spatial-latent models (kl-f4, kl-f8) decode "
-                       "N(0, I) to texture; from a fitted prior they give far better samples.",
+    f = sub.add_parser("fit-prior", help="fit a Gaussian (mixture) to the training latents, for better samples",
+                       description="Encode training images (default: the run's data.train, its training crops, no flips) and fit "
+                       "one full-covariance Gaussian, or a mixture of K, to their posteriors: CKPT/prior.safetensors. "
+                       "`sample` and `evaluate` then use it (fd_*_samples_fitted). Spatial-latent models (kl-f4, kl-f8) "
+                       "decode N(0, I) to texture; from a fitted prior they give far better samples.",
                        epilog="examples:\n  imgvae fit-prior runs/kl-f8\n"
-                       "  imgvae fit-prior runs/kl-f8 --data cache/coco-train --limit 50000\n"
+                       "  imgvae fit-prior runs/kl-f8 --data cache/coco-train --limit 50000 --components 20\n"
                        "  imgvae sample runs/kl-f8 -n 64 -o samples/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("checkpoint", metavar="CKPT")
     f.add_argument("--data", nargs="+", metavar="SOURCE", help="training sources (default: the run's data.train)")
     f.add_argument("--limit", type=int, default=10_000, metavar="N",
                    help="images, spread evenly over the data (default 10000; 0: all)")
+    f.add_argument("--components", type=int, metavar="K",
+                   help="Gaussians in the mixture (default: the run's train.prior_components; 1 = one Gaussian)")
     f.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -223,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             _evaluate_command(args)
         elif args.command == "fit-prior":
-            prior, path = fit_checkpoint_prior(args.checkpoint, args.data, limit=args.limit, batch_size=args.batch_size,
-                                               device=args.device, progress=not args.no_progress)
-            print(f"imgvae: wrote {path} (a Gaussian over {prior.mean.numel()} latent dimensions, "
-                  f"fitted on {prior.images} images)")
+            prior, path = fit_checkpoint_prior(args.checkpoint, args.data, limit=args.limit, components=args.components,
+                                               batch_size=args.batch_size, device=args.device,
+                                               progress=not args.no_progress)
+            print(f"imgvae: wrote {path} ({prior.describe()})")
         elif args.command == "report":
             print(f"imgvae: wrote {write_report(args.run_dir)}")
         else:

@@ -139,10 +139,11 @@ class TrainConfig:
     ema: float = 0.0
     # Side of the square picture grids (grid_size**2 images).
     grid_size: int = 5
-    # After the last epoch: fit a Gaussian prior to the latents of this many training
-    # images (`imgvae fit-prior`; 0 = off), then `imgvae evaluate` on data.eval
-    # (metrics.json), then report.html.
+    # After the last epoch: fit a prior to the latents of this many training images
+    # (`imgvae fit-prior`; 0 = off), a mixture of prior_components Gaussians, then
+    # `imgvae evaluate` on data.eval (metrics.json), then report.html.
     prior_images: int = 0
+    prior_components: int = 1
     final_eval: bool = True
 
 
@@ -234,7 +235,8 @@ def _validate(cfg, prefix: str) -> None:
     positive = {
         DataConfig: ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
         ModelConfig: ["latent_dim", "base_channels", "levels", "blocks", "latent_channels"],
-        TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size", "grad_accum", "max_bad_steps"],
+        TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size", "grad_accum", "max_bad_steps",
+                      "prior_components"],
     }.get(type(cfg), [])
     for name in positive:
         if getattr(cfg, name) <= 0:

@@ -1,12 +1,14 @@
-"""A Gaussian fitted to the aggregate posterior, to sample from instead of N(0, I).
+"""A Gaussian mixture fitted to the aggregate posterior, to sample from instead of N(0, I).
 
 A VAE whose decoder is sharp (learned sigma, spatial latents) pays little KL, and its
 latents drift far from N(0, I): decoding prior noise then gives texture, not scenes.
 Fitting a density to the latents of the training images after training ("ex-post
 density estimation", Ghosh et al. 2020, the two-stage idea of Dai & Wipf 2019) and
-sampling from it fixes much of that. Here the density is one full-covariance
-Gaussian with the aggregate posterior's exact first two moments:
-mean E_x[mu(x)], covariance Cov_x[mu(x)] + E_x[diag sigma^2(x)].
+sampling from it fixes much of that. With one component the density is the Gaussian
+with the aggregate posterior's exact first two moments: mean E_x[mu(x)], covariance
+Cov_x[mu(x)] + E_x[diag sigma^2(x)]. With K > 1 it is scikit-learn's full-covariance
+Gaussian mixture over the posterior means, each covariance plus E_x[diag sigma^2(x)]:
+it keeps apart the modes (scenes) that one Gaussian would blend.
 """
 
 from __future__ import annotations
@@ -29,30 +31,43 @@ from .sample import inference
 from .sources import SourceError
 
 PRIOR_FILE = "prior.safetensors"
-MAX_DIMS = 8192  # a D x D float64 covariance: 512 MiB at this size
+MAX_DIMS = 8192  # a D x D float64 covariance per component: 512 MiB at this size
 
 
 @dataclass
 class LatentPrior:
-    """N(mean, L L^T) over the flattened latent; `images`: how many it was fitted on."""
+    """A mixture of K Gaussians N(mean_k, L_k L_k^T) with weights w_k over the flattened
+    latent (K = 1: one Gaussian); `images`: how many it was fitted on."""
 
-    mean: torch.Tensor  # (D,)
-    scale_tril: torch.Tensor  # (D, D), lower triangular
+    weights: torch.Tensor  # (K,)
+    mean: torch.Tensor  # (K, D)
+    scale_tril: torch.Tensor  # (K, D, D), lower triangular
     images: int
 
-    def transform(self, noise: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise (n, *latent_shape) -> latents from this prior, same shape;
-        noise scaled by T gives temperature T around the mean."""
+    def describe(self) -> str:
+        kind = "a Gaussian" if len(self.weights) == 1 else f"a mixture of {len(self.weights)} Gaussians"
+        return f"{kind} over {self.mean.shape[1]} latent dimensions, fitted on {self.images} training images"
+
+    def transform(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal noise (n, *latent_shape) -> latents from this prior, same shape,
+        each from a component drawn with `generator`; noise scaled by T gives temperature T
+        around the component means."""
         flat = noise.flatten(1).to(self.scale_tril)
-        if flat.shape[1] != len(self.mean):
-            raise CheckpointError(f"the fitted prior is over {len(self.mean)} latent dimensions, this model has "
+        if flat.shape[1] != self.mean.shape[1]:
+            raise CheckpointError(f"the fitted prior is over {self.mean.shape[1]} latent dimensions, this model has "
                                   f"{flat.shape[1]}: fit it again with `imgvae fit-prior`")
-        return (self.mean.to(flat) + flat @ self.scale_tril.T).view_as(noise).to(noise.dtype)
+        components = (torch.zeros(len(flat), dtype=torch.long) if len(self.weights) == 1
+                      else torch.multinomial(self.weights, len(flat), replacement=True, generator=generator))
+        z = torch.empty_like(flat)
+        for k in components.unique().tolist():
+            chosen = components == k
+            z[chosen] = self.mean[k].to(flat) + flat[chosen] @ self.scale_tril[k].T
+        return z.view_as(noise).to(noise.dtype)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".tmp-{path.name}")
-        save_file({"mean": self.mean.contiguous(), "scale_tril": self.scale_tril.contiguous()}, str(tmp),
-                  metadata={"images": str(self.images)})
+        tensors = {"weights": self.weights, "mean": self.mean, "scale_tril": self.scale_tril}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"images": str(self.images)})
         os.replace(tmp, path)  # a crash leaves the old prior or none, never half a file
 
     @classmethod
@@ -60,7 +75,10 @@ class LatentPrior:
         try:
             with safe_open(str(path), "pt") as f:
                 images = int((f.metadata() or {}).get("images", 0))
-                return cls(f.get_tensor("mean"), f.get_tensor("scale_tril"), images)
+                mean, scale_tril = f.get_tensor("mean"), f.get_tensor("scale_tril")
+                if mean.dim() == 1:  # a single Gaussian, as written before mixtures
+                    return cls(torch.ones(1), mean[None], scale_tril[None], images)
+                return cls(f.get_tensor("weights"), mean, scale_tril, images)
         except Exception as e:  # truncated or foreign file
             raise CheckpointError(f"{path}: not a readable fitted prior ({type(e).__name__}: {e})") from None
 
@@ -71,49 +89,61 @@ def load_prior(checkpoint: str | Path) -> LatentPrior | None:
     return LatentPrior.load(path) if path.is_file() else None
 
 
-def fit_prior(model: VAE, dataset, *, limit: int = 10_000, batch_size: int = 64, progress: bool = True) -> LatentPrior:
-    """Fit the Gaussian to the posteriors of `limit` images spread evenly over
-    `dataset` (all when limit is 0 or larger than it)."""
+def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, batch_size: int = 64,
+              seed: int = 0, progress: bool = True) -> LatentPrior:
+    """Fit the prior (K = `components`) to the posteriors of `limit` images spread evenly
+    over `dataset` (all when limit is 0 or larger than it)."""
     if limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
+    if components < 1:
+        raise ConfigError(f"components must be >= 1, got {components}")
     dims = int(torch.Size(model.latent_shape).numel())
-    if dims > MAX_DIMS:
-        raise ConfigError(f"a full-covariance prior over {dims} latent dimensions is too large (at most {MAX_DIMS}): "
-                          "use a smaller image size or fewer latent channels")
+    if components * dims**2 > MAX_DIMS**2:
+        raise ConfigError(f"{components} full-covariance Gaussians over {dims} latent dimensions are too large (at most "
+                          f"{MAX_DIMS}^2 covariance entries): use fewer components, a smaller image size or fewer "
+                          "latent channels")
     count = min(limit, len(dataset)) if limit else len(dataset)
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          collate_fn=collate)
-    n = 0
-    mean_sum, var_sum = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dtype=torch.float64)
-    outer_sum = torch.zeros(dims, dims, dtype=torch.float64)
+    means, var_sum = [], torch.zeros(dims, dtype=torch.float64)
     with inference(model) as device:
         for images, _, _ in tqdm(loader, desc="fit prior", disable=not progress, dynamic_ncols=True):
             if len(images) == 0:
                 continue
             posterior = model.encode(normalize(images.to(device)))
-            mu = posterior.mean.flatten(1).double().cpu()
-            mean_sum += mu.sum(0)
-            outer_sum += mu.T @ mu
+            means.append(posterior.mean.flatten(1).float().cpu())
             var_sum += posterior.logvar.exp().flatten(1).double().sum(0).cpu()
-            n += len(images)
-    if n < 2:
-        raise SourceError("fitting a prior needs at least 2 readable images")
-    mean = mean_sum / n
-    cov = (outer_sum - n * torch.outer(mean, mean)) / (n - 1) + torch.diag(var_sum / n)
-    # Fewer images than dimensions leaves the covariance singular: a small ridge keeps it positive definite.
-    cov += 1e-6 * cov.diagonal().mean() * torch.eye(dims, dtype=torch.float64)
-    return LatentPrior(mean.float(), torch.linalg.cholesky(cov).float(), n)
+    mu = torch.cat(means).double() if means else torch.zeros(0, dims, dtype=torch.float64)
+    n = len(mu)
+    if n < max(2, components):
+        raise SourceError(f"fitting a prior of {components} components needs at least {max(2, components)} readable images")
+    if components == 1:
+        weights, mean, cov = torch.ones(1, dtype=torch.float64), mu.mean(0)[None], torch.cov(mu.T).reshape(1, dims, dims)
+    else:
+        from sklearn.mixture import GaussianMixture  # imported here: only mixtures need it
+
+        # The ridge is relative to the latents' scale: a component fitted on fewer images than dimensions is singular.
+        mixture = GaussianMixture(components, covariance_type="full", reg_covar=1e-3 * float(mu.var(0).mean()),
+                                  random_state=seed).fit(mu.numpy())
+        weights, mean, cov = (torch.from_numpy(a) for a in (mixture.weights_, mixture.means_, mixture.covariances_))
+    cov = cov + torch.diag(var_sum / n)
+    # Fewer images than dimensions leaves a covariance singular: a small ridge keeps it positive definite.
+    cov += 1e-6 * cov.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(dims, dtype=torch.float64)
+    return LatentPrior(weights.float(), mean.float(), torch.linalg.cholesky(cov).float(), n)
 
 
 def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = None, *, limit: int = 10_000,
-                         batch_size: int = 64, device: str = "auto", progress: bool = True) -> tuple[LatentPrior, Path]:
+                         components: int | None = None, batch_size: int = 64, device: str = "auto",
+                         progress: bool = True) -> tuple[LatentPrior, Path]:
     """Fit a prior for a checkpoint (its EMA weights when it has them) on `sources`
     (default: its config's data.train, with the training crops of epoch 1, no flips) and
-    write CKPT/prior.safetensors, which `sample` and `evaluate` then use."""
+    write CKPT/prior.safetensors, which `sample` and `evaluate` then use. `components`:
+    default the config's train.prior_components."""
     model, cfg = load_model(checkpoint, pick_device(device))
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
-    prior = fit_prior(model, dataset, limit=limit, batch_size=batch_size, progress=progress)
+    prior = fit_prior(model, dataset, limit=limit, components=components or cfg.train.prior_components,
+                      batch_size=batch_size, seed=cfg.train.seed, progress=progress)
     path = resolve_checkpoint(checkpoint) / PRIOR_FILE
     prior.save(path)
     return prior, path

@@ -23,7 +23,7 @@ def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: 
     temperature T; drawn on the CPU so the same seed gives the same latents on any device."""
     generator = torch.Generator().manual_seed(seed)
     noise = temperature * torch.randn(n, *model.latent_shape, generator=generator)
-    return noise if prior is None else prior.transform(noise)
+    return noise if prior is None else prior.transform(noise, generator)
 
 
 @contextmanager

@@ -419,13 +419,13 @@ class Trainer:
         return summary
 
     def _fit_prior(self) -> None:
-        """Fit the Gaussian prior on the last checkpoint and draw the grid's noise through it."""
+        """Fit the prior on the last checkpoint and draw the grid's noise through it."""
         prior, path = fit_checkpoint_prior(self.ckpt_dir, limit=self.tc.prior_images, batch_size=self.tc.batch_size,
                                            device=str(self.device), progress=self.progress)
         model = self.eval_model()
         samples = decode(model, prior_noise(model, self.tc.grid_size**2, self.tc.seed, prior=prior))
         save_grid(samples, self.tc.grid_size, self.grid_dir / FITTED_PRIOR_GRID)
-        print(f"imgvae: fitted a Gaussian prior on {prior.images} training images ({path}); "
+        print(f"imgvae: fitted {prior.describe()} ({path}); "
               f"its samples: {self.grid_dir / FITTED_PRIOR_GRID}")
 
     def _say(self, message: str) -> None:
