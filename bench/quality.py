@@ -45,6 +45,7 @@ def run_preset(preset: str, args, out: Path) -> dict:
         f"data.train=[{args.train}]", f"data.eval=[{args.eval}]", "data.image_size=64",
         "train.epochs=1000", f"train.time_limit={args.minutes}", "train.final_eval=false", f"train.seed={args.seed}",
         "train.log_every=20", "train.ckpt_every=0", f"train.prior_images={args.prior_images}",
+        f"train.prior_components={args.prior_components}",
     ]
     if args.train == "embedded:train":
         overrides += ["data.crop=random", "data.views_per_image=1024", f"data.eval_views_per_image={args.eval_views}"]
@@ -122,7 +123,9 @@ def main():
     parser.add_argument("--eval-views", type=int, default=64, help="crops per held-out embedded photo")
     parser.add_argument("--iw-samples", type=int, default=8)
     parser.add_argument("--prior-images", type=int, default=10_000,
-                        help="fit a Gaussian prior on this many training latents after training, every preset (0: off)")
+                        help="fit a prior on this many training latents after training, every preset (0: off)")
+    parser.add_argument("--prior-components", type=int, default=10,
+                        help="Gaussians in that prior, every preset (default 10, as Ghosh et al. 2020; 1: one Gaussian)")
     parser.add_argument("--sample-reference", metavar="SOURCE",
                         help="real images the samples are scored against: a source, or 'held-out' (default: the "
                         "training photos' crops when training on the embedded photos, else the held-out set)")
@@ -140,7 +143,7 @@ def main():
         out = run_dir(args.out, preset)
         if args.evaluate_only:
             if args.prior_images:
-                fit_checkpoint_prior(out, limit=args.prior_images, progress=False)
+                fit_checkpoint_prior(out, limit=args.prior_images, components=args.prior_components, progress=False)
             rows.append(score(preset, args, out))
         else:
             shutil.rmtree(out, ignore_errors=True)
