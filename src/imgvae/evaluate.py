@@ -229,7 +229,7 @@ def evaluate(
         },
         "samples_reference": {"sources": list(sample_reference or sources), "images": n_reference,
                               "held_out": not sample_reference},
-        "prior": {"samples": "N(0, I)", "samples_fitted": f"{prior.describe()} (prior.safetensors)"} if prior is not None else {"samples": "N(0, I)"},
+        "prior": {"samples": "N(0, I)", **({"samples_fitted": f"{prior.describe()} (prior.safetensors)"} if prior is not None else {})},
     }
     return metrics
 
