@@ -117,14 +117,15 @@ def evaluate(
     device = next(model.parameters()).device
     torch.manual_seed(seed)
 
-    def held_out_loader(specs: list[str], limit: int = 0):
+    def eval_split_loader(specs: list[str], first: int = 0):
+        """Images of `specs` preprocessed as the eval split (the first `first`; 0: all) -> (dataset, loader)."""
         dataset = build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
-        subset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset)) if limit else len(dataset)))
+        subset = torch.utils.data.Subset(dataset, range(min(first, len(dataset)) if first else len(dataset)))
         return dataset, torch.utils.data.DataLoader(
             subset, batch_size=batch_size, num_workers=loader_workers(dataset, cfg.data.num_workers, device),
             collate_fn=collate, pin_memory=device.type == "cuda")
 
-    dataset, loader = held_out_loader(sources, limit)
+    dataset, loader = eval_split_loader(sources, limit)
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     networks = feature_networks(fid_weights, device)
     sample_kinds = ("samples", "samples_fitted") if prior is not None else ("samples",)
@@ -175,7 +176,7 @@ def evaluate(
         raise SourceError(f"no readable image in {sources}")
     n_reference = n
     if sample_reference:
-        reference_data, reference_loader = held_out_loader(sample_reference)
+        reference_data, reference_loader = eval_split_loader(sample_reference)
         n_reference = 0
         for images, _, bad_items in tqdm(reference_loader, desc="samples", disable=not progress, dynamic_ncols=True):
             bad.add(reference_data, bad_items)
