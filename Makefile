@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The seed VAE on photos shipped inside scikit-image / scikit-learn (~2 min on 2 cores).
+# The seed VAE on photos shipped inside scikit-image / scikit-learn.
 # Re-running starts the demo afresh in runs/demo.
 demo: venv
 	rm -rf runs/demo
@@ -28,6 +28,10 @@ test: venv
 # Includes the checks marked slow.
 test-all: venv
 	$(BIN)/python -m pytest -q -m ""
+
+# Line length, import order, pyflakes (pyproject.toml [tool.ruff]).
+lint: venv
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -30,7 +30,8 @@ from torchvision import transforms as T
 
 from imgvae.cache import prepare
 from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig
-from imgvae.data import build_dataset, decode_rgb, load_view, make_loader, preprocess, to_model_input
+from imgvae.datasets import build_dataset, make_loader
+from imgvae.decode import load_view, to_model_input
 from imgvae.losses import vae_loss
 from imgvae.models import build_model
 from imgvae.optim import build_optimizer
@@ -44,7 +45,8 @@ def write_corpus(folder: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):
         w, h = SIZES[i % len(SIZES)]
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        coarse = coarse.resize((w, h), Image.Resampling.BICUBIC)
         pixels = np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 1), dtype=np.int16)
         img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
         if i % 25 == 0:
@@ -82,7 +84,8 @@ def our_batches(dataset, workers, batch, device):
     for epoch in range(1000):
         sampler.set_epoch(epoch)
         for step, (images, _, _) in enumerate(loader):
-            yield to_model_input(images, device, torch.rand(len(images), generator=torch.Generator().manual_seed(step)) < 0.5)
+            flips = torch.rand(len(images), generator=torch.Generator().manual_seed(step)) < 0.5
+            yield to_model_input(images, device, flips)
 
 
 def loader_rate(batches, n_images) -> float:
@@ -146,9 +149,10 @@ def main():
         for p in paths[:300]:
             data = p.read_bytes()
             a = load_view(data, fast_cfg).astype(np.float64)
-            b = preprocess(decode_rgb(data), exact_cfg).numpy().astype(np.float64)
+            b = load_view(data, exact_cfg).astype(np.float64)  # full decode: the seed's pipeline, bit for bit
             psnr.append(10 * np.log10(255**2 / max(np.mean((a - b) ** 2), 1e-10)))
-        print(f"fast vs exact decode: PSNR mean {np.mean(psnr):.1f} dB, min {np.min(psnr):.1f} dB over {len(psnr)} images")
+        print(f"fast vs exact decode: PSNR mean {np.mean(psnr):.1f} dB, min {np.min(psnr):.1f} dB "
+              f"over {len(psnr)} images")
 
         t = time.perf_counter()
         prepare([str(corpus)], fast_cfg, tmp / "cache", workers=args.workers, progress=False)
@@ -157,9 +161,12 @@ def main():
 
         sources = {
             "(a) seed pipeline": lambda: seed_batches(paths, args.workers, args.batch),
-            "(b) ours, on the fly": lambda: our_batches(build_dataset([str(corpus)], fast_cfg, True, 0), args.workers, args.batch, cpu),
-            "(b') ours, exact decode": lambda: our_batches(build_dataset([str(corpus)], exact_cfg, True, 0), args.workers, args.batch, cpu),
-            "(c) prepared cache": lambda: our_batches(build_dataset([str(tmp / "cache")], fast_cfg, True, 0), 0, args.batch, cpu),
+            "(b) ours, on the fly":
+                lambda: our_batches(build_dataset([str(corpus)], fast_cfg, True, 0), args.workers, args.batch, cpu),
+            "(b') ours, exact decode":
+                lambda: our_batches(build_dataset([str(corpus)], exact_cfg, True, 0), args.workers, args.batch, cpu),
+            "(c) prepared cache":
+                lambda: our_batches(build_dataset([str(tmp / "cache")], fast_cfg, True, 0), 0, args.batch, cpu),
         }
         rows = []
         for name, make in sources.items():

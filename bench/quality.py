@@ -26,11 +26,12 @@ from torchvision.utils import make_grid
 
 from imgvae.checkpoint import load_model
 from imgvae.config import load_config
-from imgvae.data import build_dataset, normalize
+from imgvae.datasets import build_dataset
+from imgvae.decode import normalize
 from imgvae.evaluate import evaluate_checkpoint
 from imgvae.prior import fit_checkpoint_prior, load_prior
 from imgvae.sample import reconstruct, sample
-from imgvae.train import train
+from imgvae.workflow import train_and_evaluate
 
 # demo = the seed model and recipe; NAME+key=value+... adds overrides to a preset.
 PRESETS = ["demo", "demo+loss.sigma=scalar", "resnet", "kl-f8", "kl-f4", "sharp"]
@@ -43,29 +44,31 @@ def run_dir(out: Path, preset: str) -> Path:
 def run_preset(preset: str, args, out: Path) -> dict:
     overrides = [
         f"data.train=[{args.train}]", f"data.eval=[{args.eval}]", "data.image_size=64",
-        "train.epochs=1000", f"train.time_limit={args.minutes}", "train.final_eval=false", f"train.seed={args.seed}",
-        "train.log_every=20", "train.ckpt_every=0", f"train.prior_images={args.prior_images}",
-        f"train.prior_components={args.prior_components}",
+        "train.epochs=1000", f"train.time_limit={args.minutes}", "eval.after_training=false", f"train.seed={args.seed}",
+        "train.log_every=20", "train.ckpt_every=0", f"prior.after_training={args.prior_images > 0}",
+        f"prior.images={args.prior_images}", f"prior.components={args.prior_components}",
     ]
     if args.train == "embedded:train":
         overrides += ["data.crop=random", "data.views_per_image=1024", f"data.eval_views_per_image={args.eval_views}"]
     name, *extra = preset.split("+")
     cfg = load_config(name, overrides + extra)
-    train(cfg, out, progress=False)
+    train_and_evaluate(cfg, out, progress=False)
     return score(preset, args, out)
 
 
 def score(preset: str, args, out: Path) -> dict:
     """The table row of a finished run: its summary, and `imgvae evaluate` of its final weights."""
     summary = json.loads((out / "summary.json").read_text())
-    metrics, _ = evaluate_checkpoint(out, seed=args.seed, progress=False, iw_samples=args.iw_samples,
-                                     sample_reference=sample_reference(args))
+    settings = {"seed": args.seed, "iw_samples": args.iw_samples, "batch_size": 64,
+                "sample_reference": sample_reference(args) or []}
+    metrics, _ = evaluate_checkpoint(out, overrides={"eval": settings}, progress=False)
     return {
         "preset": preset, "params": summary["parameters"], "steps": summary["steps"],
         "img_per_s": summary["images_seen_this_run"] / summary["seconds_this_run"],
         "psnr": metrics["reconstruction"]["psnr"]["mean"], "ssim": metrics["reconstruction"]["ssim"]["mean"],
         "bpd": metrics["likelihood"]["neg_elbo_bpd"], "iw_bpd": metrics["likelihood"]["neg_iw_bpd"],
-        "fd_recon": metrics["distribution"]["fd_effnet_recon"], "fd_samples": metrics["distribution"]["fd_effnet_samples"],
+        "fd_recon": metrics["distribution"]["fd_effnet_recon"],
+        "fd_samples": metrics["distribution"]["fd_effnet_samples"],
         "fd_samples_fitted": metrics["distribution"].get("fd_effnet_samples_fitted"),
         "active": f"{metrics['latent']['active_units']}/{metrics['latent']['dims']}", "images": metrics["images"],
         "reference_images": metrics["samples_reference"]["images"],
@@ -125,7 +128,8 @@ def main():
     parser.add_argument("--prior-images", type=int, default=10_000,
                         help="fit a prior on this many training latents after training, every preset (0: off)")
     parser.add_argument("--prior-components", type=int, default=10,
-                        help="Gaussians in that prior, every preset (default 10, as Ghosh et al. 2020; 1: one Gaussian)")
+                        help="Gaussians in that prior, every preset (default 10, as Ghosh et al. 2020; "
+                        "1: one Gaussian)")
     parser.add_argument("--sample-reference", metavar="SOURCE",
                         help="real images the samples are scored against: a source, or 'held-out' (default: the "
                         "training photos' crops when training on the embedded photos, else the held-out set)")
@@ -143,7 +147,8 @@ def main():
         out = run_dir(args.out, preset)
         if args.evaluate_only:
             if args.prior_images:
-                fit_checkpoint_prior(out, limit=args.prior_images, components=args.prior_components, progress=False)
+                prior = {"images": args.prior_images, "components": args.prior_components}
+                fit_checkpoint_prior(out, overrides={"prior": prior, "eval": {"batch_size": 64}}, progress=False)
             rows.append(score(preset, args, out))
         else:
             shutil.rmtree(out, ignore_errors=True)
@@ -155,13 +160,15 @@ def main():
     minutes = load_config(run_dir(args.out, args.presets[0]) / "config.yaml").train.time_limit
     reference = sample_reference(args)
     print(f"\n{minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}; samples "
-          f"scored against {rows[0]['reference_images']} {'crops of ' + reference[0] if reference else 'held-out images'}")
+          f"scored against {rows[0]['reference_images']} "
+          f"{'crops of ' + reference[0] if reference else 'held-out images'}")
     print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon "
           "| fd_effnet samples N(0, I) | fd_effnet samples fitted prior | active units |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         gain = f" ({r['psnr'] - seed_psnr:+.1f})" if seed_psnr is not None and r["preset"] != "demo" else ""
-        print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.1f} | {r['steps']} | {r['psnr']:.2f}{gain} | "
+        print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.1f} | {r['steps']} "
+              f"| {r['psnr']:.2f}{gain} | "
               f"{r['ssim']:.3f} | {r['bpd']:.3f} | {r['iw_bpd']:.3f} | {r['fd_recon']:.1f} | {r['fd_samples']:.1f} | "
               f"{'—' if r['fd_samples_fitted'] is None else format(r['fd_samples_fitted'], '.1f')} | {r['active']} |")
 

@@ -32,14 +32,14 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data import SeedDataset, write_corpus  # noqa: E402  (bench/data.py)
-
 from imgvae.cache import prepare  # noqa: E402
 from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
 from imgvae.losses import vae_loss  # noqa: E402
 from imgvae.models import build_model  # noqa: E402
 from imgvae.optim import build_optimizer  # noqa: E402
 from imgvae.train import train  # noqa: E402
+
+from data import SeedDataset, write_corpus  # noqa: E402  (bench/data.py)
 
 
 def seed_loop(corpus: Path, batch: int, device: torch.device, workers: int) -> list[float]:
@@ -68,7 +68,7 @@ def seed_loop(corpus: Path, batch: int, device: torch.device, workers: int) -> l
 def imgvae_run(source: str, batch: int, device: str, model: str, fast: bool) -> list[float]:
     overrides = [
         f"data.train=[{source}]", "data.eval=[]", f"model.name={model}",
-        "train.epochs=2", f"train.batch_size={batch}", f"train.device={device}", "train.final_eval=false",
+        "train.epochs=2", f"train.batch_size={batch}", f"train.device={device}", "eval.after_training=false",
         "train.ckpt_every=0", "train.log_every=1000000",
     ]
     if fast:
@@ -94,7 +94,8 @@ def child(args) -> None:
         rates = imgvae_run(source, args.batch, str(device), args.model, fast=args.variant == "c")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the training process, not its loader workers
-    print(json.dumps({"img_per_s": rates[-1], "first_epoch_img_per_s": rates[0], "gpu_peak_mib": gpu, "rss_peak_mib": rss,
+    print(json.dumps({"img_per_s": rates[-1], "first_epoch_img_per_s": rates[0], "gpu_peak_mib": gpu,
+                      "rss_peak_mib": rss,
                       "device": str(device)}))
 
 
@@ -136,13 +137,15 @@ def main():
         device = next(iter(rows.values()))["device"]
         base, base_first = (rows[next(iter(rows))][k] for k in ("img_per_s", "first_epoch_img_per_s"))
         print(f"\n{args.images} JPEGs, batch {args.batch}, model {args.model} for (b)/(c), "
-              f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else f", {os.cpu_count()} CPUs"))
+              f"device {device}"
+              + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else f", {os.cpu_count()} CPUs"))
         print("| variant | img/s (2nd epoch) | vs (a) | 1st epoch img/s | vs (a) | peak RSS MiB | peak GPU MiB |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, r in rows.items():
             gpu = f"{r['gpu_peak_mib']:,.0f}" if r["gpu_peak_mib"] is not None else "–"
             first = r["first_epoch_img_per_s"]
-            print(f"| {name} | {r['img_per_s']:,.1f} | {r['img_per_s'] / base:.2f}x | {first:,.1f} | {first / base_first:.2f}x "
+            print(f"| {name} | {r['img_per_s']:,.1f} | {r['img_per_s'] / base:.2f}x | {first:,.1f} "
+                  f"| {first / base_first:.2f}x "
                   f"| {r['rss_peak_mib']:,.0f} | {gpu} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

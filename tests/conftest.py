@@ -1,16 +1,35 @@
-"""Small data the tests make: smooth random JPEGs, a fake COCO zip, a tiny config."""
+"""Small data the tests make: smooth random JPEGs, a fake COCO zip, a tiny config;
+the seed's preprocessing written out plainly, to check the package's against."""
 
 from __future__ import annotations
 
+import io
+import random
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imgvae.cli import main
-from imgvae.config import load_config
+from imgvae.config import DataConfig, load_config
+from imgvae.decode import crop_box, crop_resize, to_rgb
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded bytes -> fully decoded 8-bit RGB image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
+
+
+def preprocess(img: Image.Image, cfg: DataConfig, rng: random.Random | None = None) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, image_size, image_size): crop, then bilinear
+    resize (PIL, antialiased), the seed's order."""
+    left, top, side = crop_box(img.width, img.height, cfg, rng)
+    return torch.from_numpy(crop_resize(img, left, top, side, cfg.image_size))
 
 
 def smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -59,7 +78,7 @@ def coco_zips(tmp_path) -> dict[str, Path]:
 TINY = [
     "data.image_size=32", "data.crop_size=64", "data.num_workers=0",
     "model.latent_dim=16", "train.batch_size=8", "train.log_every=1",
-    "train.grid_size=2", "train.ckpt_every=1", "train.device=cpu", "train.final_eval=false",
+    "eval.grid_size=2", "train.ckpt_every=1", "train.device=cpu", "eval.after_training=false",
 ]
 
 

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smooth_image, tiny_config
 from imgvae import cache
 from imgvae.cache import prepare
 from imgvae.cli import main
 from imgvae.config import DataConfig
-from imgvae.data import build_dataset, decode_rgb, load_view, loader_workers, make_loader, preprocess
+from imgvae.datasets import build_dataset, loader_workers, make_loader
+from imgvae.decode import load_view
 from imgvae.sources import SourceError, open_source
 from imgvae.train import train
+
+from conftest import decode_rgb, preprocess, smooth_image, tiny_config
 
 
 def all_views(dataset):
@@ -69,13 +71,16 @@ def test_interrupted_prepare_resumes_without_redoing_chunks(tmp_path, image_fold
 
 def test_changed_settings_restart_a_partial_cache(tmp_path, image_folder, monkeypatch, capsys):
     real = cache._prepare_chunk
-    monkeypatch.setattr(cache, "_prepare_chunk", lambda c: (_ for _ in ()).throw(KeyboardInterrupt) if c == 1 else real(c))
+    monkeypatch.setattr(cache, "_prepare_chunk",
+                        lambda c: (_ for _ in ()).throw(KeyboardInterrupt) if c == 1 else real(c))
     with pytest.raises(KeyboardInterrupt):
         prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, chunk=5, progress=False)
     monkeypatch.setattr(cache, "_prepare_chunk", real)
-    manifest = prepare([str(image_folder)], DataConfig(image_size=8), tmp_path / "c", workers=1, chunk=5, progress=False)
+    manifest = prepare([str(image_folder)], DataConfig(image_size=8), tmp_path / "c", workers=1, chunk=5,
+                       progress=False)
     assert "starting over" in capsys.readouterr().out
-    assert manifest["preprocessing"]["image_size"] == 8 and np.load(tmp_path / "c" / "images.npy").shape == (24, 3, 8, 8)
+    assert manifest["preprocessing"]["image_size"] == 8
+    assert np.load(tmp_path / "c" / "images.npy").shape == (24, 3, 8, 8)
 
 
 def test_preprocessing_mismatch_is_refused(tmp_path, image_folder):
@@ -96,7 +101,8 @@ def test_preprocessing_mismatch_is_refused(tmp_path, image_folder):
 def test_bad_files_are_listed_in_the_manifest_and_left_out(tmp_path, image_folder):
     (image_folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (image_folder / "empty.png").write_bytes(b"")
-    manifest = prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=2, chunk=4, progress=False)
+    manifest = prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=2, chunk=4,
+                       progress=False)
     assert manifest["rows"] == 26 and manifest["count"] == 24
     assert sorted(k.rsplit("/", 1)[1] for k in manifest["skipped"]) == ["broken.jpg", "empty.png"]
     dataset = build_dataset([str(tmp_path / "c")], DataConfig(image_size=16), train=True, seed=0)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jpegs
 from imgvae.checkpoint import load_checkpoint, load_model
 from imgvae.cli import main
 from imgvae.prior import load_prior
+
+from conftest import write_jpegs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1"  # tests/fixtures/README.md says how it was made
 
@@ -36,7 +37,8 @@ def test_old_checkpoint_loads_with_its_ema_and_prior(old_run):
 def test_old_run_evaluates_to_its_recorded_metrics(old_run, tmp_path):
     run, photos = old_run
     out = tmp_path / "metrics.json"
-    assert main(["evaluate", str(run), "--data", str(photos), "--batch-size", "4", "-o", str(out), "--no-progress"]) == 0
+    args = ["evaluate", str(run), "--data", str(photos), "--batch-size", "4", "-o", str(out), "--no-progress"]
+    assert main(args) == 0
     now, then = json.loads(out.read_text()), json.loads((FIXTURE / "metrics.json").read_text())
     assert now["images"] == then["images"] == 8
     for group, key in [("reconstruction", "psnr"), ("reconstruction", "ssim")]:

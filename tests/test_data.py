@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import smooth_image, write_jpegs
 from imgvae.config import DataConfig
-from imgvae.data import (
-    BadFiles, build_dataset, collate, decode_rgb, make_loader, normalize, preprocess, to_model_input,
-)
+from imgvae.datasets import BadFiles, build_dataset, collate, make_loader
+from imgvae.decode import normalize, to_model_input
 from imgvae.sources import SourceError, open_source, open_sources
+
+from conftest import decode_rgb, preprocess, smooth_image, write_jpegs
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:

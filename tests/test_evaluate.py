@@ -8,12 +8,14 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import tiny_config, write_jpegs
-from imgvae.evaluate import evaluate, image_metrics, metric_rows
+from imgvae.evaluate import evaluate, image_metrics
 from imgvae.features import EffNetFeatures, GaussianStats, frechet_distance
 from imgvae.losses import bits_per_dim, discretized_log_likelihood
 from imgvae.models import VAE, DiagonalGaussian
+from imgvae.report import metric_rows
 from imgvae.sample import lerp, slerp
+
+from conftest import tiny_config, write_jpegs
 
 
 def phi(v):
@@ -74,7 +76,8 @@ class FakeVAE(VAE):
 
     def encode(self, x):
         brightness = x.mean((1, 2, 3))[:, None] * 10
-        mean = torch.cat([brightness * (i + 1) for i in range(self.active)] + [torch.zeros(len(x), self.latent_shape[0] - self.active)], 1)
+        collapsed = torch.zeros(len(x), self.latent_shape[0] - self.active)
+        mean = torch.cat([brightness * (i + 1) for i in range(self.active)] + [collapsed], 1)
         return DiagonalGaussian(mean, torch.zeros_like(mean))
 
     def decoder_output(self, z):
@@ -88,15 +91,17 @@ def eval_views(folder):
         img = Image.open(path).convert("RGB")
         side = min(64, *img.size)
         left, top = round((img.width - side) / 2), round((img.height - side) / 2)
-        images.append(np.asarray(img.crop((left, top, left + side, top + side)).resize((32, 32), Image.Resampling.BILINEAR)))
+        crop = img.crop((left, top, left + side, top + side))
+        images.append(np.asarray(crop.resize((32, 32), Image.Resampling.BILINEAR)))
     return np.stack(images)
 
 
-def fake_eval(tmp_path, active, **kwargs):
+def fake_eval(tmp_path, active, sample_reference=()):
     write_jpegs(tmp_path / "eval", 10, seed=5)
-    cfg = tiny_config([tmp_path / "eval"], [tmp_path / "eval"], "data.exact_decode=true")
+    cfg = tiny_config([tmp_path / "eval"], [tmp_path / "eval"], "data.exact_decode=true", "eval.iw_samples=4",
+                      "eval.batch_size=4", f"eval.sample_reference={list(sample_reference)}")
     model = FakeVAE(active=active, latent=8)
-    metrics = evaluate(model, cfg, [str(tmp_path / "eval")], iw_samples=4, batch_size=4, progress=False, **kwargs)
+    metrics = evaluate(model, cfg, [str(tmp_path / "eval")], progress=False)
     return metrics, eval_views(tmp_path / "eval")
 
 
@@ -118,7 +123,8 @@ def test_evaluate_likelihood_and_psnr_by_hand(tmp_path):
     # -log p(x|z) is a sum of log bin masses computed with erf.
     metrics, images = fake_eval(tmp_path, active=0)
     levels = images.astype(np.float64) / 127.5 - 1
-    table = {k: -math.log((1.0 if k == 255 else phi(k / 127.5 - 1 + 1 / 255)) - (0.0 if k == 0 else phi(k / 127.5 - 1 - 1 / 255)))
+    table = {k: -math.log((1.0 if k == 255 else phi(k / 127.5 - 1 + 1 / 255))
+                          - (0.0 if k == 0 else phi(k / 127.5 - 1 - 1 / 255)))
              for k in range(256)}
     recon_nats = np.vectorize(table.get)(images).reshape(len(images), -1).sum(1).mean()
     lik = metrics["likelihood"]

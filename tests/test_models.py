@@ -56,7 +56,8 @@ def test_seed_init_and_batchnorm_settings():
     model = build_model(ModelConfig(), 64)
     bns = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
     assert len(bns) == 8 and all(bn.momentum == 0.1 for bn in bns)
-    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    weighted = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    linears = [m for m in model.modules() if isinstance(m, weighted)]
     assert all(m.bias is None or torch.all(m.bias == 0) for m in linears)
     assert [m.bias is None for m in linears].count(False) == 3  # mu, logvar, last conv
 

@@ -1,4 +1,4 @@
-"""The fitted latent prior: its moments, its file, the fit-prior verb and train.prior_images."""
+"""The fitted latent prior: its moments, its file, the fit-prior verb and prior.after_training."""
 
 import json
 import re
@@ -8,15 +8,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_config, train_tiny_run, write_jpegs
 from imgvae.checkpoint import CheckpointError
 from imgvae.cli import main
 from imgvae.config import ConfigError
-from imgvae.data import build_dataset, normalize
+from imgvae.datasets import build_dataset
+from imgvae.decode import normalize
 from imgvae.models import VAE, DiagonalGaussian
 from imgvae.prior import LatentPrior, fit_prior, load_prior
 from imgvae.sample import prior_noise
 from imgvae.sources import SourceError
+
+from conftest import tiny_config, train_tiny_run, write_jpegs
 
 
 class FakeEncoder(VAE):
@@ -60,8 +62,8 @@ def test_fit_prior_mixture_keeps_two_scenes_apart():
     # and (maximum-likelihood) covariance, plus the posterior variance and the relative ridge.
     rng = np.random.default_rng(0)
     levels = [30] * 8 + [220] * 12
-    images = [torch.from_numpy(np.clip(level + rng.normal(0, 12, 3)[:, None, None] + rng.normal(0, 3, (3, 8, 8)), 0, 255)
-                               .astype(np.uint8)) for level in levels]
+    images = [torch.from_numpy(np.clip(level + rng.normal(0, 12, 3)[:, None, None] + rng.normal(0, 3, (3, 8, 8)),
+                                       0, 255).astype(np.uint8)) for level in levels]
     prior = fit_prior(FakeEncoder(), [(x, i, None) for i, x in enumerate(images)], limit=0, components=2, batch_size=6,
                       progress=False)
     x = normalize(torch.stack(images)).double()
@@ -172,8 +174,9 @@ def test_prior_noise_through_a_fitted_prior_keeps_the_seed(run):
     assert chosen.unique().tolist() == [0, 1]
 
 
-def test_train_prior_images_fits_at_the_end_and_reports_its_samples(tmp_path):
-    out = train_tiny_run(tmp_path, "train.epochs=1", "train.prior_images=8", "train.final_eval=true", n_train=12, n_eval=4)
+def test_prior_after_training_fits_at_the_end_and_reports_its_samples(tmp_path):
+    out = train_tiny_run(tmp_path, "train.epochs=1", "prior.after_training=true", "prior.images=8",
+                         "eval.after_training=true", n_train=12, n_eval=4)
     assert load_prior(out).images == 8
     assert (out / "grids" / "fitted_prior_samples.png").is_file()
     assert "fd_effnet_samples_fitted" in json.loads((out / "metrics.json").read_text())["distribution"]

@@ -1,7 +1,6 @@
 """Scaling and robustness: mid-epoch resume, SIGKILL, NaN skipping, clipping,
 gradient accumulation, DDP over 2 gloo processes, mixed precision."""
 
-import importlib
 import json
 import math
 import os
@@ -15,12 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, tiny_config, write_jpegs
 from imgvae.checkpoint import load_checkpoint
 from imgvae.runtime import RunError
 from imgvae.train import Trainer, train
 
-train_module = importlib.import_module("imgvae.train")  # the module (imgvae.train is also the function)
+from conftest import TINY, tiny_config, write_jpegs
 
 # A BatchNorm-free model: one image's gradient does not depend on its batch-mates,
 # so accumulation and DDP must reproduce one large batch.
@@ -51,14 +49,14 @@ def test_mid_epoch_resume_equals_a_straight_run(tmp_path, photos, monkeypatch):
     cfg = tiny_config([photos], [], "train.epochs=2", "train.ckpt_every_steps=1")
     train(cfg, tmp_path / "straight", progress=False)
 
-    original = Trainer._checkpoint
+    original = Trainer.save_checkpoint
 
     def crash_after_step_4(self, name):
         original(self, name)
         if name == "step_00000004":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "resumed", progress=False)
     monkeypatch.undo()
@@ -106,6 +104,25 @@ def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
     assert_same_weights(out, straight)
 
 
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, photos, monkeypatch):
+    cfg = tiny_config([photos], [], "train.epochs=1")
+
+    def killed(self, name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "steps.jsonl").exists()
+    summary = train(cfg, tmp_path / "run", resume=True, progress=False)
+    train(cfg, tmp_path / "straight", progress=False)
+    assert summary["steps"] == 3
+    assert_same_weights(tmp_path / "run", tmp_path / "straight")
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]  # the first attempt's records were dropped
+
+
 def test_leftover_temp_checkpoint_from_a_crash_is_ignored(tmp_path, photos):
     cfg = tiny_config([photos], [], "train.epochs=1")
     train(cfg, tmp_path / "run", progress=False)
@@ -118,14 +135,14 @@ def test_leftover_temp_checkpoint_from_a_crash_is_ignored(tmp_path, photos):
 
 def test_nan_batches_are_skipped_and_weights_stay_finite(tmp_path, photos, monkeypatch):
     calls = {"n": 0}
-    real = train_module.to_model_input
+    real = Trainer.model_input
 
-    def poisoned(images, device, flips=None):
+    def poisoned(self, images, flips):
         calls["n"] += 1
-        x = real(images, device, flips)
+        x = real(self, images, flips)
         return torch.full_like(x, float("nan")) if calls["n"] in (2, 3) else x
 
-    monkeypatch.setattr(train_module, "to_model_input", poisoned)
+    monkeypatch.setattr(Trainer, "model_input", poisoned)
     summary = train(tiny_config([photos], [], "train.epochs=2"), tmp_path / "run", progress=False)
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
@@ -134,17 +151,18 @@ def test_nan_batches_are_skipped_and_weights_stay_finite(tmp_path, photos, monke
 
 
 def test_too_many_nan_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(tmp_path, photos, monkeypatch):
-    real = train_module.to_model_input
+    real = Trainer.model_input
     calls = {"n": 0}
 
-    def poisoned(images, device, flips=None):
+    def poisoned(self, images, flips):
         calls["n"] += 1
-        x = real(images, device, flips)
+        x = real(self, images, flips)
         return torch.full_like(x, float("nan")) if calls["n"] >= 3 else x
 
-    monkeypatch.setattr(train_module, "to_model_input", poisoned)
+    monkeypatch.setattr(Trainer, "model_input", poisoned)
     cfg = tiny_config([photos], [], "train.epochs=2", "train.max_bad_steps=2", "train.ckpt_every_steps=1")
-    with pytest.raises(RunError, match="2 steps in a row had a non-finite loss or gradient .step 4.; stopped, last good checkpoint kept"):
+    message = "2 steps in a row had a non-finite loss or gradient .step 4.; stopped, last good checkpoint kept"
+    with pytest.raises(RunError, match=message):
         train(cfg, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run")[1]
     assert state["step"] == 3  # steps 1, 2 applied; step 3 skipped and saved; step 4 stops
@@ -229,7 +247,8 @@ def test_mixed_precision_and_channels_last_train_with_finite_loss(tmp_path, phot
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, photos):
     train(tiny_config([photos], [], *RESNET, "train.epochs=1"), tmp_path / "eager", progress=False)
-    train(tiny_config([photos], [], *RESNET, "train.epochs=1", "train.compile=true"), tmp_path / "compiled", progress=False)
+    train(tiny_config([photos], [], *RESNET, "train.epochs=1", "train.compile=true"), tmp_path / "compiled",
+          progress=False)
     assert_same_weights(tmp_path / "eager", tmp_path / "compiled", exact=False)
 
 

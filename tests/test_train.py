@@ -10,14 +10,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY, tiny_config, write_jpegs
 from imgvae.checkpoint import CheckpointError, load_checkpoint, load_weights
+from imgvae.cli import main
 from imgvae.config import load_config
-from imgvae.data import build_dataset, to_model_input
+from imgvae.datasets import build_dataset
+from imgvae.decode import to_model_input
 from imgvae.losses import vae_loss
 from imgvae.models import build_model
-from imgvae.cli import main
-from imgvae.train import RunError, _lock, train
+from imgvae.train import RunError, lock_run, train
+
+from conftest import TINY, tiny_config, write_jpegs
 
 
 def weights(run_dir):
@@ -93,7 +95,7 @@ def test_occupied_output_folder_is_refused(tmp_path, image_folder, capsys):
     with pytest.raises(RunError, match="already holds a run; continue it with --resume"):
         train(cfg, tmp_path / "run", progress=False)
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "run").items())
-    handle = _lock(tmp_path / "run")  # a live run holds the lock
+    handle = lock_run(tmp_path / "run")  # a live run holds the lock
     try:
         with pytest.raises(RunError, match="another imgvae run is writing"):
             train(cfg, tmp_path / "run", resume=True, progress=False)
@@ -155,7 +157,8 @@ def test_module_entry_point_help():
 
 
 def test_memory_cache_budget_is_shared_by_a_machines_processes(tmp_path, image_folder, capsys, monkeypatch):
-    cfg = tiny_config([image_folder], [], "train.epochs=1", "data.memory_cache_gb=0.0001")  # 107 KB; 24 views need 74 KB
+    # 107 KB; 24 views need 74 KB
+    cfg = tiny_config([image_folder], [], "train.epochs=1", "data.memory_cache_gb=0.0001")
     train(cfg, tmp_path / "one", progress=False)
     assert "training views kept in RAM" in capsys.readouterr().out
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # a quarter each: too little

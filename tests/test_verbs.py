@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train_tiny_run, write_jpegs
 from imgvae.cli import main
 from imgvae.features import FeatureError, InceptionFeatures
 from imgvae.report import build_report
+
+from conftest import train_tiny_run, write_jpegs
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_evaluate_cli_writes_metrics_and_prints_table(run, tmp_path, capsys):
     for label in ("PSNR", "SSIM", "-ELBO bits/dim", "-IW bound (K=3)", "active units", "fd_effnet_samples"):
         assert label in printed
     # Same seed, same numbers.
-    assert main(["evaluate", str(run), "-o", str(tmp_path / "m2.json"), "--iw-samples", "3", "--limit", "4", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "-o", str(tmp_path / "m2.json"), "--iw-samples", "3", "--limit", "4",
+                 "--no-progress"]) == 0
     assert json.loads((tmp_path / "m2.json").read_text()) == metrics
     # Samples scored against the training images instead: 16 samples, the held-out metrics unchanged.
     train_dir = str(run.parent / "train")
@@ -58,12 +60,14 @@ def test_reconstruct_sample_interpolate(run, tmp_path):
     assert Image.open(tmp_path / "rec" / "reconstructions.png").size == (6 * 32 + 7 * 2, 32 + 2 * 2)
 
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        assert main(["sample", str(run), "-n", "5", "--temperature", "0.7", "--seed", str(seed), "-o", str(tmp_path / name)]) == 0
+        assert main(["sample", str(run), "-n", "5", "--temperature", "0.7", "--seed", str(seed),
+                     "-o", str(tmp_path / name)]) == 0
     assert len(list((tmp_path / "a").glob("sample_*.png"))) == 5
     read = lambda name: (tmp_path / name / "samples.png").read_bytes()  # noqa: E731
     assert read("a") == read("b") and read("a") != read("c")
 
-    assert main(["interpolate", str(run), str(photos[0]), str(photos[1]), "--steps", "4", "-o", str(tmp_path / "int")]) == 0
+    assert main(["interpolate", str(run), str(photos[0]), str(photos[1]), "--steps", "4",
+                 "-o", str(tmp_path / "int")]) == 0
     strip = Image.open(tmp_path / "int" / "interpolation.png")
     assert strip.size == (6 * 32 + 7 * 2, 2 * 32 + 3 * 2)  # A, 4 steps, B; linear and spherical rows
 
@@ -119,7 +123,8 @@ def test_fid_weights_are_used_and_unsafe_files_refused(run, tmp_path, monkeypatc
     weights = tmp_path / "inception.pth"
     torch.save(net.state_dict(), weights)
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(run), "--fid-weights", str(weights), "--limit", "3", "-o", str(out), "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--fid-weights", str(weights), "--limit", "3", "-o", str(out),
+                 "--no-progress"]) == 0
     distribution = json.loads(out.read_text())["distribution"]
     assert {"fid_recon", "fid_samples", "fd_effnet_recon"} <= set(distribution)
 

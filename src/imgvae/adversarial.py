@@ -15,37 +15,37 @@ import torch
 import torch.distributed as dist
 from torch.func import functional_call
 
-from .config import Config
+from .config import LossConfig
 from .losses import adaptive_gan_weight, hinge_discriminator_loss
 from .models import PatchDiscriminator
 from .runtime import autocast
 
 
 class Adversary:
-    def __init__(self, cfg: Config, device: torch.device, world_size: int = 1):
-        self.cfg, self.world_size = cfg, world_size
+    def __init__(self, cfg: LossConfig, precision: str, device: torch.device, world_size: int = 1):
+        self.cfg, self.precision, self.world_size = cfg, precision, world_size
         discriminator = PatchDiscriminator().to(device)
         if world_size > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         self.discriminator = discriminator
-        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.loss.discriminator_lr, betas=(0.5, 0.9))
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
-        return step >= self.cfg.loss.adversarial_start
+        return step >= self.cfg.adversarial_start
 
     def generator_term(self, loss: torch.Tensor, x_hat: torch.Tensor, last_layer: torch.Tensor):
         """-> (weighted generator loss to add to the VAE loss, stats)."""
         # Detached weights: the VAE's loss must not leave gradients in the discriminator.
         weights = {name: p.detach() for name, p in self.discriminator.named_parameters()}
-        with autocast(x_hat.device, self.cfg.train.precision):
+        with autocast(x_hat.device, self.precision):
             generator_loss = -functional_call(self.discriminator, weights, (x_hat,)).float().mean()
-        weight = self.cfg.loss.adversarial * adaptive_gan_weight(loss, generator_loss, last_layer)
+        weight = self.cfg.adversarial * adaptive_gan_weight(loss, generator_loss, last_layer)
         return weight * generator_loss, {"generator": generator_loss.detach(), "gan_weight": weight}
 
     def accumulate(self, real: torch.Tensor, fake: torch.Tensor, share: float) -> torch.Tensor:
         """Add share x the hinge-loss gradient of a micro-batch and its (detached)
         reconstructions. -> the discriminator loss."""
-        with autocast(real.device, self.cfg.train.precision):
+        with autocast(real.device, self.precision):
             loss = hinge_discriminator_loss(self.discriminator(real).float(), self.discriminator(fake.detach()).float())
         (loss * share).backward()
         return loss.detach()

@@ -18,8 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, from_dict
-from .losses import decoder_scale
-from .models import build_model
+from .models import build_vae
 
 FORMAT_VERSION = 1
 WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
@@ -101,7 +100,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     raise CheckpointError(
-        f"{str(path)!r} is not a checkpoint: expected a folder with {WEIGHTS} and {STATE}, or a run folder with checkpoints/{LAST}"
+        f"{str(path)!r} is not a checkpoint: expected a folder with {WEIGHTS} and {STATE}, "
+        f"or a run folder with checkpoints/{LAST}"
     )
 
 
@@ -148,7 +148,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
         cfg = from_dict(state["config"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{path}: the checkpoint's config cannot be read ({e})") from None
-    model = build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss)).to(device)
+    model = build_vae(cfg).to(device)
     averaged = load_extra(path, "ema", device) if ema else None
     load_weights(model, averaged or weights, resolve_checkpoint(path))
     return model.eval(), cfg

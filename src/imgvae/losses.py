@@ -18,24 +18,13 @@ from .models import VAEOutput
 
 # 8-bit pixels on the model's [-1, 1] scale: 256 levels, bins 2/255 wide.
 PIXEL_LEVELS = 256
-# Learned log-scales are clamped: below -7 one bin holds all the mass (PixelCNN++'s bound).
-LOG_SCALE_RANGE = (-7.0, 3.0)
-
-
-def decoder_scale(cfg: LossConfig) -> str:
-    """The decoder output a likelihood needs (models.SCALES)."""
-    if cfg.likelihood == "logistic":
-        return "pixel"
-    if cfg.likelihood == "gaussian":
-        return {"fixed": "none", "scalar": "scalar", "pixel": "pixel"}[cfg.sigma]
-    return "none"
 
 
 def log_scale(out: VAEOutput) -> torch.Tensor:
-    """The decoder's log-scale, clamped; 0 (scale 1) when it has none."""
+    """The decoder's (clamped) log-scale; 0 (scale 1) when it has none."""
     if out.log_scale is None:
         return torch.zeros((), device=out.x_hat.device)
-    return out.log_scale.clamp(*LOG_SCALE_RANGE)
+    return out.log_scale
 
 
 def kl_weight(cfg: LossConfig, step: int, total_steps: int) -> float:

@@ -6,19 +6,24 @@ and back. No optimiser, device, precision or logging code lives here.
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, LossConfig, ModelConfig
 
 MODELS: dict[str, Callable[[ModelConfig, int, str], "VAE"]] = {}
 # What the decoder says about pixel noise besides its mean: nothing ("none": the loss
 # fixes it), one learned log-scale ("scalar"), or a log-scale per subpixel ("pixel",
 # 3 more output channels).
 SCALES = ("none", "scalar", "pixel")
+# Learned log-scales are clamped: below -7 one 8-bit bin holds all the mass (PixelCNN++'s bound).
+LOG_SCALE_RANGE = (-7.0, 3.0)
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def register(name: str):
@@ -30,11 +35,42 @@ def register(name: str):
 
 
 def build_model(cfg: ModelConfig, image_size: int, scale: str = "none") -> "VAE":
-    """The registered model cfg.name for square images of image_size; scale: see SCALES
-    (losses.decoder_scale(loss config) says which a loss needs)."""
+    """The registered model cfg.name for square images of image_size; scale: see SCALES."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; available: {sorted(MODELS)}")
     return MODELS[cfg.name](cfg, image_size, scale)
+
+
+def decoder_scale(cfg: LossConfig) -> str:
+    """The decoder output (SCALES) that the loss's likelihood needs."""
+    if cfg.likelihood == "logistic":
+        return "pixel"
+    if cfg.likelihood == "gaussian":
+        return {"fixed": "none", "scalar": "scalar", "pixel": "pixel"}[cfg.sigma]
+    return "none"
+
+
+def build_vae(cfg: Config) -> "VAE":
+    """The model a run config describes: its architecture, image size and the decoder
+    output its loss needs."""
+    return build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss))
+
+
+@contextmanager
+def inference(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode (BatchNorm running stats, no autograd) -> the model's device; restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) per element, in float64."""
+    return -0.5 * z.double().pow(2) - LOG_SQRT_2PI
 
 
 class DiagonalGaussian:
@@ -55,6 +91,11 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent element, same shape as mean."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z) per element, in float64 (the squared standardised distance in z's dtype)."""
+        distance = ((z - self.mean).pow(2) / self.logvar.exp()).double()
+        return -0.5 * distance - 0.5 * self.logvar.double() - LOG_SQRT_2PI
 
 
 @dataclass
@@ -93,13 +134,14 @@ class VAE(nn.Module):
         raise NotImplementedError
 
     def decode_distribution(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latents -> (decoder mean (B, 3, S, S), log-scale (B, 3, S, S) or None)."""
+        """Latents -> (decoder mean (B, 3, S, S), log-scale (B, 3, S, S) clamped to
+        LOG_SCALE_RANGE, or None when the decoder has no scale)."""
         h = self.decoder_output(z)
         mean = h[:, :3]
         if self.scale == "pixel":
-            return mean, h[:, 3:]
+            return mean, h[:, 3:].clamp(*LOG_SCALE_RANGE)
         if self.scale == "scalar":
-            return mean, self.log_scale.expand_as(mean)
+            return mean, self.log_scale.expand_as(mean).clamp(*LOG_SCALE_RANGE)
         return mean, None
 
     def last_layer(self) -> torch.Tensor:
@@ -210,7 +252,8 @@ class ResNetVAE(VAE):
     def __init__(self, cfg: ModelConfig, image_size: int, scale: str = "none"):
         super().__init__(scale)
         if image_size % 2**cfg.levels:
-            raise ValueError(f"model 'resnet' needs image_size divisible by 2**levels = {2**cfg.levels}, got {image_size}")
+            raise ValueError(f"model 'resnet' needs image_size divisible by 2**levels = {2**cfg.levels}, "
+                             f"got {image_size}")
         widths = [cfg.base_channels * 2 ** min(i, 2) for i in range(cfg.levels + 1)]
         side = image_size // 2**cfg.levels
         self.bottleneck = (widths[-1], side, side)

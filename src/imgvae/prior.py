@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model, resolve_checkpoint
-from .config import ConfigError
-from .data import build_dataset, collate, normalize
-from .models import VAE
+from .config import ConfigError, with_overrides
+from .datasets import build_dataset, eval_loader
+from .decode import normalize
+from .models import VAE, inference
 from .runtime import pick_device
-from .sample import inference
 from .sources import SourceError
 
 PRIOR_FILE = "prior.safetensors"
@@ -99,15 +99,14 @@ def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, 
         raise ConfigError(f"components must be >= 1, got {components}")
     dims = int(torch.Size(model.latent_shape).numel())
     if components * dims**2 > MAX_DIMS**2:
-        raise ConfigError(f"{components} full-covariance Gaussians over {dims} latent dimensions are too large (at most "
-                          f"{MAX_DIMS}^2 covariance entries): use fewer components, a smaller image size or fewer "
-                          "latent channels")
+        raise ConfigError(f"{components} full-covariance Gaussians over {dims} latent dimensions are too large "
+                          f"(at most {MAX_DIMS}^2 covariance entries): use fewer components, a smaller image size or "
+                          "fewer latent channels")
     count = min(limit, len(dataset)) if limit else len(dataset)
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         collate_fn=collate)
     means, var_sum = [], torch.zeros(dims, dtype=torch.float64)
     with inference(model) as device:
+        loader = eval_loader(dataset, batch_size, device, indices=indices)
         for images, _, _ in tqdm(loader, desc="fit prior", disable=not progress, dynamic_ncols=True):
             if len(images) == 0:
                 continue
@@ -117,9 +116,11 @@ def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, 
     mu = torch.cat(means).double() if means else torch.zeros(0, dims, dtype=torch.float64)
     n = len(mu)
     if n < max(2, components):
-        raise SourceError(f"fitting a prior of {components} components needs at least {max(2, components)} readable images")
+        raise SourceError(f"fitting a prior of {components} components needs at least {max(2, components)} "
+                          "readable images")
     if components == 1:
-        weights, mean, cov = torch.ones(1, dtype=torch.float64), mu.mean(0)[None], torch.cov(mu.T).reshape(1, dims, dims)
+        weights, mean = torch.ones(1, dtype=torch.float64), mu.mean(0)[None]
+        cov = torch.cov(mu.T).reshape(1, dims, dims)
     else:
         from sklearn.mixture import GaussianMixture  # imported here: only mixtures need it
 
@@ -133,17 +134,19 @@ def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, 
     return LatentPrior(weights.float(), mean.float(), torch.linalg.cholesky(cov).float(), n)
 
 
-def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = None, *, limit: int = 10_000,
-                         components: int | None = None, batch_size: int = 64, device: str = "auto",
-                         progress: bool = True) -> tuple[LatentPrior, Path]:
+def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = None,
+                         overrides: list[str] | dict | None = None, *,
+                         device: str = "auto", progress: bool = True) -> tuple[LatentPrior, Path]:
     """Fit a prior for a checkpoint (its EMA weights when it has them) on `sources`
-    (default: its config's data.train, with the training crops of epoch 1, no flips) and
-    write CKPT/prior.safetensors, which `sample` and `evaluate` then use. `components`:
-    default the config's train.prior_components."""
+    (default: its config's data.train, with the training crops of epoch 1, no flips), as
+    its config's `prior` section says (prior.images, prior.components; overrides such as
+    "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample`
+    and `evaluate` then use."""
     model, cfg = load_model(checkpoint, pick_device(device))
+    cfg = with_overrides(cfg, overrides)
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
-    prior = fit_prior(model, dataset, limit=limit, components=components or cfg.train.prior_components,
-                      batch_size=batch_size, seed=cfg.train.seed, progress=progress)
+    prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
+                      batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)
     path = resolve_checkpoint(checkpoint) / PRIOR_FILE
     prior.save(path)
     return prior, path

@@ -7,21 +7,40 @@ so the page needs no network and no plotting library, and moves with the folder.
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
-from .evaluate import metric_rows
+from . import rundir
 
 SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-GRID_KINDS = ("ground_truth", "reconstructions", "samples")
-FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # written by train.prior_images
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def metric_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value) rows summarising a metrics dict: the printed table and the report's."""
+    rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
+    rows = [("images", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
+    if "samples_reference" in metrics and not metrics["samples_reference"]["held_out"]:
+        ref = metrics["samples_reference"]
+        rows.append(("samples scored against", f"{ref['images']} images from {', '.join(ref['sources'])}"))
+    for k in ("mse", "psnr", "ssim", "ms_ssim"):
+        v = rec[k]
+        value = f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "n/a (needs >= 161 px)"
+        rows.append((k.upper().replace("_", "-"), value))
+    rows += [
+        ("-ELBO nats/image", f"{lik['neg_elbo_nats']:.1f} (recon {lik['recon_nats']:.1f} + KL {lik['kl_nats']:.1f})"),
+        ("-ELBO bits/dim", f"{lik['neg_elbo_bpd']:.4f}"),
+        (f"-IW bound (K={lik['iw_samples']}) bits/dim",
+         f"{lik['neg_iw_bpd']:.4f} ({lik['neg_iw_nats']:.1f} nats/image)"),
+        ("active units", f"{lat['active_units']} / {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
+    ]
+    return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+
+
+def format_table(metrics: dict) -> str:
+    """The printed summary of a metrics dict."""
+    rows = metric_rows(metrics)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -48,7 +67,8 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if a >= 100 else f"{v:.3g}"
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, width: int = 420, height: int = 240) -> str:
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str, width: int = 420,
+               height: int = 240) -> str:
     """An inline SVG line chart; series: name -> [(x, y)], non-finite points dropped.
     The y axis turns logarithmic when the values are positive and span more than 20x
     (a first-epoch KL spike would flatten everything else)."""
@@ -92,12 +112,14 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], xlabel:
         out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
         if len(points) < 30:
             out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in points]
-        out.append(f'<text x="{left + pw - 4}" y="{top + 14 + 14 * i}" text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+        out.append(f'<text x="{left + pw - 4}" y="{top + 14 + 14 * i}" text-anchor="end" fill="{colour}">'
+                   f'{html.escape(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
 
-def kl_chart(kl_per_dim: list[float], variances: list[float], threshold: float, width: int = 860, height: int = 220) -> str:
+def kl_chart(kl_per_dim: list[float], variances: list[float], threshold: float, width: int = 860,
+             height: int = 220) -> str:
     """Bars of KL per latent dimension, sorted, coloured by active (Cov_x E[z|x] > threshold)."""
     order = sorted(range(len(kl_per_dim)), key=lambda i: -kl_per_dim[i])
     left, top, bottom = 48, 24, 30
@@ -122,7 +144,8 @@ def kl_chart(kl_per_dim: list[float], variances: list[float], threshold: float, 
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
 
 
 def _metrics_section(metrics: dict | None) -> str:
@@ -130,7 +153,8 @@ def _metrics_section(metrics: dict | None) -> str:
         return "<p>No metrics.json in this run yet: run <code>imgvae evaluate RUN_DIR</code>.</p>"
     rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
     rows = metric_rows(metrics)
-    notes = f"<p class='note'>{html.escape(rec['note'])}. {html.escape(lik['discretisation'])}. {html.escape(dist['note'])}.</p>"
+    notes = ". ".join(html.escape(n) for n in (rec["note"], lik["discretisation"], dist["note"]))
+    notes = f"<p class='note'>{notes}.</p>"
     return _table(rows) + notes + kl_chart(lat["kl_per_dim"], lat["posterior_mean_var"], lat["active_threshold"])
 
 
@@ -146,65 +170,80 @@ pre { background: #f6f6f6; padding: 10px; font-size: 12px; overflow-x: auto; }
 """
 
 
-def build_report(run_dir: str | Path) -> str:
-    """The HTML text of run_dir's report."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
-    history = _read_jsonl(run / "history.jsonl")
-    steps = _read_jsonl(run / "steps.jsonl")
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+def html_page(title: str, sections: list[tuple[str, str, str]]) -> str:
+    """A self-contained page in the report's style: sections are (id, heading, inner HTML)."""
+    body = "".join(f'<section id="{sid}"><h2>{html.escape(heading)}</h2>{inner}</section>\n'
+                   for sid, heading, inner in sections)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+{body}</body></html>
+"""
 
+
+def _curves(history: list[dict], steps: list[dict]) -> str:
     def epoch_series(key):
         return [(r["epoch"], r[key]) for r in history if key in r]
 
+    titles = {"loss": "loss (negative ELBO up to a constant)", "recon": "reconstruction term", "kl": "KL term"}
     charts = []
-    for part in ("loss", "recon", "kl"):
+    for part, title in titles.items():
         series = {"train (steps)": [(s["epoch_float"], s[part]) for s in steps if part in s]} if steps else {}
         series["train (epoch mean)"] = epoch_series(f"train/{part}")
         series["eval"] = epoch_series(f"eval/{part}")
-        charts.append(line_chart({"loss": "loss (negative ELBO up to a constant)", "recon": "reconstruction term",
-                                  "kl": "KL term"}[part], series, "epoch"))
+        charts.append(line_chart(title, series, "epoch"))
     charts.append(line_chart("learning rate", {"lr": epoch_series("lr")}, "epoch"))
     charts.append(line_chart("training speed (img/s)", {"img/s": epoch_series("img_per_s")}, "epoch"))
+    return "".join(charts)
 
-    grid_rows = []
+
+def _grids(run: Path, history: list[dict]) -> str:
+    rows = []
     for r in history:
-        tag = f"epoch_{r['epoch']:03d}"
-        cells = "".join(f'<td><img src="grids/{tag}_{kind}.png" alt="{kind} epoch {r["epoch"]}"></td>'
-                        for kind in GRID_KINDS if (run / "grids" / f"{tag}_{kind}.png").is_file())
+        paths = [(kind, rundir.epoch_grid(run, r["epoch"], kind)) for kind in rundir.GRID_KINDS]
+        cells = "".join(f'<td><img src="{path.relative_to(run).as_posix()}" alt="{kind} epoch {r["epoch"]}"></td>'
+                        for kind, path in paths if path.is_file())
         if cells:
-            grid_rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
-    grids = ('<table class="grids"><tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>'
-             + "".join(grid_rows) + "</table>") if grid_rows else "<p>No picture grids yet.</p>"
-    if (run / "grids" / FITTED_PRIOR_GRID).is_file():
+            rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
+    head = "<tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>"
+    grids = f'<table class="grids">{head}{"".join(rows)}</table>' if rows else "<p>No picture grids yet.</p>"
+    if (run / rundir.GRIDS / rundir.FITTED_PRIOR_GRID).is_file():
         grids += ('<h3>Samples from the fitted prior (final weights)</h3><table class="grids"><tr><td>'
-                  f'<img src="grids/{FITTED_PRIOR_GRID}" alt="samples from the fitted prior"></td></tr></table>')
+                  f'<img src="{rundir.GRIDS}/{rundir.FITTED_PRIOR_GRID}" alt="samples from the fitted prior"></td></tr>'
+                  '</table>')
+    return grids
 
+
+def _facts(run: Path, summary: dict, history: list[dict]) -> list[tuple[str, str]]:
     facts = [("run folder", str(run.resolve()))]
     if summary:
-        facts += [("epochs / steps", f"{summary['epochs']} / {summary['steps']}"), ("parameters", f"{summary['parameters']:,}"),
-                  ("device", summary["device"]), ("unreadable files skipped", str(summary["skipped_files"]))]
+        facts += [("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+                  ("parameters", f"{summary['parameters']:,}"), ("device", summary["device"]),
+                  ("unreadable files skipped", str(summary["skipped_files"]))]
     if history:
-        last = history[-1]
-        facts += [(f"final {k}", f"{v:.4g}") for k, v in last.items() if "/" in k]
-    config = (run / "config.yaml").read_text()
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>imgvae report: {html.escape(run.resolve().name)}</title>
-<style>{STYLE}</style></head><body>
-<h1>imgvae report: {html.escape(run.resolve().name)}</h1>
-<section id="summary"><h2>Summary</h2>{_table(facts)}</section>
-<section id="curves"><h2>Training curves</h2>{"".join(charts)}</section>
-<section id="metrics"><h2>Evaluation metrics and latent health</h2>{_metrics_section(metrics)}</section>
-<section id="grids"><h2>Pictures by epoch</h2>{grids}</section>
-<section id="config"><h2>Configuration</h2><pre>{html.escape(config)}</pre></section>
-</body></html>
-"""
+        facts += [(f"final {k}", f"{v:.4g}") for k, v in history[-1].items() if "/" in k]
+    return facts
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The HTML text of run_dir's report."""
+    run = Path(run_dir)
+    if not rundir.is_run(run):
+        raise FileNotFoundError(f"{run} is not a run folder (no {rundir.CONFIG})")
+    history = rundir.read_jsonl(run / rundir.HISTORY)
+    summary = rundir.read_json(run / rundir.SUMMARY) or {}
+    return html_page(f"imgvae report: {run.resolve().name}", [
+        ("summary", "Summary", _table(_facts(run, summary, history))),
+        ("curves", "Training curves", _curves(history, rundir.read_jsonl(run / rundir.STEPS))),
+        ("metrics", "Evaluation metrics and latent health", _metrics_section(rundir.read_json(run / rundir.METRICS))),
+        ("grids", "Pictures by epoch", _grids(run, history)),
+        ("config", "Configuration", f"<pre>{html.escape((run / rundir.CONFIG).read_text())}</pre>"),
+    ])
 
 
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.html and return its path."""
-    path = Path(run_dir) / "report.html"
+    path = Path(run_dir) / rundir.REPORT
     path.write_text(build_report(run_dir))
     return path

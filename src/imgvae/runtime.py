@@ -55,6 +55,40 @@ class Processes:
         return values.cpu()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class RunningMean:
+    """Image-weighted means of named statistics (scalar tensors or numbers), summed over
+    processes when they are read, so that N processes report the global batch's means."""
+
+    def __init__(self, sums: dict[str, float] | None = None, count: int = 0):
+        self.sums, self.count = dict(sums or {}), count
+
+    def add(self, stats: dict, n: int) -> None:
+        """Stats that are means over n images."""
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.count += n
+
+    def merge(self, other: RunningMean) -> None:
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += other.count
+
+    def means(self, processes: Processes | None = None) -> dict[str, float]:
+        """{name: mean} over every process's images; {} when there were none."""
+        keys = sorted(self.sums)
+        totals = torch.tensor([self.sums[k] for k in keys] + [self.count], dtype=torch.float64)
+        if processes is not None:
+            totals = processes.all_reduce_sum(totals)
+        if totals[-1] == 0:
+            return {}
+        return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+
+
 def start_processes(device_name: str) -> Processes:
     """The process group torchrun set up in the environment, or a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,10 +117,9 @@ def keep_freed_memory() -> bool:
     """Make glibc malloc keep freed memory for reuse instead of handing it back to the OS.
 
     By default, blocks over 32 MiB (the seed model's 64 MiB linear layer and its
-    gradients) come from fresh mmap calls, and every step page-faults them in again; on
-    the 2-core CPU that is ~17 % of a training step (bench/RESULTS.md). Process-wide;
-    the cost is that the process keeps its peak memory. Returns False where the C library
-    is not glibc (nothing changed)."""
+    gradients) come from fresh mmap calls, and every step page-faults them in again
+    (bench/RESULTS.md measures the cost). Process-wide; the cost is that the process keeps
+    its peak memory. Returns False where the C library is not glibc (nothing changed)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .config import Config
-from .data import denormalize, load_image_file, normalize
-from .models import VAE
+from .config import DataConfig
+from .datasets import load_image_file
+from .decode import denormalize, normalize
+from .models import VAE, inference
+from .prior import LatentPrior
 
-if TYPE_CHECKING:  # prior.py uses inference() from here
-    from .prior import LatentPrior
 
-
-def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: LatentPrior | None = None) -> torch.Tensor:
+def prior_noise(model: VAE, n: int, seed: int, temperature: float = 1.0,
+                prior: LatentPrior | None = None) -> torch.Tensor:
     """Fixed latents (n, *latent_shape) from N(0, T^2 I), or from a fitted prior at
     temperature T; drawn on the CPU so the same seed gives the same latents on any device."""
     generator = torch.Generator().manual_seed(seed)
     noise = temperature * torch.randn(n, *model.latent_shape, generator=generator)
     return noise if prior is None else prior.transform(noise, generator)
-
-
-@contextmanager
-def inference(model: VAE):
-    """Eval mode (BatchNorm running stats, no autograd), restoring the previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield next(model.parameters()).device
-    finally:
-        model.train(was_training)
 
 
 def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
@@ -93,12 +79,12 @@ def save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
     save_image(grid(images, nrow), path)
 
 
-def reconstruct_files(model: VAE, cfg: Config, paths: list[str | Path], out_dir: str | Path) -> list[Path]:
+def reconstruct_files(model: VAE, cfg: DataConfig, paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Each image file, preprocessed as the eval split, next to its reconstruction:
     out_dir/<stem>_reconstruction.png (input | reconstruction), plus
     reconstructions.png with all pairs. Returns the written paths."""
     out = Path(out_dir)
-    images = torch.stack([load_image_file(p, cfg.data) for p in paths])
+    images = torch.stack([load_image_file(p, cfg) for p in paths])
     real = images.float() / 255
     recon = reconstruct(model, normalize(images))
     written = []
@@ -124,12 +110,13 @@ def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, temperature
     return written + [out / "samples.png"]
 
 
-def interpolate_files(model: VAE, cfg: Config, path_a: str | Path, path_b: str | Path, steps: int, out_dir: str | Path) -> Path:
+def interpolate_files(model: VAE, cfg: DataConfig, path_a: str | Path, path_b: str | Path, steps: int,
+                      out_dir: str | Path) -> Path:
     """out_dir/interpolation.png: row 1 linear, row 2 spherical; each row is
     image A, `steps` decoded latents from A's to B's, image B."""
     if steps < 2:
         raise ValueError(f"--steps must be >= 2, got {steps}")
-    a, b = load_image_file(path_a, cfg.data), load_image_file(path_b, cfg.data)
+    a, b = load_image_file(path_a, cfg), load_image_file(path_b, cfg)
     paths = interpolate(model, normalize(a[None])[0], normalize(b[None])[0], steps)
     ends = a.float()[None] / 255, b.float()[None] / 255
     rows = [torch.cat([ends[0], paths[kind], ends[1]]) for kind in ("linear", "spherical")]

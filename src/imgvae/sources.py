@@ -1,17 +1,32 @@
-"""Where images come from: folders, COCO zip files read in place, embedded photos.
+"""Where images come from: folders, COCO zip files read in place, embedded photos, and
+caches that `imgvae prepare` (cache.py) wrote.
 
-A source is an indexed list of encoded image files; decoding and preprocessing
-live in data.py. Sources are picklable and safe to use from DataLoader workers.
+A file source is an indexed list of encoded image files, decoded in decode.py; a
+cache holds ready views. Sources are picklable and safe to use from DataLoader workers.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
+from .config import DataConfig
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# A prepared cache folder (written by cache.prepare):
+#   images.npy     (rows, 3, S, S) uint8, memory-mapped when read
+#   keys.txt       the source file of each row
+#   valid.npy      rows that decoded (unreadable files leave a zero row, not listed)
+#   manifest.json  format, preprocessing, sources, counts, skipped files
+CACHE_FORMAT, CACHE_VERSION = "imgvae-cache", 1
+MANIFEST, IMAGES, KEYS, VALID = "manifest.json", "images.npy", "keys.txt", "valid.npy"
+PARTIAL_SUFFIX = ".partial"  # a cache being built; renamed when complete
 
 
 class SourceError(ValueError):
@@ -115,13 +130,64 @@ def embedded_photo_paths(split: str) -> list[Path]:
     return splits[split]
 
 
+def preprocessing_signature(cfg: DataConfig) -> dict:
+    """What determines a cached view; a cache is only used with the same values."""
+    return {"image_size": cfg.image_size, "crop": cfg.crop, "crop_size": cfg.crop_size,
+            "exact_decode": cfg.exact_decode}
+
+
+def is_cache(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class CacheSource:
+    """A prepared cache as a source of ready uint8 (3, S, S) views.
+
+    The memory map is opened lazily in each process; DistributedSampler ranks
+    read their own rows of the one shared file (no copy per rank).
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.name = Path(root), str(root)
+        try:
+            manifest = json.loads((self.root / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{root}: unreadable cache manifest ({e})") from None
+        if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+            raise SourceError(f"{root}: not an imgvae cache of version {CACHE_VERSION}")
+        self.preprocessing = manifest["preprocessing"]
+        self.valid = np.load(self.root / VALID)
+        self.keys = (self.root / KEYS).read_text().splitlines()
+        self._images, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def key(self, i: int) -> str:
+        return self.keys[self.valid[i]]
+
+    def image(self, i: int) -> np.ndarray:
+        if self._images is None or self._pid != os.getpid():
+            self._images, self._pid = np.load(self.root / IMAGES, mmap_mode="r"), os.getpid()
+        return np.array(self._images[self.valid[i]])
+
+    def check(self, cfg: DataConfig) -> None:
+        wanted = preprocessing_signature(cfg)
+        if self.preprocessing != wanted:
+            diff = {k: (self.preprocessing.get(k), v) for k, v in wanted.items() if self.preprocessing.get(k) != v}
+            details = ", ".join(f"data.{k}: cache {a!r}, run {b!r}" for k, (a, b) in diff.items())
+            raise SourceError(f"cache {self.root} was prepared with other preprocessing ({details}); "
+                              f"run imgvae prepare again or set the run's data keys to match")
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
+
+
 def open_source(spec: str):
     """A source from its config string: prepared cache, folder, .zip file or embedded:SPLIT."""
     if spec.startswith("embedded:"):
         split = spec.split(":", 1)[1]
         return FileListSource(embedded_photo_paths(split), name=spec)
-    from .cache import PARTIAL_SUFFIX, CacheSource, is_cache  # cache builds on this module
-
     path = Path(spec).expanduser()
     if not path.exists():
         raise SourceError(f"data source {spec!r} does not exist")

@@ -1,5 +1,6 @@
-"""The training loop: data -> model -> loss -> step, with eval, grids, TensorBoard,
-history and atomic checkpoints; one process or many under torchrun (DDP).
+"""The training loop: epochs of optimiser steps, each step `train.grad_accum` micro-batches
+through `training_step`; eval loss, picture grids, TensorBoard, history and atomic
+checkpoints; one process or many under torchrun (DDP). AMP and DDP live here only.
 
 Every random choice of a step (flips, reparametrisation noise) is drawn for the
 global batch from (seed, step, micro-batch) and each process takes its rows, so a
@@ -9,32 +10,41 @@ run resumed mid-epoch, or split over N processes, repeats the same computation.
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import rundir
 from .adversarial import Adversary
-from .config import Config, TrainConfig, save_config, to_dict
-from .data import BadFiles, build_dataset, first_images, loader_workers, make_loader, normalize, to_model_input
-from .evaluate import eval_loss, evaluate_checkpoint, format_table
+from .config import Config, TrainConfig, to_dict
+from .datasets import BadFiles, build_dataset, eval_loader, first_images, loader_workers, make_loader
+from .decode import normalize, to_model_input
+from .evaluate import eval_loss
 from .features import PerceptualDistance
-from .losses import decoder_scale, kl_weight, vae_loss
-from .models import VAE, build_model
+from .losses import kl_weight, vae_loss
+from .models import VAE, build_vae
 from .optim import build_optimizer, ema_with_warmup
-from .prior import fit_checkpoint_prior
-from .report import FITTED_PRIOR_GRID, write_report
-from .runtime import Processes, RunError, autocast, grad_scaler, keep_freed_memory, start_processes, stop_processes
-from .sample import decode, grid, prior_noise, reconstruct, save_grid
+from .runlog import RunLog
+from .runtime import (
+    Processes,
+    RunError,
+    RunningMean,
+    autocast,
+    grad_scaler,
+    keep_freed_memory,
+    start_processes,
+    stop_processes,
+)
+from .sample import decode, prior_noise, reconstruct
 
 
 def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shape, procs: Processes):
@@ -54,22 +64,7 @@ def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shap
     return flips[positions], noise[positions]
 
 
-def training_step(model, x: torch.Tensor, noise: torch.Tensor, cfg: Config, kl_scale: float,
-                  perceptual=None, adversary: Adversary | None = None, last_layer=None):
-    """Forward (under autocast) + loss in fp32 for one normalised batch x (B, 3, S, S),
-    plus the adversary's generator term when given. -> (loss, stats, decoder mean)."""
-    with autocast(x.device, cfg.train.precision):
-        out = model(x, noise=noise)
-    out = out.float()
-    loss, stats = vae_loss(x, out, cfg.loss, kl_scale, perceptual)
-    if adversary is not None:
-        term, gan_stats = adversary.generator_term(loss, out.x_hat, last_layer)
-        loss = loss + term
-        stats |= gan_stats | {"loss": loss.detach()}
-    return loss, stats, out.x_hat
-
-
-def _lock(out: Path):
+def lock_run(out: Path):
     """Hold out/.lock for the life of the run: a second run on the same folder fails."""
     handle = open(out / ".lock", "w")
     try:
@@ -80,21 +75,16 @@ def _lock(out: Path):
     return handle
 
 
-def _truncate_jsonl(path: Path, key: str, last: int) -> None:
-    """Keep only the records with record[key] <= last."""
-    if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(json.dumps(r) + "\n" for r in records if r[key] <= last))
-
-
-def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, resume: bool = False,
+          progress: bool = True) -> dict:
     """Train cfg's model; write checkpoints, grids, history and TensorBoard logs.
 
-    out_dir: results folder (config.yaml, checkpoints/, grids/, history.jsonl, summary.json,
-    metrics.json, report.html). log_dir: TensorBoard folder (default out_dir/logs).
+    out_dir: results folder (config.yaml, checkpoints/, grids/, history.jsonl, steps.jsonl,
+    summary.json). log_dir: TensorBoard folder (default out_dir/logs).
     resume: continue the run in out_dir from its newest checkpoint (mid-epoch ones too).
-    Under torchrun every process calls this; only rank 0 writes.
-    Returns the run summary (also written to out_dir/summary.json).
+    Under torchrun every process calls this; only rank 0 writes, and returns the run
+    summary (also written to out_dir/summary.json); the others return {}.
+    workflow.train_and_evaluate adds the prior, the evaluation and the report.
     """
     procs = start_processes(cfg.train.device)
     out = Path(out_dir)
@@ -102,7 +92,7 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     try:
         if procs.main:
             out.mkdir(parents=True, exist_ok=True)
-            lock = _lock(out)
+            lock = lock_run(out)
         return Trainer(cfg, out, log_dir, resume, progress, procs).run()
     finally:
         if lock is not None:
@@ -110,200 +100,201 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
         stop_processes(procs)
 
 
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # finished epochs
+    step: int = 0  # optimiser steps taken
+    batches_done: int = 0  # loader batches of the current epoch
+    skipped_steps: int = 0  # steps with a non-finite loss or gradient, not applied
+    bad_steps: int = 0  # such steps in a row (not saved: a resumed run starts afresh)
+
+
 class Trainer:
-    """One run's state; `run` is the loop, read top to bottom."""
+    """One run's state. `run` is the loop, read top to bottom; tests and tools change its
+    behaviour at the named points model_input, log_step, out_of_time, save_checkpoint
+    and end_epoch."""
 
     def __init__(self, cfg: Config, out: Path, log_dir, resume: bool, progress: bool, procs: Processes):
-        tc = self.tc = cfg.train
         self.cfg, self.out, self.procs, self.progress = cfg, out, procs, progress and procs.main
-        state = None
-        if resume:
-            weights, state = ckpt.load_checkpoint(out)
-            log_dir = log_dir or state["log_dir"]
-        elif (out / "checkpoints").exists():
+        if not resume and (out / rundir.CHECKPOINTS).exists():
             raise RunError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
-        self.logs = Path(log_dir) if log_dir else out / "logs"
-        self.ckpt_dir, self.grid_dir = out / "checkpoints", out / "grids"
-        device = self.device = procs.device
-        if device.type == "cpu" and tc.keep_freed_memory:
+        weights, state = None, None
+        if resume and (out / rundir.CHECKPOINTS / ckpt.LAST).exists():
+            weights, state = ckpt.load_checkpoint(out)
+        elif resume:  # stopped before its first checkpoint: nothing to lose by starting over
+            self.say(f"imgvae: {out} has no checkpoint yet; starting it from the beginning")
+        self.logs = Path(log_dir or (state and state["log_dir"]) or out / rundir.LOGS)
+        self.ckpt_dir, self.grid_dir = out / rundir.CHECKPOINTS, out / rundir.GRIDS
+        self.device = procs.device
+        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
             keep_freed_memory()
+        torch.manual_seed(cfg.train.seed)
+        self._build_data()
+        self._build_model()
+        self.position, self.epoch_stats = Position(), RunningMean()
+        if state is not None:
+            self._restore(weights, state)
+        self._wrap_model()
 
-        torch.manual_seed(tc.seed)
+    def _build_data(self) -> None:
+        cfg, procs = self.cfg, self.procs
+        tc = cfg.train
         self.train_set = build_dataset(cfg.data.train, cfg.data, train=True, seed=tc.seed)
         self.eval_set = build_dataset(cfg.data.eval, cfg.data, train=False, seed=tc.seed) if cfg.data.eval else None
         if len(self.train_set) < tc.batch_size * procs.world_size:
             raise RunError(f"the training set has {len(self.train_set)} images, fewer than one global batch "
                            f"(train.batch_size={tc.batch_size} x {procs.world_size} processes)")
-        pin = device.type == "cuda"
-        workers = loader_workers(self.train_set, cfg.data.num_workers, device)
+        workers = loader_workers(self.train_set, cfg.data.num_workers, self.device)
         # The budget is per machine: torchrun's processes on it keep a copy each.
         memory_budget = cfg.data.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.in_memory = self.train_set.keep_in_memory(memory_budget, shared=workers > 0)
         self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
-                                                pin, procs.rank, procs.world_size)
+                                                self.device.type == "cuda", procs.rank, procs.world_size)
+        self.batches_per_epoch = len(self.sampler.base) // tc.batch_size
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
-            limit = cfg.data.eval_limit or len(self.eval_set)
-            subset = torch.utils.data.Subset(self.eval_set, range(min(limit, len(self.eval_set))))
-            workers = loader_workers(self.eval_set, cfg.data.num_workers, device)
+            workers = loader_workers(self.eval_set, cfg.data.num_workers, self.device)
             self.eval_set.keep_in_memory(memory_budget, shared=workers > 0)
-            self.eval_loader = torch.utils.data.DataLoader(subset, batch_size=tc.batch_size, num_workers=workers,
-                                                           collate_fn=self.loader.collate_fn, pin_memory=pin)
+            count = min(cfg.data.eval_limit or len(self.eval_set), len(self.eval_set))
+            self.eval_loader = eval_loader(self.eval_set, tc.batch_size, self.device, workers, list(range(count)))
 
-        self.raw_model = build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss)).to(device)
+    def _build_model(self) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        self.model = build_vae(cfg).to(self.device)
         if tc.channels_last:
-            self.raw_model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.raw_model, tc)
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=tc.lr_gamma)
-        self.scaler = grad_scaler(device, tc.precision)
+        self.scaler = grad_scaler(self.device, tc.precision)
         self.ema = None
         if tc.ema > 0:  # the averaged copy makes grids, evaluation and samples
-            self.ema = AveragedModel(self.raw_model, multi_avg_fn=ema_with_warmup(tc.ema), use_buffers=True)
-        self.perceptual = PerceptualDistance().to(device) if cfg.loss.perceptual > 0 else None
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(tc.ema), use_buffers=True)
+        self.perceptual = PerceptualDistance().to(self.device) if cfg.loss.perceptual > 0 else None
         self.adversary = None
         if cfg.loss.adversarial > 0:
-            self.adversary = Adversary(cfg, device, procs.world_size)
-        per_epoch = len(self.sampler.base) // tc.batch_size
-        self.total_steps = tc.epochs * math.ceil(per_epoch / tc.grad_accum)
-        # Position: finished epochs, optimiser steps, loader batches done in the current epoch.
-        self.epoch, self.step, self.batches_done = 0, 0, 0
-        self.epoch_sums, self.epoch_images, self.bad_steps, self.skipped_steps = {}, 0, 0, 0
-        if state is not None:
-            ckpt.load_weights(self.raw_model, {k: v.to(device) for k, v in weights.items()}, out)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
-            self.epoch_sums, self.epoch_images = state["epoch_sums"], state["epoch_images"]
-            self.skipped_steps = state["skipped_steps"]
-            if self.ema is not None:
-                ckpt.load_weights(self.ema.module, ckpt.load_extra(out, "ema", device), out)
-                self.ema.n_averaged.fill_(state["ema_updates"])
-            if self.adversary is not None:
-                ckpt.load_weights(self.adversary.discriminator, ckpt.load_extra(out, "discriminator", device), out)
-                self.adversary.optimizer.load_state_dict(state["d_optimizer"])
-        model = self.raw_model
-        if procs.distributed:
-            if device.type == "cuda":  # BatchNorm statistics over the global batch (needs GPUs)
+            self.adversary = Adversary(cfg.loss, tc.precision, self.device, self.procs.world_size)
+        self.total_steps = tc.epochs * math.ceil(self.batches_per_epoch / tc.grad_accum)
+
+    def _restore(self, weights: dict, state: dict) -> None:
+        ckpt.load_weights(self.model, {k: v.to(self.device) for k, v in weights.items()}, self.out)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.position = Position(state["epoch"], state["step"], state["batches_done"], state["skipped_steps"])
+        self.epoch_stats = RunningMean(state["epoch_sums"], state["epoch_images"])
+        if self.ema is not None:
+            ckpt.load_weights(self.ema.module, ckpt.load_extra(self.out, "ema", self.device), self.out)
+            self.ema.n_averaged.fill_(state["ema_updates"])
+        if self.adversary is not None:
+            discriminator = ckpt.load_extra(self.out, "discriminator", self.device)
+            ckpt.load_weights(self.adversary.discriminator, discriminator, self.out)
+            self.adversary.optimizer.load_state_dict(state["d_optimizer"])
+
+    def _wrap_model(self) -> None:
+        """self.train_model: what the step calls (DDP and torch.compile around self.model)."""
+        model, self.ddp = self.model, None
+        if self.procs.distributed:
+            if self.device.type == "cuda":  # BatchNorm statistics over the global batch (needs GPUs)
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.ddp = model
-        self.model = torch.compile(model) if tc.compile else model
-        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        self.train_model = torch.compile(model) if self.cfg.train.compile else model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> dict:
-        cfg, tc, procs = self.cfg, self.tc, self.procs
-        history, steps_file = self.out / "history.jsonl", self.out / "steps.jsonl"
-        writer = None
-        if procs.main:
-            save_config(cfg, self.out / "config.yaml")
-            _truncate_jsonl(history, "epoch", self.epoch)  # drop records newer than the checkpoint
-            _truncate_jsonl(steps_file, "step", self.step)
-            writer = SummaryWriter(str(self.logs))
-        n_grid = tc.grid_size**2
-        fixed = first_images(self.eval_set if self.eval_set is not None else self.train_set, n_grid) if procs.main else None
-        fixed_z = prior_noise(self.raw_model, n_grid, seed=tc.seed)
-        bad = BadFiles()
-        started, images_seen = time.time(), 0
-        n_params = sum(p.numel() for p in self.raw_model.parameters())
-        self._say(f"imgvae: model {cfg.model.name} ({n_params:,} parameters) on {self.device}"
-                  f"{f' x {procs.world_size} processes' if procs.distributed else ''}; train {len(self.train_set):,} images "
-                  f"from {self.train_set.source.name}; eval {len(self.eval_loader.dataset) if self.eval_loader else 0:,}; "
-                  f"epochs {self.epoch + 1}..{tc.epochs}"
-                  f"{'; training views kept in RAM once decoded' if self.in_memory else ''}")
-        if self.epoch >= tc.epochs:
-            self._say(f"imgvae: {self.out} already finished {self.epoch} epochs; raise train.epochs to continue")
-
-        out_of_time = False
-        while self.epoch < tc.epochs:
-            epoch = self.epoch
-            self.sampler.set_epoch(epoch, start=self.batches_done * tc.batch_size)
-            self.train_set.set_epoch(epoch)
-            self.model.train()
-            epoch_start, micro, run_images = time.time(), 0, 0
-            per_epoch = len(self.sampler.base) // tc.batch_size  # loader batches in a whole epoch
-            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not self.progress, dynamic_ncols=True,
-                       initial=self.batches_done, total=self.batches_done + len(self.loader))
-            for images, _, bad_items in bar:
-                bad.add(self.train_set, bad_items)
-                self.batches_done += 1
-                if micro == 0:  # a new optimiser step: the epoch's last one may be short
-                    group, group_sums, group_images, loss_finite = min(tc.grad_accum, per_epoch - self.batches_done + 1), {}, 0, True
-                    # BatchNorm statistics move in the forward pass: keep a copy to undo a skipped step.
-                    saved_buffers = [b.detach().clone() for b in self.raw_model.buffers()]
-                    gan = self.adversary is not None and self.adversary.active(self.step)
-                if len(images) >= 2:  # BatchNorm needs two samples to train
-                    flips, noise = step_randomness(tc, self.step, micro, len(images), self.raw_model.latent_shape, procs)
-                    x = to_model_input(images, self.device, flips if cfg.data.hflip else None)
-                    if tc.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    last_micro = micro + 1 == group or self.batches_done == per_epoch
-                    # Under DDP, gradients are all-reduced only on the step's last micro-batch.
-                    with self.ddp.no_sync() if procs.distributed and not last_micro else nullcontext():
-                        loss, stats, x_hat = training_step(
-                            self.model, x, noise.to(self.device), cfg, kl_weight(cfg.loss, self.step, self.total_steps),
-                            self.perceptual, self.adversary if gan else None, self.raw_model.last_layer())
-                        self.scaler.scale(loss / group).backward()
-                    if gan:
-                        stats["discriminator"] = self.adversary.accumulate(x, x_hat, 1 / group)
-                    loss_finite &= bool(torch.isfinite(loss))
-                    for k, v in stats.items():
-                        group_sums[k] = group_sums.get(k, 0.0) + v.item() * len(images)
-                    group_images += len(images)
-                    run_images += len(images)
-                micro += 1
-                if micro < group and self.batches_done < per_epoch:
+        """Train up to train.epochs (or train.time_limit) -> the run summary."""
+        tc, pos = self.cfg.train, self.position
+        self.begin()
+        while pos.epoch < tc.epochs and not self.stopped:
+            self.sampler.set_epoch(pos.epoch, start=pos.batches_done * tc.batch_size)
+            self.train_set.set_epoch(pos.epoch)
+            self.train_model.train()
+            self.epoch_start, self.epoch_images = time.time(), 0
+            for micro_batches in self.steps_of_epoch():
+                # BatchNorm statistics move in the forward pass: keep a copy to undo a skipped step.
+                saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+                gan = self.adversary is not None and self.adversary.active(pos.step)
+                step_stats, finite = RunningMean(), True
+                for micro, images in enumerate(micro_batches):
+                    if len(images) < 2:  # BatchNorm needs two samples to train
+                        continue
+                    loss, stats = self.training_step(images, micro, len(micro_batches), gan)
+                    finite &= bool(torch.isfinite(loss))
+                    step_stats.add(stats, len(images))
+                if step_stats.count == 0:
                     continue
-                micro = 0
-                if group_images == 0:
-                    continue
-                grad_norm, applied = self._optimizer_step(loss_finite)
+                grad_norm, applied = self.optimizer_step(finite)
                 if gan:
                     self.adversary.step()
                 if applied:  # statistics of skipped steps would be NaN
-                    for k, v in group_sums.items():
-                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
-                    self.epoch_images += group_images
+                    self.epoch_stats.merge(step_stats)
                 else:
                     with torch.no_grad():
-                        for buffer, saved in zip(self.raw_model.buffers(), saved_buffers):
-                            buffer.copy_(saved)
-                if self.step % tc.log_every == 0:
-                    keys = sorted(group_sums)  # the global batch's means, as in a single process
-                    sums = procs.all_reduce_sum(torch.tensor([group_sums[k] for k in keys] + [group_images], dtype=torch.float64))
-                    values = {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)} | {"grad_norm": grad_norm}
-                if self.step % tc.log_every == 0 and procs.main:
-                    for k, v in values.items():
-                        writer.add_scalar(f"train_step/{k}", v, self.step)
-                    with open(steps_file, "a") as f:
-                        f.write(json.dumps({"step": self.step, "epoch_float": epoch + self.batches_done / per_epoch, **values}) + "\n")
-                    rate = run_images * procs.world_size / max(time.time() - epoch_start, 1e-9)
-                    bar.set_postfix(loss=f"{values['loss']:.1f}", kl=f"{values['kl']:.1f}", img_s=f"{rate:.0f}")
-                out_of_time = bool(tc.time_limit) and time.time() - started > 60 * tc.time_limit
-                if out_of_time or (tc.time_limit and procs.distributed):  # rank clocks differ: agree
-                    out_of_time = procs.all_reduce_sum(torch.tensor([float(out_of_time)]))[0].item() > 0
-                if out_of_time or (tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0):
-                    self._checkpoint(f"step_{self.step:08d}")
-                if out_of_time:
-                    break
-            bar.close()
-            seconds = time.time() - epoch_start
-            images_seen += run_images
-            if self.batches_done == per_epoch:  # else stopped mid-epoch by train.time_limit
-                self._end_epoch(seconds, run_images, bad, fixed, fixed_z, writer, history)
-            if out_of_time:
-                self._say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {self.step}; "
-                          f"continue with --resume {self.out}")
-                break
-        if writer is not None:
-            writer.close()
-        return self._finish(history, started, images_seen, n_params, bad)
+                        torch._foreach_copy_(list(self.model.buffers()), saved_buffers)
+                self.epoch_images += step_stats.count
+                self.after_step(step_stats, grad_norm)
+            self.bar.close()
+            self.images_seen += self.epoch_images
+            if pos.batches_done == self.batches_per_epoch:  # else stopped mid-epoch
+                self.end_epoch(time.time() - self.epoch_start)
+        if self.stopped:
+            self.say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {pos.step}; "
+                     f"continue with --resume {self.out}")
+        if self.log is not None:
+            self.log.close()
+        return self.summary()
 
-    def _optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
+    def steps_of_epoch(self):
+        """The rest of the current epoch as optimiser steps: lists of up to grad_accum
+        micro-batches (uint8 images), in loader order (the epoch's last step may be short)."""
+        pos, accum = self.position, self.cfg.train.grad_accum
+        self.bar = tqdm(self.loader, desc=f"epoch {pos.epoch + 1}/{self.cfg.train.epochs}", disable=not self.progress,
+                        dynamic_ncols=True, initial=pos.batches_done, total=pos.batches_done + len(self.loader))
+        micro_batches = []
+        for images, _, bad_items in self.bar:
+            self.bad_files.add(self.train_set, bad_items)
+            pos.batches_done += 1
+            micro_batches.append(images)
+            if len(micro_batches) == accum or pos.batches_done == self.batches_per_epoch:
+                yield micro_batches
+                micro_batches = []
+                if self.stopped:
+                    return
+
+    def training_step(self, images: torch.Tensor, micro: int, n_micro: int, gan: bool):
+        """Micro-batch `micro` of the step: forward (under autocast), loss in fp32, and its
+        share 1 / n_micro of the backward. -> (loss, stats)."""
+        cfg, pos = self.cfg, self.position
+        flips, noise = step_randomness(cfg.train, pos.step, micro, len(images), self.model.latent_shape, self.procs)
+        x = self.model_input(images, flips if cfg.data.hflip else None)
+        # Under DDP, gradients are all-reduced only in the step's last backward.
+        sync = self.ddp.no_sync() if self.ddp is not None and micro + 1 < n_micro else nullcontext()
+        with sync:
+            with autocast(self.device, cfg.train.precision):
+                out = self.train_model(x, noise=noise.to(self.device))
+            out = out.float()
+            loss, stats = vae_loss(x, out, cfg.loss, kl_weight(cfg.loss, pos.step, self.total_steps), self.perceptual)
+            if gan:
+                term, gan_stats = self.adversary.generator_term(loss, out.x_hat, self.model.last_layer())
+                loss = loss + term
+                stats |= gan_stats | {"loss": loss.detach()}
+            self.scaler.scale(loss / n_micro).backward()
+        if gan:
+            stats["discriminator"] = self.adversary.accumulate(x, out.x_hat, 1 / n_micro)
+        return loss, stats
+
+    def model_input(self, images: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        """uint8 micro-batch -> normalised, flipped model input on the device."""
+        x = to_model_input(images, self.device, flips)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
         """Unscale, clip, and step unless the gradient norm is not finite (then skip).
         -> (gradient norm, whether the step was applied)."""
-        tc = self.tc
+        tc, pos = self.cfg.train, self.position
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         # Gradients are already averaged over processes, so every process takes the same decision.
@@ -311,123 +302,158 @@ class Trainer:
         applied = math.isfinite(grad_norm)
         if applied:
             self.scaler.step(self.optimizer)
-            self.bad_steps = 0
+            pos.bad_steps = 0
             if self.ema is not None:
-                self.ema.update_parameters(self.raw_model)
+                self.ema.update_parameters(self.model)
         else:
-            self.skipped_steps += 1
+            pos.skipped_steps += 1
             # fp16 overflows with a finite loss are the GradScaler's business (it lowers the scale).
-            self.bad_steps += 1 if not (self.scaler.is_enabled() and loss_finite) else 0
-            if self.bad_steps >= tc.max_bad_steps:
-                last = (self.ckpt_dir / ckpt.LAST).resolve() if (self.ckpt_dir / ckpt.LAST).exists() else None
-                raise RunError(f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {self.step + 1}); "
-                               f"stopped, last good checkpoint kept: {last}. Try a lower train.lr or train.grad_clip")
+            pos.bad_steps += 1 if not (self.scaler.is_enabled() and loss_finite) else 0
+            if pos.bad_steps >= tc.max_bad_steps:
+                raise RunError(f"{pos.bad_steps} steps in a row had a non-finite loss or gradient "
+                               f"(step {pos.step + 1}); stopped, last good checkpoint kept: {self.last_checkpoint()}. "
+                               "Try a lower train.lr or train.grad_clip")
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        pos.step += 1
         return grad_norm, applied
 
-    def eval_model(self) -> VAE:
-        """The weights that make grids, evaluations and samples: the EMA when kept."""
-        return self.ema.module if self.ema is not None else self.raw_model
+    def after_step(self, step_stats: RunningMean, grad_norm: float) -> None:
+        """The step boundary: log, check the time limit, checkpoint."""
+        tc, pos = self.cfg.train, self.position
+        if pos.step % tc.log_every == 0:
+            self.log_step(step_stats.means(self.procs) | {"grad_norm": grad_norm})
+        self.stopped = self.out_of_time()
+        if self.stopped or (tc.ckpt_every_steps and pos.step % tc.ckpt_every_steps == 0):
+            self.save_checkpoint(f"step_{pos.step:08d}")
 
-    def _end_epoch(self, seconds, run_images, bad, fixed, fixed_z, writer, history) -> None:
-        cfg, tc, procs, epoch = self.cfg, self.tc, self.procs, self.epoch
-        keys = sorted(self.epoch_sums)
-        totals = procs.all_reduce_sum(torch.tensor([self.epoch_sums[k] for k in keys] + [self.epoch_images], dtype=torch.float64))
-        if totals[-1] == 0:
-            raise RunError(f"epoch {epoch + 1} had no readable training images (or every step was skipped)")
-        train_stats = {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+    # -- named points -----------------------------------------------------------
+    def begin(self) -> None:
+        """Before the first step: the run's records (rank 0), the grids' fixed images and
+        noise, the banner."""
+        cfg, procs, pos = self.cfg, self.procs, self.position
+        self.log, self.fixed_images, self.stopped = None, None, False
+        if procs.main:
+            self.log = RunLog(self.out, self.logs, cfg, pos.epoch, pos.step)
+            shown = self.eval_set if self.eval_set is not None else self.train_set
+            self.fixed_images = first_images(shown, cfg.eval.grid_size**2)
+        self.fixed_noise = prior_noise(self.model, cfg.eval.grid_size**2, seed=cfg.train.seed)
+        self.bad_files, self.started, self.images_seen = BadFiles(), time.time(), 0
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        n_eval = len(self.eval_loader.dataset) if self.eval_loader else 0
+        self.say(f"imgvae: model {cfg.model.name} ({self.n_params:,} parameters) on {self.device}"
+                 f"{f' x {procs.world_size} processes' if procs.distributed else ''}; train {len(self.train_set):,} "
+                 f"images from {self.train_set.source.name}; eval {n_eval:,}; "
+                 f"epochs {pos.epoch + 1}..{cfg.train.epochs}"
+                 f"{'; training views kept in RAM once decoded' if self.in_memory else ''}")
+        if pos.epoch >= cfg.train.epochs:
+            self.say(f"imgvae: {self.out} already finished {pos.epoch} epochs; raise train.epochs to continue")
+
+    def log_step(self, values: dict[str, float]) -> None:
+        """Every train.log_every steps: the global batch's means to steps.jsonl, TensorBoard, the bar."""
+        pos = self.position
+        if self.log is None:
+            return
+        self.log.step(pos.step, pos.epoch + pos.batches_done / self.batches_per_epoch, values)
+        rate = self.epoch_images * self.procs.world_size / max(time.time() - self.epoch_start, 1e-9)
+        self.bar.set_postfix(loss=f"{values['loss']:.1f}", kl=f"{values['kl']:.1f}", img_s=f"{rate:.0f}")
+
+    def out_of_time(self) -> bool:
+        """Whether train.time_limit has passed; every process gets the same answer."""
+        tc = self.cfg.train
+        if not tc.time_limit:
+            return False
+        late = time.time() - self.started > 60 * tc.time_limit
+        if self.procs.distributed:  # rank clocks differ: agree
+            late = self.procs.all_reduce_sum(torch.tensor([float(late)]))[0].item() > 0
+        return late
+
+    def end_epoch(self, seconds: float) -> None:
+        """After the epoch's last step: history, eval loss, grids, learning-rate step, checkpoint."""
+        pos = self.position
+        train_stats = self.epoch_stats.means(self.procs)
+        if not train_stats:
+            raise RunError(f"epoch {pos.epoch + 1} had no readable training images (or every step was skipped)")
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        self.epoch, self.batches_done, self.epoch_sums, self.epoch_images = epoch + 1, 0, {}, 0
-        if procs.main:
-            model = self.eval_model()
-            eval_stats = eval_loss(model, self.eval_loader, self.eval_set, cfg, self.device, bad) if self.eval_loader else {}
-            # The seed's three pictures, per epoch.
-            nrow = tc.grid_size
-            truth, recon, samples = fixed.float() / 255, reconstruct(model, normalize(fixed)), decode(model, fixed_z)
-            tag = f"epoch_{epoch + 1:03d}"
-            for kind, images in (("ground_truth", truth), ("reconstructions", recon), ("samples", samples)):
-                save_grid(images, nrow, self.grid_dir / f"{tag}_{kind}.png")
-                writer.add_image(f"grids/{kind}", grid(images, nrow), epoch + 1)
-            rate = run_images * procs.world_size / seconds
-            record = {
-                "epoch": epoch + 1, "step": self.step, "lr": lr, "seconds": seconds, "img_per_s": rate,
-                "skipped_steps": self.skipped_steps,
-                **{f"train/{k}": v for k, v in train_stats.items()},
-                **{f"eval/{k}": v for k, v in eval_stats.items()},
-            }
-            for k, v in record.items():
-                if "/" in k or k in ("lr", "img_per_s"):
-                    writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-            writer.flush()
-            with open(history, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            msg = f"epoch {epoch + 1}: train loss {train_stats['loss']:.2f} (recon {train_stats['recon']:.2f}, kl {train_stats['kl']:.2f})"
-            if eval_stats:
-                msg += f", eval loss {eval_stats['loss']:.2f}"
-            if self.skipped_steps:
-                msg += f", {self.skipped_steps} non-finite steps skipped so far"
-            print(msg + f", {rate:.1f} img/s")
-        self._checkpoint(f"epoch_{epoch + 1:03d}")
+        pos.epoch, pos.batches_done, self.epoch_stats = pos.epoch + 1, 0, RunningMean()
+        if self.procs.main:
+            self._record_epoch(train_stats, lr, seconds)
+        self.save_checkpoint(f"epoch_{pos.epoch:03d}")
 
-    def _checkpoint(self, name: str) -> None:
-        """Rank 0 writes everything needed to resume from exactly here; others wait."""
+    def _record_epoch(self, train_stats: dict, lr: float, seconds: float) -> None:
+        """Rank 0: eval loss, the seed's three pictures, history.jsonl, TensorBoard, a line."""
+        epoch, model, n = self.position.epoch, self.eval_model(), self.cfg.eval.grid_size
+        eval_stats = {}
+        if self.eval_loader is not None:
+            eval_stats = eval_loss(model, self.eval_loader, self.eval_set, self.cfg.loss, self.device, self.bad_files)
+        pictures = (self.fixed_images.float() / 255, reconstruct(model, normalize(self.fixed_images)),
+                    decode(model, self.fixed_noise))
+        self.log.pictures(epoch, dict(zip(rundir.GRID_KINDS, pictures)), n)
+        rate = self.epoch_images * self.procs.world_size / seconds
+        self.log.epoch({"epoch": epoch, "step": self.position.step, "lr": lr, "seconds": seconds, "img_per_s": rate,
+                        "skipped_steps": self.position.skipped_steps,
+                        **{f"train/{k}": v for k, v in train_stats.items()},
+                        **{f"eval/{k}": v for k, v in eval_stats.items()}})
+        msg = (f"epoch {epoch}: train loss {train_stats['loss']:.2f} (recon {train_stats['recon']:.2f}, "
+               f"kl {train_stats['kl']:.2f})")
+        if eval_stats:
+            msg += f", eval loss {eval_stats['loss']:.2f}"
+        if self.position.skipped_steps:
+            msg += f", {self.position.skipped_steps} non-finite steps skipped so far"
+        print(msg + f", {rate:.1f} img/s")
+
+    def save_checkpoint(self, name: str) -> None:
+        """Rank 0 writes everything needed to resume from exactly here; the others wait."""
+        pos = self.position
         if self.procs.main:
             state = {
-                "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
-                "epoch_sums": self.epoch_sums, "epoch_images": self.epoch_images, "skipped_steps": self.skipped_steps,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "config": to_dict(self.cfg), "log_dir": str(self.logs),
+                "epoch": pos.epoch, "step": pos.step, "batches_done": pos.batches_done,
+                "epoch_sums": self.epoch_stats.sums, "epoch_images": self.epoch_stats.count,
+                "skipped_steps": pos.skipped_steps, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "config": to_dict(self.cfg), "log_dir": str(self.logs),
             }
             extra = {}
             if self.ema is not None:
                 extra["ema"], state["ema_updates"] = self.ema.module, int(self.ema.n_averaged)
             if self.adversary is not None:
-                extra["discriminator"], state["d_optimizer"] = self.adversary.discriminator, self.adversary.optimizer.state_dict()
-            ckpt.save_checkpoint(self.ckpt_dir, name, self.raw_model, state, extra)
-            every = self.tc.ckpt_every
-            keep = {f"epoch_{e:03d}" for e in range(1, self.epoch + 1) if every and e % every == 0}
+                extra["discriminator"] = self.adversary.discriminator
+                state["d_optimizer"] = self.adversary.optimizer.state_dict()
+            ckpt.save_checkpoint(self.ckpt_dir, name, self.model, state, extra)
+            every = self.cfg.train.ckpt_every
+            keep = {f"epoch_{e:03d}" for e in range(1, pos.epoch + 1) if every and e % every == 0}
             ckpt.prune_checkpoints(self.ckpt_dir, keep)  # older step_* ones go; `last` always stays
         self.procs.barrier()
 
-    def _finish(self, history: Path, started: float, images_seen: int, n_params: int, bad: BadFiles) -> dict:
+    def summary(self) -> dict:
+        """Rank 0: summary.json of the run so far -> its dict; {} on other ranks."""
         if not self.procs.main:
             return {}
-        lines = history.read_text().splitlines() if history.exists() else []
-        last = json.loads(lines[-1]) if lines else {}
+        pos = self.position
+        history = rundir.read_jsonl(self.out / rundir.HISTORY)
+        last = history[-1] if history else {}
         summary = {
-            "epochs": last.get("epoch", self.epoch), "steps": self.step, "skipped_steps": self.skipped_steps,
-            "images_seen_this_run": images_seen * self.procs.world_size, "seconds_this_run": time.time() - started,
-            "parameters": n_params, "device": str(self.device), "processes": self.procs.world_size,
+            "epochs": last.get("epoch", pos.epoch), "steps": pos.step, "skipped_steps": pos.skipped_steps,
+            "images_seen_this_run": self.images_seen * self.procs.world_size,
+            "seconds_this_run": time.time() - self.started, "parameters": self.n_params,
+            "device": str(self.device), "processes": self.procs.world_size,
             "final": {k: v for k, v in last.items() if "/" in k},
-            "skipped_files": len(bad), "skipped": dict(sorted(bad.reasons.items())),
+            "skipped_files": len(self.bad_files), "skipped": dict(sorted(self.bad_files.reasons.items())),
             "checkpoint": str(self.ckpt_dir / ckpt.LAST), "grids": str(self.grid_dir), "logs": str(self.logs),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if self.tc.prior_images:
-            self._fit_prior()
-        if self.tc.final_eval and self.cfg.data.eval:
-            metrics, path = evaluate_checkpoint(self.ckpt_dir, device=str(self.device), seed=self.tc.seed,
-                                                batch_size=self.tc.batch_size, progress=self.progress)
-            print(f"imgvae: evaluation of the final checkpoint ({path}):\n{format_table(metrics)}")
-        print(f"imgvae: report {write_report(self.out)}")
-        print(f"imgvae: done, {summary['epochs']} epochs, {self.step} steps ({self.skipped_steps} non-finite skipped); "
-              f"{len(bad)} unreadable files skipped; checkpoint {summary['checkpoint']}, grids in {self.grid_dir}, "
-              f"TensorBoard logs in {self.logs}")
+        self.log.summary(summary)
         return summary
 
-    def _fit_prior(self) -> None:
-        """Fit the prior on the last checkpoint and draw the grid's noise through it."""
-        prior, path = fit_checkpoint_prior(self.ckpt_dir, limit=self.tc.prior_images, batch_size=self.tc.batch_size,
-                                           device=str(self.device), progress=self.progress)
-        model = self.eval_model()
-        samples = decode(model, prior_noise(model, self.tc.grid_size**2, self.tc.seed, prior=prior))
-        save_grid(samples, self.tc.grid_size, self.grid_dir / FITTED_PRIOR_GRID)
-        print(f"imgvae: fitted {prior.describe()} ({path}); "
-              f"its samples: {self.grid_dir / FITTED_PRIOR_GRID}")
+    # -- helpers ------------------------------------------------------------------
+    def eval_model(self) -> VAE:
+        """The weights that make grids, evaluations and samples: the EMA when kept."""
+        return self.ema.module if self.ema is not None else self.model
 
-    def _say(self, message: str) -> None:
+    def last_checkpoint(self) -> Path | None:
+        last = self.ckpt_dir / ckpt.LAST
+        return last.resolve() if last.exists() else None
+
+    def say(self, message: str) -> None:
         if self.procs.main:
             print(message)

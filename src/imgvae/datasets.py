@@ -1,142 +1,23 @@
-"""Decoding, the seed's preprocessing, datasets and loaders.
+"""Datasets and loaders over sources: the views of each epoch, unreadable files skipped.
 
-Workers return uint8 tensors (4x less to move than float); random flip and
-normalisation run on whole batches in `to_model_input`, on the training device.
 Every random choice is a function of (seed, epoch, index), so runs repeat
 exactly, whatever the number of workers, and resume mid-way.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import random
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from .cache import CacheSource
 from .config import DataConfig
-from .sources import ConcatSource, SourceError, open_sources
-
-MEAN = STD = 0.5  # the seed's normalisation: [0, 1] -> [-1, 1]
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Decoded image in any mode -> 8-bit RGB.
-
-    Grey and palette images are replicated / expanded to 3 channels, alpha is
-    dropped, CMYK is converted, 16-bit grey is scaled to 8 bits (PIL's own
-    conversion would clip it instead).
-    """
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode != "F":
-            arr = arr / 257.0  # 0..65535 -> 0..255
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-    return img.convert("RGB")
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Encoded bytes -> fully decoded 8-bit RGB image."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return to_rgb(img)
-
-
-def crop_box(width: int, height: int, cfg: DataConfig, rng: random.Random | None) -> tuple[int, int, int]:
-    """(left, top, side) of the square to crop.
-
-    "center": side = min(crop_size, shorter side), placed as torchvision's
-    CenterCrop places it; we never zero-pad small images as the seed did.
-    "random": side = U(crop_scale) * shorter side at a uniform position.
-    """
-    short = min(width, height)
-    if cfg.crop == "center" or rng is None:
-        side = min(cfg.crop_size, short)
-        return int(round((width - side) / 2.0)), int(round((height - side) / 2.0)), side
-    lo, hi = cfg.crop_scale
-    side = max(1, min(short, int(round(rng.uniform(lo, hi) * short))))
-    return rng.randint(0, width - side), rng.randint(0, height - side), side
-
-
-def _crop_resize(img: Image.Image, left: int, top: int, side: int, size: int, fx: float = 1.0, fy: float = 1.0) -> np.ndarray:
-    """Crop the square (in original pixels) and bilinear-resize it to size -> uint8 (3, size, size).
-
-    fx, fy: how much smaller the decoded image is than the original (DCT scaling).
-    """
-    if fx == fy == 1.0:  # the seed's order: integer crop, then resize
-        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
-    else:
-        box = (left / fx, top / fy, (left + side) / fx, (top + side) / fy)
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def preprocess(img: Image.Image, cfg: DataConfig, rng: random.Random | None = None) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, image_size, image_size): crop, then
-    bilinear resize (PIL, antialiased), the seed's order."""
-    left, top, side = crop_box(img.width, img.height, cfg, rng)
-    return torch.from_numpy(_crop_resize(img, left, top, side, cfg.image_size))
-
-
-def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) -> np.ndarray:
-    """Encoded bytes -> uint8 (3, S, S) view.
-
-    exact_decode: full decode + crop + resize, bit-identical to the seed's pipeline.
-    Otherwise JPEGs are decoded at a reduced scale (libjpeg DCT scaling, 1/2 to
-    1/8) that still leaves >= image_size pixels across the crop, and the crop is
-    resized from there: ~2x faster per COCO-sized JPEG, 49 dB mean PSNR from exact
-    (bench/RESULTS.md).
-    Other formats take the exact path either way.
-    """
-    img = Image.open(io.BytesIO(data))
-    width, height = img.size
-    left, top, side = crop_box(width, height, cfg, rng)
-    scale = 1 if cfg.exact_decode else next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
-    if scale > 1:
-        # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
-        img.draft(None, (-(-width // scale), -(-height // scale)))
-    img.load()
-    img = to_rgb(img)
-    return _crop_resize(img, left, top, side, cfg.image_size, width / img.width, height / img.height)
-
-
-def load_image_file(path: str | Path, cfg: DataConfig) -> torch.Tensor:
-    """One user image file -> uint8 (3, S, S), preprocessed as the eval split (centre crop)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SourceError(f"{str(path)!r}: cannot be read ({e.strerror or e})") from None
-    try:
-        return torch.from_numpy(load_view(data, cfg))
-    except Exception as e:
-        raise SourceError(f"{str(path)!r}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1], as ToTensor + Normalize(.5, .5)."""
-    return (images.float().div(255) - MEAN) / STD
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Model scale [-1, 1] -> [0, 1] pixels, clamped."""
-    return (x * STD + MEAN).clamp(0, 1)
-
-
-def to_model_input(images: torch.Tensor, device: torch.device, flips: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 batch -> normalised float batch on device; images where the bool mask
-    flips (B,) is true are mirrored left-right (training)."""
-    x = normalize(images.to(device, non_blocking=True))
-    if flips is not None:
-        x = torch.where(flips.to(device)[:, None, None, None], x.flip(-1), x)
-    return x
+from .decode import load_view
+from .sources import CacheSource, ConcatSource, SourceError, open_sources
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -267,7 +148,8 @@ def check_readable(dataset: ImageDataset) -> None:
             return
         except Exception:
             continue
-    raise SourceError(f"data source {dataset.source.name!r}: none of its {len(dataset.source)} files is a readable image")
+    raise SourceError(f"data source {dataset.source.name!r}: none of its {len(dataset.source)} files "
+                      "is a readable image")
 
 
 def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> ImageDataset:
@@ -282,11 +164,11 @@ def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> 
 
 def loader_workers(dataset: ImageDataset, num_workers: int | str, device: torch.device) -> int:
     """data.num_workers for this dataset and device. A prepared cache alone is read
-    in-process (a memory copy, ~40k img/s: workers would only take CPU from the model).
+    in-process (a memory copy: workers would only take CPU from the model).
     "auto": 0 when the model runs on the CPU, where a worker preempts one of torch's
     compute threads and the others wait for it, so decoding in the training process
-    costs less (bench/RESULTS.md: 77 against 64 img/s on 2 cores); min(8, CPU cores)
-    on a GPU, which the loader must keep fed."""
+    costs less (bench/RESULTS.md); min(8, CPU cores) on a GPU, which the loader must
+    keep fed."""
     if dataset.from_prepared_cache:
         return 0
     if num_workers == "auto":
@@ -340,3 +222,25 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
     )
     return loader, sampler
+
+
+def eval_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+                indices: list[int] | None = None) -> DataLoader:
+    """The dataset's items (or those at `indices`) in order, in batches: evaluation,
+    per-epoch eval loss, prior fitting. Pinned for CUDA."""
+    items = dataset if indices is None else Subset(dataset, indices)
+    return DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=device.type == "cuda")
+
+
+def load_image_file(path: str | Path, cfg: DataConfig) -> torch.Tensor:
+    """One user image file -> uint8 (3, S, S), preprocessed as the eval split (centre crop)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{str(path)!r}: cannot be read ({e.strerror or e})") from None
+    try:
+        return torch.from_numpy(load_view(data, cfg))
+    except Exception as e:
+        raise SourceError(f"{str(path)!r}: not a readable image ({type(e).__name__}: {e})") from None

@@ -1,0 +1,52 @@
+"""The layout of a run folder and its JSON Lines records; no torch, so the report reads
+runs without loading it.
+
+    OUT/config.yaml  history.jsonl  steps.jsonl  summary.json  metrics.json  report.html
+    OUT/checkpoints/  OUT/grids/  OUT/logs/ (TensorBoard, unless -l LOGS)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG, HISTORY, STEPS = "config.yaml", "history.jsonl", "steps.jsonl"
+SUMMARY, METRICS, REPORT = "summary.json", "metrics.json", "report.html"
+CHECKPOINTS, GRIDS, LOGS = "checkpoints", "grids", "logs"
+# The seed's three pictures, written every epoch as grids/epoch_NNN_<kind>.png.
+GRID_KINDS = ("ground_truth", "reconstructions", "samples")
+FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # samples of the prior fitted after training
+
+
+def epoch_grid(run: Path, epoch: int, kind: str) -> Path:
+    return Path(run) / GRIDS / f"epoch_{epoch:03d}_{kind}.png"
+
+
+def is_run(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSON Lines file; [] when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Keep only the records with record[key] <= last (those a resumed run has not redone)."""
+    if Path(path).exists():
+        kept = [r for r in read_jsonl(path) if r[key] <= last]
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
