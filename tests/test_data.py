@@ -128,7 +128,7 @@ def test_zip_bytes_equal_folder_bytes(tmp_path):
         for p in paths:
             zf.write(p, f"val2017/{p.name}")
     folder, zipped = open_source(str(tmp_path / "val2017")), open_source(str(tmp_path / "val2017.zip"))
-    assert [folder.read_bytes(i) for i in range(3)] == [zipped.read_bytes(i) for i in range(3)]
+    assert [folder.read_bytes(i, 2**20) for i in range(3)] == [zipped.read_bytes(i, 2**20) for i in range(3)]
 
 
 def test_bad_files_are_skipped_once_each_with_count(tmp_path):
@@ -166,8 +166,9 @@ def test_source_errors_are_clear(tmp_path):
 
 
 def test_embedded_photos_are_real_and_held_out():
-    train = build_dataset(["embedded:train"], DataConfig(), train=True, seed=0)
-    held_out = build_dataset(["embedded:eval"], DataConfig(), train=False, seed=0)
+    once = DataConfig(crop="center", views_per_image=1, eval_views_per_image=1)
+    train = build_dataset(["embedded:train"], once, train=True, seed=0)
+    held_out = build_dataset(["embedded:eval"], once, train=False, seed=0)
     assert len(train) == 6 and len(held_out) == 2
     assert not {train.key(i) for i in range(6)} & {held_out.key(i) for i in range(2)}
     x = train.load(0)
@@ -214,3 +215,14 @@ def test_views_that_change_or_do_not_fit_are_not_kept(tmp_path):
     assert not build_dataset(folder, random_crops, train=True, seed=0).keep_in_memory(2**30, shared=False)
     # Held-out random crops are the same every epoch: kept.
     assert build_dataset(folder, random_crops, train=False, seed=0).keep_in_memory(2**30, shared=False)
+
+
+def test_auto_views_are_random_crops_of_the_embedded_photos_and_one_centre_crop_elsewhere(tmp_path):
+    write_jpegs(tmp_path / "photos", 5)
+    embedded = build_dataset(["embedded:train"], DataConfig(), train=True, seed=0)
+    held_out = build_dataset(["embedded:eval"], DataConfig(), train=False, seed=0)
+    folder = build_dataset([str(tmp_path / "photos")], DataConfig(), train=True, seed=0)
+    assert (embedded.cfg.crop, len(embedded), len(held_out)) == ("random", 6 * 128, 2 * 13)
+    assert (folder.cfg.crop, folder.cfg.views_per_image, len(folder)) == ("center", 1, 5)
+    explicit = build_dataset(["embedded:train"], DataConfig(crop="center", views_per_image=2), train=True, seed=0)
+    assert (explicit.cfg.crop, len(explicit)) == ("center", 12)  # only "auto" is decided per source

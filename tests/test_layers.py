@@ -11,7 +11,7 @@ import imgvae
 PACKAGE = Path(imgvae.__file__).parent
 # Bottom to top. A module may import only modules listed before it, so there is no cycle.
 LAYERS = [
-    ("foundation", ["config", "rundir", "runtime"]),
+    ("foundation", ["rundir", "config", "runtime"]),
     ("models and losses", ["models", "losses", "features", "optim", "checkpoint", "adversarial"]),
     ("data", ["decode", "sources", "cache", "datasets"]),
     ("what is done with models and data", ["prior", "sample", "evaluate", "runlog", "train"]),

@@ -20,7 +20,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from .config import DataConfig
-from .decode import load_view
+from .decode import load_view, skip_reason
 from .rundir import append_jsonl, read_jsonl
 from .sources import (
     CACHE_FORMAT,
@@ -32,8 +32,10 @@ from .sources import (
     VALID,
     SourceError,
     is_cache,
+    max_file_bytes,
     open_sources,
     preprocessing_signature,
+    resolve_auto,
 )
 
 PLAN, DONE, SKIPPED = "plan.json", "done.npy", "skipped.jsonl"  # bookkeeping of a partial cache
@@ -54,9 +56,9 @@ def _prepare_chunk(c: int):
     bad = []
     for k, r in enumerate(rows):
         try:
-            out[k] = load_view(source.read_bytes(r), cfg)
+            out[k] = load_view(source.read_bytes(r, max_file_bytes(cfg)), cfg)
         except Exception as e:  # recorded in the manifest; prepare goes on
-            bad.append({"row": r, "key": source.key(r), "reason": f"{type(e).__name__}: {e}"})
+            bad.append({"row": r, "key": source.key(r), "reason": skip_reason(e)})
     return c, out, bad
 
 
@@ -67,13 +69,14 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
     Resumes an interrupted run of the same command; returns the manifest.
     """
     out = Path(out)
-    if cfg.crop != "center":
-        raise SourceError("prepare stores fixed views: use data.crop=center (random crops must change every epoch)")
     if is_cache(out):
         raise SourceError(f"{out} already holds a prepared cache; remove it or choose another -o")
     if out.exists() and any(out.iterdir()):
         raise SourceError(f"{out} exists and is not empty")
     source = open_sources(specs)
+    cfg = resolve_auto(cfg, source)
+    if cfg.crop != "center":
+        raise SourceError("prepare stores fixed views: use data.crop=center (random crops must change every epoch)")
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     plan = {"sources": [s.name for s in source.sources], "rows": len(source), "chunk": chunk,
             "preprocessing": preprocessing_signature(cfg)}

@@ -22,6 +22,7 @@ from .models import build_vae
 
 FORMAT_VERSION = 1
 WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
+READ_ATTEMPTS = 5
 
 
 class CheckpointError(ValueError):
@@ -54,17 +55,29 @@ def _plain_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(ckpt_root: Path, name: str, model: torch.nn.Module, state: dict,
                     extra: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write ckpt_root/name/{model.safetensors,state.pt} (plus KEY.safetensors for each
-    extra module, e.g. "ema", "discriminator") and point `last` at it."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    extra module, e.g. "ema", "discriminator") and point `last` at it. A write that fails
+    (a full disk, a read-only folder) removes its temp folder, keeps the checkpoints there
+    were and raises CheckpointError."""
     tmp = ckpt_root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {WEIGHTS: model, **{f"{key}.safetensors": module for key, module in (extra or {}).items()}}
-    for filename, module in files.items():
-        save_file(_plain_weights(module), str(tmp / filename))
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
-    for f in (*files, STATE):
-        _fsync(tmp / f)
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {WEIGHTS: model, **{f"{key}.safetensors": module for key, module in (extra or {}).items()}}
+        for filename, module in files.items():
+            save_file(_plain_weights(module), str(tmp / filename))
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
+        for f in (*files, STATE):
+            _fsync(tmp / f)
+        return _publish(ckpt_root, name, tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {name} in {ckpt_root} ({reason})") from None
+
+
+def _publish(ckpt_root: Path, name: str, tmp: Path) -> Path:
+    """Rename the written temp folder into place and point `last` at it, atomically."""
     final = ckpt_root / name
     if final.exists():  # re-written (e.g. after a resume): move the old one aside first
         old = ckpt_root / f".old-{name}"
@@ -92,11 +105,12 @@ def prune_checkpoints(ckpt_root: Path, keep: set[str]) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, a checkpoints/ folder or a run folder -> checkpoint folder."""
+    """A checkpoint folder, a checkpoints/ folder or a run folder -> the checkpoint folder,
+    `last` followed once: the real folder, which a running training does not write into."""
     path = Path(path)
     for candidate in (path, path / LAST, path / "checkpoints" / LAST):
         if (candidate / WEIGHTS).is_file() and (candidate / STATE).is_file():
-            return candidate
+            return candidate.resolve()
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     raise CheckpointError(
@@ -105,10 +119,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def _read_whole(path: str | Path, read):
+    """read(folder) for the checkpoint at `path`; when a running training prunes that folder
+    meanwhile (it replaced it with a newer one), again on the newer one: every file then
+    comes from one checkpoint."""
+    for _ in range(READ_ATTEMPTS):
+        folder = resolve_checkpoint(path)
+        try:
+            return read(folder)
+        except CheckpointError:
+            if resolve_checkpoint(path) == folder:  # not replaced: the files themselves are bad
+                raise
+    raise CheckpointError(f"{path}: its checkpoints changed {READ_ATTEMPTS} times while being read")
+
+
 def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch's mmap of a lost file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
@@ -118,18 +146,20 @@ def load_extra(path: str | Path, key: str, device: str | torch.device = "cpu") -
     return _load_safetensors(file, device) if file.is_file() else None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """-> (weights, state). Never unpickles arbitrary objects."""
-    ckpt = resolve_checkpoint(path)
-    weights = _load_safetensors(ckpt / WEIGHTS, device)
+def _read_state(folder: Path, device) -> dict:
     try:
-        state = torch.load(ckpt / STATE, map_location=device, weights_only=True)
+        state = torch.load(folder / STATE, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects, EOF/RuntimeError when truncated
-        raise CheckpointError(f"{ckpt / STATE}: refused or unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{folder / STATE}: refused or unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else None
-        raise CheckpointError(f"{ckpt / STATE}: format version {found!r}, this imgvae reads {FORMAT_VERSION}")
-    return weights, state
+        raise CheckpointError(f"{folder / STATE}: format version {found!r}, this imgvae reads {FORMAT_VERSION}")
+    return state
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """-> (weights, state) of one checkpoint. Never unpickles arbitrary objects."""
+    return _read_whole(path, lambda folder: (_load_safetensors(folder / WEIGHTS, device), _read_state(folder, device)))
 
 
 def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> None:
@@ -140,15 +170,26 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> N
         raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None
 
 
+def open_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """A checkpoint (or run folder) -> (model in eval mode on device, its Config, the
+    checkpoint folder read); with the EMA weights when the run kept them (and ema is true)."""
+
+    def read(folder: Path):
+        state = _read_state(folder, device)
+        try:
+            cfg = from_dict(state["config"])
+        except (KeyError, ConfigError) as e:
+            raise CheckpointError(f"{folder}: the checkpoint's config cannot be read ({e})") from None
+        averaged = folder / "ema.safetensors"
+        weights = _load_safetensors(averaged if ema and averaged.is_file() else folder / WEIGHTS, device)
+        model = build_vae(cfg).to(device)
+        load_weights(model, weights, folder)
+        return model.eval(), cfg, folder
+
+    return _read_whole(path, read)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """A checkpoint (or run folder) -> (model in eval mode on device, its Config);
-    with the EMA weights when the run kept them (and ema is true)."""
-    weights, state = load_checkpoint(path, device)
-    try:
-        cfg = from_dict(state["config"])
-    except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{path}: the checkpoint's config cannot be read ({e})") from None
-    model = build_vae(cfg).to(device)
-    averaged = load_extra(path, "ema", device) if ema else None
-    load_weights(model, averaged or weights, resolve_checkpoint(path))
-    return model.eval(), cfg
+    """A checkpoint (or run folder) -> (model in eval mode on device, its Config); see open_model."""
+    model, cfg, _ = open_model(path, device, ema)
+    return model, cfg

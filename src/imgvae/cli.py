@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from .cache import prepare
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, open_model
 from .config import ConfigError, load_config
 from .evaluate import evaluate_checkpoint
 from .features import FeatureError
 from .prior import fit_checkpoint_prior, load_prior
 from .report import format_table, write_report
-from .runtime import RunError, pick_device
+from .runtime import RunError, Stopped, is_main_process, pick_device
 from .sample import interpolate_files, reconstruct_files, sample_files
 from .sources import SourceError
 from .workflow import train_and_evaluate
@@ -237,13 +237,13 @@ def _fit_prior(args) -> None:
 
 
 def _generate(args) -> None:
-    model, cfg = load_model(args.checkpoint, pick_device(args.device))
+    model, cfg, folder = open_model(args.checkpoint, pick_device(args.device))
     if args.command == "reconstruct":
         written = reconstruct_files(model, cfg.data, args.images, args.out)
     elif args.command == "sample":
         if args.n < 1:
             raise ConfigError(f"-n must be >= 1, got {args.n}")
-        prior = None if args.prior == "standard" else load_prior(args.checkpoint)
+        prior = None if args.prior == "standard" else load_prior(folder)
         if args.prior == "fitted" and prior is None:
             raise CheckpointError(f"{args.checkpoint} has no fitted prior: "
                                   f"run `imgvae fit-prior {args.checkpoint}` first")
@@ -267,8 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, SourceError, CheckpointError, RunError, FeatureError, FileNotFoundError) as e:
+    except Stopped as e:  # by a signal, with a checkpoint to resume from
+        if is_main_process():  # under torchrun every process stops; one says so
+            print(f"imgvae: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, SourceError, CheckpointError, RunError, FeatureError) as e:
         print(f"imgvae: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder, a missing file
+        print(f"imgvae: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imgvae: interrupted; the last finished checkpoint is kept", file=sys.stderr)

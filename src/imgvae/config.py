@@ -16,7 +16,10 @@ from typing import Literal
 
 import yaml
 
+from .rundir import write_text_atomic
+
 PRESET_DIR = Path(__file__).parent / "configs"
+PIL_MAX_MEGAPIXELS = 178.9  # PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (89,478,485) pixels
 
 
 class ConfigError(ValueError):
@@ -32,15 +35,17 @@ class DataConfig:
     image_size: int = 64
     # "center": the seed's centre crop of crop_size (clipped to the shorter side,
     # never zero-padded). "random": a square of side U(crop_scale) * shorter side.
-    crop: Literal["center", "random"] = "center"
+    # "auto": random for the embedded photos (a few large photos), center for any other source.
+    crop: Literal["auto", "center", "random"] = "auto"
     crop_size: int = 375
     crop_scale: tuple[float, float] = (0.25, 1.0)
     # false: JPEGs decoded at reduced scale (libjpeg DCT scaling), faster and close to
     # exact (bench/RESULTS.md measures both); true: full decode, bit-identical to the seed.
     exact_decode: bool = False
-    # Distinct crops drawn per image per epoch (useful for a few large photos).
-    views_per_image: int = 1
-    eval_views_per_image: int = 1
+    # Distinct crops drawn per image per epoch (useful for a few large photos); "auto": 128
+    # (train) and 13 (eval) for the embedded photos, 1 for any other source.
+    views_per_image: int | Literal["auto"] = "auto"
+    eval_views_per_image: int | Literal["auto"] = "auto"
     hflip: bool = True
     # 0 = the whole eval set.
     eval_limit: int = 0
@@ -52,6 +57,11 @@ class DataConfig:
     # views): kept once decoded, so later epochs skip decoding. A split whose views do
     # not all fit is decoded every epoch. 0 = off.
     memory_cache_gb: float = 4.0
+    # Hostile files: larger files and zip members are skipped unread (by their declared
+    # size), images of more megapixels skipped before decoding (decompression bombs; at most
+    # PIL's own hard limit, 2 x Image.MAX_IMAGE_PIXELS).
+    max_file_mb: float = 256.0
+    max_megapixels: float = 128.0
 
 
 @dataclass(frozen=True)
@@ -272,7 +282,8 @@ def _build(cls, values: dict, prefix: str = ""):
 
 # Range checks that types alone cannot express: keys that must be > 0, and >= 0.
 POSITIVE = {
-    "DataConfig": ["image_size", "crop_size", "views_per_image", "eval_views_per_image"],
+    "DataConfig": ["image_size", "crop_size", "views_per_image", "eval_views_per_image", "max_file_mb",
+                   "max_megapixels"],
     "ModelConfig": ["latent_dim", "base_channels", "levels", "blocks", "latent_channels"],
     "TrainConfig": ["epochs", "batch_size", "lr", "log_every", "grad_accum", "max_bad_steps"],
     "EvalConfig": ["grid_size"],
@@ -290,8 +301,9 @@ NON_NEGATIVE = {
 def _validate(cfg, prefix: str) -> None:
     section = type(cfg).__name__
     for name in POSITIVE.get(section, []):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if isinstance(value, (int, float)) and value <= 0:  # views may be "auto"
+            raise ConfigError(f"{prefix}{name} must be > 0, got {value}")
     for name in NON_NEGATIVE.get(section, []):
         value = getattr(cfg, name)
         if isinstance(value, (int, float)) and value < 0:  # num_workers may be "auto"
@@ -302,6 +314,9 @@ def _validate(cfg, prefix: str) -> None:
             raise ConfigError(f"{prefix}crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
         if not cfg.train:
             raise ConfigError(f"{prefix}train needs at least one source")
+        if cfg.max_megapixels > PIL_MAX_MEGAPIXELS:
+            raise ConfigError(f"{prefix}max_megapixels must be <= {PIL_MAX_MEGAPIXELS} (PIL's own limit), "
+                              f"got {cfg.max_megapixels}")
     if isinstance(cfg, LossConfig) and cfg.kl_warmup > 1:
         raise ConfigError(f"{prefix}kl_warmup is a fraction of training, got {cfg.kl_warmup}")
     if isinstance(cfg, TrainConfig) and cfg.ema >= 1:
@@ -436,4 +451,4 @@ def with_overrides(cfg: Config, overrides: list[str] | dict | None) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

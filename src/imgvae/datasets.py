@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .config import DataConfig
-from .decode import load_view
-from .sources import CacheSource, ConcatSource, SourceError, open_sources
+from .decode import load_view, skip_reason
+from .sources import CacheSource, ConcatSource, SourceError, max_file_bytes, open_sources, read_file, resolve_auto
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -86,7 +86,7 @@ class ImageDataset(Dataset):
         rng = None
         if self.cfg.crop == "random":
             rng = item_rng(self.seed, self.epoch if self.train else -1, index)
-        view = torch.from_numpy(load_view(source.read_bytes(i), self.cfg, rng))
+        view = torch.from_numpy(load_view(source.read_bytes(i, max_file_bytes(self.cfg)), self.cfg, rng))
         if self.memory is not None:
             self.memory[index] = view
             self.filled[index] = True
@@ -96,7 +96,7 @@ class ImageDataset(Dataset):
         try:
             return self.load(index), index, None
         except Exception as e:  # any broken file must not stop a long run
-            return None, index, f"{type(e).__name__}: {e}"
+            return None, index, skip_reason(e)
 
 
 def collate(items):
@@ -111,6 +111,22 @@ def collate(items):
     return images, indices, bad
 
 
+class SkippedFile(UserWarning):
+    """An unreadable file, skipped; shown as one line (see _one_line)."""
+
+
+_format_warning = warnings.formatwarning
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, SkippedFile):
+        return f"imgvae: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line
+
+
 class BadFiles:
     """Warns once per unreadable file and counts them for the run summary."""
 
@@ -122,7 +138,7 @@ class BadFiles:
             key = dataset.key(index)
             if key not in self.reasons:
                 self.reasons[key] = reason
-                warnings.warn(f"skipping unreadable image {key} ({reason})", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {key} ({reason})", SkippedFile)
 
     def __len__(self) -> int:
         return len(self.reasons)
@@ -153,7 +169,11 @@ def check_readable(dataset: ImageDataset) -> None:
 
 
 def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> ImageDataset:
-    dataset = ImageDataset(open_sources(specs), cfg, train=train, seed=seed)
+    """The views of the sources `specs` (`dataset.cfg`: cfg with its "auto" settings decided);
+    fails when a source has no readable image, or a cache was made with other settings."""
+    source = open_sources(specs)
+    cfg = resolve_auto(cfg, source)
+    dataset = ImageDataset(source, cfg, train=train, seed=seed)
     for source in dataset.source.sources:
         if isinstance(source, CacheSource):
             source.check(cfg)
@@ -237,10 +257,10 @@ def load_image_file(path: str | Path, cfg: DataConfig) -> torch.Tensor:
     """One user image file -> uint8 (3, S, S), preprocessed as the eval split (centre crop)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_file(path, max_file_bytes(cfg))
     except OSError as e:
         raise SourceError(f"{str(path)!r}: cannot be read ({e.strerror or e})") from None
     try:
         return torch.from_numpy(load_view(data, cfg))
     except Exception as e:
-        raise SourceError(f"{str(path)!r}: not a readable image ({type(e).__name__}: {e})") from None
+        raise SourceError(f"{str(path)!r}: not a readable image ({skip_reason(e)})") from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import random
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +18,38 @@ from PIL import Image
 from .config import DataConfig
 
 MEAN = STD = 0.5  # the seed's normalisation: [0, 1] -> [-1, 1]
+
+
+class UnusableFile(ValueError):
+    """A file that is skipped by design: too large, too many pixels."""
+
+
+_OBJECT_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def skip_reason(error: Exception) -> str:
+    """Why a file was skipped, in one line: no memory addresses, no traceback."""
+    if isinstance(error, UnusableFile):
+        return str(error)
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image (PIL cannot identify its format)"
+    if isinstance(error, OSError) and error.strerror:  # missing, unreadable, a link loop ...
+        return error.strerror
+    text = " ".join(_OBJECT_ADDRESS.sub("", str(error)).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def open_image(data: bytes, cfg: DataConfig) -> Image.Image:
+    """Encoded bytes -> an unloaded PIL image (only the header read), refused when it has
+    more than data.max_megapixels pixels."""
+    with warnings.catch_warnings():  # PIL warns above its soft limit; data.max_megapixels decides here
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    megapixels = img.width * img.height / 1e6
+    if megapixels > cfg.max_megapixels:
+        raise UnusableFile(f"too many pixels: {img.width}x{img.height} = {megapixels:,.1f} MP "
+                           f"(data.max_megapixels is {cfg.max_megapixels:g})")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -71,15 +105,19 @@ def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) ->
     resized from there (faster; bench/RESULTS.md measures speed and difference).
     Other formats take the exact path either way.
     """
-    img = Image.open(io.BytesIO(data))
-    width, height = img.size
-    left, top, side = crop_box(width, height, cfg, rng)
-    scale = 1 if cfg.exact_decode else next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
-    if scale > 1:
-        # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
-        img.draft(None, (-(-width // scale), -(-height // scale)))
-    img.load()
-    img = to_rgb(img)
+    if not data:
+        raise UnusableFile("an empty file")
+    with warnings.catch_warnings():  # PIL's notes on odd files (EXIF, palettes): a file decodes or is skipped
+        warnings.simplefilter("ignore")
+        img = open_image(data, cfg)
+        width, height = img.size
+        left, top, side = crop_box(width, height, cfg, rng)
+        scale = 1 if cfg.exact_decode else next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
+        if scale > 1:
+            # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
+            img.draft(None, (-(-width // scale), -(-height // scale)))
+        img.load()
+        img = to_rgb(img)
     return crop_resize(img, left, top, side, cfg.image_size, width / img.width, height / img.height)
 
 

@@ -16,7 +16,7 @@ from torchmetrics.functional.image import (
 )
 from tqdm import tqdm
 
-from .checkpoint import load_model, resolve_checkpoint
+from .checkpoint import open_model, resolve_checkpoint
 from .config import Config, ConfigError, LossConfig, with_overrides
 from .datasets import BadFiles, ImageDataset, build_dataset, eval_loader, loader_workers
 from .decode import denormalize, normalize, to_model_input
@@ -24,7 +24,7 @@ from .features import GaussianStats, feature_networks, frechet_distance
 from .losses import LIKELIHOOD_FAMILY, bits_per_dim, discretized_log_likelihood, vae_loss
 from .models import VAE, standard_normal_log_prob
 from .prior import LatentPrior, load_prior
-from .rundir import METRICS, is_run
+from .rundir import METRICS, is_run, write_text_atomic
 from .runtime import RunningMean, pick_device
 from .sample import prior_noise
 from .sources import SourceError
@@ -193,9 +193,10 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
         workers = loader_workers(dataset, cfg.data.num_workers, device)
         return dataset, eval_loader(dataset, cfg.eval_batch_size, device, workers, indices)
 
+    networks = feature_networks(ec.fid_weights, device)  # a bad weights file fails before any image is read
     dataset, loader = loader_of(sources, ec.limit)
     samples = _Samples(model, prior, cfg.eval_seed)
-    tally, bad = _Tally(feature_networks(ec.fid_weights, device), samples.kinds), BadFiles()
+    tally, bad = _Tally(networks, samples.kinds), BadFiles()
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     _held_out_pass(model, dataset, loader, tally, family, cfg, None if ec.sample_reference else samples, bad, progress)
     if tally.images == 0:
@@ -264,7 +265,7 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
 
 def run_dir_of(checkpoint: str | Path) -> Path | None:
     """The run folder a checkpoint belongs to (RUN/checkpoints/NAME), if any."""
-    run = resolve_checkpoint(checkpoint).resolve().parent.parent
+    run = resolve_checkpoint(checkpoint).parent.parent
     return run if is_run(run) else None
 
 
@@ -274,14 +275,13 @@ def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None
     """Load a checkpoint, evaluate it as its config's `eval` section says (overrides such as
     "eval.iw_samples=64" change it; default sources: its data.eval; its fitted prior when
     it has one) and write metrics.json (default: into its run folder). -> (metrics, path)."""
-    model, cfg = load_model(checkpoint, pick_device(device))
+    model, cfg, folder = open_model(checkpoint, pick_device(device))
     cfg = with_overrides(cfg, overrides)
     sources = sources or cfg.data.eval
     if not sources:
         raise ConfigError("no evaluation data: pass --data SOURCE (the run's config has no data.eval)")
-    metrics = evaluate(model, cfg, sources, prior=load_prior(checkpoint), progress=progress)
-    metrics = {"checkpoint": str(resolve_checkpoint(checkpoint).resolve()), **metrics}
-    path = Path(out) if out else (run_dir_of(checkpoint) or Path(".")) / METRICS
+    metrics = {"checkpoint": str(folder), **evaluate(model, cfg, sources, prior=load_prior(folder), progress=progress)}
+    path = Path(out) if out else (run_dir_of(folder) or Path(".")) / METRICS
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(path, json.dumps(metrics, indent=2))
     return metrics, path

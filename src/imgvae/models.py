@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import Config, LossConfig, ModelConfig
+from .config import Config, ConfigError, LossConfig, ModelConfig
 
 MODELS: dict[str, Callable[[ModelConfig, int, str], "VAE"]] = {}
 # What the decoder says about pixel noise besides its mean: nothing ("none": the loss
@@ -37,7 +37,7 @@ def register(name: str):
 def build_model(cfg: ModelConfig, image_size: int, scale: str = "none") -> "VAE":
     """The registered model cfg.name for square images of image_size; scale: see SCALES."""
     if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; available: {sorted(MODELS)}")
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; available: {sorted(MODELS)}")
     return MODELS[cfg.name](cfg, image_size, scale)
 
 
@@ -54,6 +54,14 @@ def build_vae(cfg: Config) -> "VAE":
     """The model a run config describes: its architecture, image size and the decoder
     output its loss needs."""
     return build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss))
+
+
+def check_model(cfg: Config) -> tuple[int, ...]:
+    """Refuse a model the config cannot build (an unknown name, an image size its
+    downsampling does not divide) before any data is read -> its latent shape. The model
+    is built on the meta device: no memory, no weights."""
+    with torch.device("meta"):
+        return build_vae(cfg).latent_shape
 
 
 @contextmanager
@@ -180,7 +188,7 @@ class SeedVAE(VAE):
     def __init__(self, cfg: ModelConfig, image_size: int, scale: str = "none"):
         super().__init__(scale)
         if image_size % 8:
-            raise ValueError(f"model 'seed' needs image_size divisible by 8, got {image_size}")
+            raise ConfigError(f"data.image_size: model 'seed' needs image_size divisible by 8, got {image_size}")
         m, d = cfg.bn_momentum, cfg.latent_dim
         self.bottleneck = (256, image_size // 8, image_size // 8)
         flat = 256 * (image_size // 8) ** 2
@@ -252,8 +260,8 @@ class ResNetVAE(VAE):
     def __init__(self, cfg: ModelConfig, image_size: int, scale: str = "none"):
         super().__init__(scale)
         if image_size % 2**cfg.levels:
-            raise ValueError(f"model 'resnet' needs image_size divisible by 2**levels = {2**cfg.levels}, "
-                             f"got {image_size}")
+            raise ConfigError(f"data.image_size: model 'resnet' needs image_size divisible by 2**levels = "
+                              f"{2**cfg.levels}, got {image_size}")
         widths = [cfg.base_channels * 2 ** min(i, 2) for i in range(cfg.levels + 1)]
         side = image_size // 2**cfg.levels
         self.bottleneck = (widths[-1], side, side)
@@ -308,7 +316,8 @@ class KLAutoencoder(VAE):
         super().__init__(scale)
         factor = 2**downsamplings
         if image_size % factor:
-            raise ValueError(f"model 'kl-f{factor}' needs image_size divisible by {factor}, got {image_size}")
+            raise ConfigError(f"data.image_size: model 'kl-f{factor}' needs image_size divisible by {factor}, "
+                              f"got {image_size}")
         widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
         side, c = image_size // factor, cfg.latent_channels
         self.latent_shape = (c, side, side)

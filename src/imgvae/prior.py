@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_model, resolve_checkpoint
+from .checkpoint import CheckpointError, open_model, resolve_checkpoint
 from .config import ConfigError, with_overrides
 from .datasets import build_dataset, eval_loader
 from .decode import normalize
@@ -67,8 +67,11 @@ class LatentPrior:
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".tmp-{path.name}")
         tensors = {"weights": self.weights, "mean": self.mean, "scale_tril": self.scale_tril}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"images": str(self.images)})
-        os.replace(tmp, path)  # a crash leaves the old prior or none, never half a file
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"images": str(self.images)})
+            os.replace(tmp, path)  # a crash leaves the old prior or none, never half a file
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> LatentPrior:
@@ -89,6 +92,14 @@ def load_prior(checkpoint: str | Path) -> LatentPrior | None:
     return LatentPrior.load(path) if path.is_file() else None
 
 
+def check_size(components: int, dims: int) -> None:
+    """Refuse a prior whose covariances would not fit in memory."""
+    if components * dims**2 > MAX_DIMS**2:
+        raise ConfigError(f"prior.components: {components} full-covariance Gaussians over {dims} latent dimensions "
+                          f"are too large (at most {MAX_DIMS}^2 covariance entries): use fewer components, a smaller "
+                          "image size or fewer latent channels")
+
+
 def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, batch_size: int = 64,
               seed: int = 0, progress: bool = True) -> LatentPrior:
     """Fit the prior (K = `components`) to the posteriors of `limit` images spread evenly
@@ -98,10 +109,7 @@ def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, 
     if components < 1:
         raise ConfigError(f"components must be >= 1, got {components}")
     dims = int(torch.Size(model.latent_shape).numel())
-    if components * dims**2 > MAX_DIMS**2:
-        raise ConfigError(f"{components} full-covariance Gaussians over {dims} latent dimensions are too large "
-                          f"(at most {MAX_DIMS}^2 covariance entries): use fewer components, a smaller image size or "
-                          "fewer latent channels")
+    check_size(components, dims)
     count = min(limit, len(dataset)) if limit else len(dataset)
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
     means, var_sum = [], torch.zeros(dims, dtype=torch.float64)
@@ -142,11 +150,11 @@ def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = Non
     its config's `prior` section says (prior.images, prior.components; overrides such as
     "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample`
     and `evaluate` then use."""
-    model, cfg = load_model(checkpoint, pick_device(device))
+    model, cfg, folder = open_model(checkpoint, pick_device(device))
     cfg = with_overrides(cfg, overrides)
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
     prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
                       batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)
-    path = resolve_checkpoint(checkpoint) / PRIOR_FILE
+    path = folder / PRIOR_FILE
     prior.save(path)
     return prior, path

@@ -245,5 +245,5 @@ def build_report(run_dir: str | Path) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.html and return its path."""
     path = Path(run_dir) / rundir.REPORT
-    path.write_text(build_report(run_dir))
+    rundir.write_text_atomic(path, build_report(run_dir))
     return path

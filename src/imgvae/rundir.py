@@ -1,5 +1,5 @@
-"""The layout of a run folder and its JSON Lines records; no torch, so the report reads
-runs without loading it.
+"""The layout of a run folder, its JSON Lines records and whole-or-nothing writes; no torch,
+so the report reads runs without loading it.
 
     OUT/config.yaml  history.jsonl  steps.jsonl  summary.json  metrics.json  report.html
     OUT/checkpoints/  OUT/grids/  OUT/logs/ (TensorBoard, unless -l LOGS)
@@ -8,6 +8,7 @@ runs without loading it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 CONFIG, HISTORY, STEPS = "config.yaml", "history.jsonl", "steps.jsonl"
@@ -27,11 +28,30 @@ def is_run(path: Path) -> bool:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a JSON Lines file; [] when it does not exist."""
+    """Every record of a JSON Lines file; [] when it does not exist. A last line cut short
+    (a crash or a full disk while appending) is left out."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a failed write (a full disk) leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -45,7 +45,7 @@ class RunLog:
         rundir.append_jsonl(self.out / rundir.HISTORY, record)
 
     def summary(self, summary: dict) -> None:
-        (self.out / rundir.SUMMARY).write_text(json.dumps(summary, indent=2))
+        rundir.write_text_atomic(self.out / rundir.SUMMARY, json.dumps(summary, indent=2))
 
     def close(self) -> None:
         self.writer.close()

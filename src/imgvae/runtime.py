@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,6 +20,46 @@ import torch.distributed as dist
 
 class RunError(RuntimeError):
     """A run that cannot start or go on (occupied output folder, bad resume, no device, ...)."""
+
+
+class Stopped(RunError):
+    """A run stopped by a signal after saving its checkpoint; exit with 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, SIGTERM (how SLURM and Kubernetes preempt), SIGINT (Ctrl-C) and SIGUSR1
+    (SLURM's --signal) ask the run to stop at the next step boundary (`received`); a second
+    one stops the process at once, with the signal's usual effect."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        print(f"imgvae: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(once more to stop at once)", file=sys.stderr, flush=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,9 +92,16 @@ class Processes:
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over processes (a no-op in a single process)."""
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over processes (a no-op in a single process)."""
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: torch.Tensor, op) -> torch.Tensor:
         if self.distributed:
             values = values.to(self.device)
-            dist.all_reduce(values)
+            dist.all_reduce(values, op=op)
         return values.cpu()
 
 

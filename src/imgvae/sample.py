@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 from .datasets import load_image_file
 from .decode import denormalize, normalize
 from .models import VAE, inference
@@ -38,6 +38,8 @@ def reconstruct(model: VAE, x: torch.Tensor) -> torch.Tensor:
 
 def sample(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: LatentPrior | None = None) -> torch.Tensor:
     """n images from the prior (N(0, T^2 I), or a fitted one), [0, 1], (n, 3, S, S); same seed, same images."""
+    if not temperature > 0:
+        raise ConfigError(f"the temperature must be > 0, got {temperature}")
     return decode(model, prior_noise(model, n, seed, temperature, prior))
 
 

@@ -8,6 +8,7 @@ cache holds ready views. Sources are picklable and safe to use from DataLoader w
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import zipfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
+from .decode import UnusableFile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -37,6 +39,23 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not Path(name).name.startswith(".")
 
 
+def max_file_bytes(cfg: DataConfig) -> int:
+    return int(cfg.max_file_mb * 2**20)
+
+
+def _too_large(size: int, limit: int) -> UnusableFile:
+    return UnusableFile(f"too large: {size / 2**20:,.1f} MB (data.max_file_mb is {limit / 2**20:g})")
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """A file's bytes, refused unread when it is larger than `limit` bytes."""
+    size = os.stat(path).st_size
+    if size > limit:
+        raise _too_large(size, limit)
+    with open(path, "rb") as f:
+        return f.read(limit + 1)[:limit]  # a file that grew meanwhile is cut, and then fails to decode
+
+
 class FileListSource:
     """A fixed list of image files on disk."""
 
@@ -50,17 +69,30 @@ class FileListSource:
     def key(self, i: int) -> str:
         return str(self.paths[i])
 
-    def read_bytes(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
+    def read_bytes(self, i: int, limit: int) -> bytes:
+        return read_file(self.paths[i], limit)
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Files with image names below root, recursively, in sorted order. Links to folders are
+    followed, each folder once (a link loop ends there); names that are not readable files
+    (dangling links, link loops) are listed too, so that reading them skips them with a reason."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        identity = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+        if identity in seen:
+            subfolders.clear()
+            continue
+        seen.add(identity)
+        found += [Path(folder) / name for name in files if _is_image_name(name)]
+    return sorted(found)
 
 
 class FolderSource(FileListSource):
     """Every image below a folder, recursively, in sorted order."""
 
     def __init__(self, root: Path):
-        root = Path(root)
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image_name(p.name))
-        super().__init__(paths, name=str(root))
+        super().__init__(_image_files(Path(root)), name=str(root))
 
 
 class ZipSource:
@@ -77,8 +109,10 @@ class ZipSource:
             with zipfile.ZipFile(self.path) as zf:
                 infos = [i for i in zf.infolist() if not i.is_dir() and _is_image_name(i.filename)]
         except (zipfile.BadZipFile, OSError) as e:
-            raise SourceError(f"{self.path}: not a readable zip file ({e})") from None
-        self.members = sorted(i.filename for i in infos if not i.filename.startswith("__MACOSX/"))
+            raise SourceError(f"{self.path}: a corrupt or truncated zip file ({e})") from None
+        infos = sorted((i for i in infos if not i.filename.startswith("__MACOSX/")), key=lambda i: i.filename)
+        self.members = [i.filename for i in infos]
+        self.sizes = [i.file_size for i in infos]  # as declared: checked before a member is read
         self._zip: zipfile.ZipFile | None = None
         self._pid: int | None = None
 
@@ -88,11 +122,17 @@ class ZipSource:
     def key(self, i: int) -> str:
         return f"{self.path}:{self.members[i]}"
 
-    def read_bytes(self, i: int) -> bytes:
+    def read_bytes(self, i: int, limit: int) -> bytes:
+        if self.sizes[i] > limit:
+            raise _too_large(self.sizes[i], limit)
         if self._zip is None or self._pid != os.getpid():
             self._zip = zipfile.ZipFile(self.path)
             self._pid = os.getpid()
-        return self._zip.read(self.members[i])
+        with self._zip.open(self.members[i]) as member:
+            data = member.read(limit + 1)  # bounded even when the declared size lies
+        if len(data) > limit:
+            raise _too_large(len(data), limit)
+        return data
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -128,6 +168,20 @@ def embedded_photo_paths(split: str) -> list[Path]:
     if missing:
         raise SourceError(f"embedded photos missing from the installed packages: {missing}")
     return splits[split]
+
+
+# data.crop, views_per_image, eval_views_per_image "auto": the embedded photos are a few large
+# photos, seen as many random crops (as `make demo` does); any other source as the seed's
+# one centre crop per image.
+AUTO_EMBEDDED = {"crop": "random", "views_per_image": 128, "eval_views_per_image": 13}
+AUTO_OTHERS = {"crop": "center", "views_per_image": 1, "eval_views_per_image": 1}
+
+
+def resolve_auto(cfg: DataConfig, source: ConcatSource) -> DataConfig:
+    """cfg with its "auto" view settings decided for these sources."""
+    embedded = all(s.name.startswith("embedded:") for s in source.sources)
+    chosen = AUTO_EMBEDDED if embedded else AUTO_OTHERS
+    return dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if getattr(cfg, k) == "auto"})
 
 
 def preprocessing_signature(cfg: DataConfig) -> dict:
@@ -183,6 +237,14 @@ class CacheSource:
         return {**self.__dict__, "_images": None}
 
 
+def _starts_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def open_source(spec: str):
     """A source from its config string: prepared cache, folder, .zip file or embedded:SPLIT."""
     if spec.startswith("embedded:"):
@@ -197,7 +259,7 @@ def open_source(spec: str):
         source = CacheSource(path)
     elif path.is_dir():
         source = FolderSource(path)
-    elif zipfile.is_zipfile(path):
+    elif path.suffix.lower() == ".zip" or _starts_like_zip(path):
         source = ZipSource(path)
     else:
         raise SourceError(f"data source {spec!r} is neither a folder nor a zip file")
@@ -228,9 +290,9 @@ class ConcatSource:
         source, j = self.locate(i)
         return source.key(j)
 
-    def read_bytes(self, i: int) -> bytes:
+    def read_bytes(self, i: int, limit: int) -> bytes:
         source, j = self.locate(i)
-        return source.read_bytes(j)
+        return source.read_bytes(j, limit)
 
 
 def open_sources(specs: list[str]) -> ConcatSource:

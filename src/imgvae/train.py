@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,13 +32,15 @@ from .decode import normalize, to_model_input
 from .evaluate import eval_loss
 from .features import PerceptualDistance
 from .losses import kl_weight, vae_loss
-from .models import VAE, build_vae
+from .models import VAE, build_vae, check_model
 from .optim import build_optimizer, ema_with_warmup
 from .runlog import RunLog
 from .runtime import (
     Processes,
     RunError,
     RunningMean,
+    Stopped,
+    StopSignals,
     autocast,
     grad_scaler,
     keep_freed_memory,
@@ -86,6 +89,7 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     summary (also written to out_dir/summary.json); the others return {}.
     workflow.train_and_evaluate adds the prior, the evaluation and the report.
     """
+    check_model(cfg)
     procs = start_processes(cfg.train.device)
     out = Path(out_dir)
     lock = None
@@ -93,7 +97,14 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
         if procs.main:
             out.mkdir(parents=True, exist_ok=True)
             lock = lock_run(out)
-        return Trainer(cfg, out, log_dir, resume, progress, procs).run()
+        with StopSignals() as signals:
+            trainer = Trainer(cfg, out, log_dir, resume, progress, procs, signals)
+            try:
+                return trainer.run()
+            except (OSError, ckpt.CheckpointError) as e:  # a full disk, a read-only or vanished folder
+                what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+                raise RunError(f"stopped, {what}; the last good checkpoint is {trainer.last_checkpoint()}: make room "
+                               f"or fix the folder, then continue with imgvae train --resume {out}") from None
     finally:
         if lock is not None:
             lock.close()
@@ -113,11 +124,13 @@ class Position:
 
 class Trainer:
     """One run's state. `run` is the loop, read top to bottom; tests and tools change its
-    behaviour at the named points model_input, log_step, out_of_time, save_checkpoint
+    behaviour at the named points model_input, log_step, stop_reason, save_checkpoint
     and end_epoch."""
 
-    def __init__(self, cfg: Config, out: Path, log_dir, resume: bool, progress: bool, procs: Processes):
+    def __init__(self, cfg: Config, out: Path, log_dir, resume: bool, progress: bool, procs: Processes,
+                 signals: StopSignals | None = None):
         self.cfg, self.out, self.procs, self.progress = cfg, out, procs, progress and procs.main
+        self.signals = signals
         if not resume and (out / rundir.CHECKPOINTS).exists():
             raise RunError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
         weights, state = None, None
@@ -238,14 +251,19 @@ class Trainer:
                 self.after_step(step_stats, grad_norm)
             self.bar.close()
             self.images_seen += self.epoch_images
-            if pos.batches_done == self.batches_per_epoch:  # else stopped mid-epoch
+            # Stopped mid-epoch, or by a signal: a resume ends the epoch (a preempted job must exit fast).
+            if pos.batches_done == self.batches_per_epoch and self.stopped in (None, "time limit"):
                 self.end_epoch(time.time() - self.epoch_start)
-        if self.stopped:
-            self.say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {pos.step}; "
-                     f"continue with --resume {self.out}")
         if self.log is not None:
             self.log.close()
-        return self.summary()
+        summary = self.summary()
+        if self.stopped == "time limit":
+            self.say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {pos.step}; "
+                     f"continue with --resume {self.out}")
+        elif self.stopped:
+            raise Stopped(f"stopped by {self.stopped} at step {pos.step}, checkpoint {self.last_checkpoint()}; "
+                          f"continue with imgvae train --resume {self.out}", signal.Signals[self.stopped])
+        return summary
 
     def steps_of_epoch(self):
         """The rest of the current epoch as optimiser steps: lists of up to grad_accum
@@ -319,11 +337,11 @@ class Trainer:
         return grad_norm, applied
 
     def after_step(self, step_stats: RunningMean, grad_norm: float) -> None:
-        """The step boundary: log, check the time limit, checkpoint."""
+        """The step boundary: log, check the time limit and stop signals, checkpoint."""
         tc, pos = self.cfg.train, self.position
         if pos.step % tc.log_every == 0:
             self.log_step(step_stats.means(self.procs) | {"grad_norm": grad_norm})
-        self.stopped = self.out_of_time()
+        self.stopped = self.stop_reason()
         if self.stopped or (tc.ckpt_every_steps and pos.step % tc.ckpt_every_steps == 0):
             self.save_checkpoint(f"step_{pos.step:08d}")
 
@@ -332,7 +350,7 @@ class Trainer:
         """Before the first step: the run's records (rank 0), the grids' fixed images and
         noise, the banner."""
         cfg, procs, pos = self.cfg, self.procs, self.position
-        self.log, self.fixed_images, self.stopped = None, None, False
+        self.log, self.fixed_images, self.stopped = None, None, None
         if procs.main:
             self.log = RunLog(self.out, self.logs, cfg, pos.epoch, pos.step)
             shown = self.eval_set if self.eval_set is not None else self.train_set
@@ -358,15 +376,18 @@ class Trainer:
         rate = self.epoch_images * self.procs.world_size / max(time.time() - self.epoch_start, 1e-9)
         self.bar.set_postfix(loss=f"{values['loss']:.1f}", kl=f"{values['kl']:.1f}", img_s=f"{rate:.0f}")
 
-    def out_of_time(self) -> bool:
-        """Whether train.time_limit has passed; every process gets the same answer."""
+    def stop_reason(self) -> str | None:
+        """"time limit" when train.time_limit has passed, a signal's name (SIGTERM) when one
+        asked the run to stop, else None; every process gets the same answer."""
         tc = self.cfg.train
-        if not tc.time_limit:
-            return False
-        late = time.time() - self.started > 60 * tc.time_limit
-        if self.procs.distributed:  # rank clocks differ: agree
-            late = self.procs.all_reduce_sum(torch.tensor([float(late)]))[0].item() > 0
-        return late
+        late = bool(tc.time_limit) and time.time() - self.started > 60 * tc.time_limit
+        signum = self.signals.received if self.signals is not None else None
+        if self.procs.distributed:  # rank clocks differ, and a signal may reach one rank first: agree
+            votes = self.procs.all_reduce_max(torch.tensor([float(late), float(signum or 0)]))
+            late, signum = bool(votes[0]), int(votes[1])
+        if signum:
+            return signal.Signals(signum).name
+        return "time limit" if late else None
 
     def end_epoch(self, seconds: float) -> None:
         """After the epoch's last step: history, eval loss, grids, learning-rate step, checkpoint."""
