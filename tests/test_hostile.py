@@ -3,29 +3,36 @@ resources on hostile files, clean failures when writing fails, graceful preempti
 readers that never see a torn checkpoint, and a corpus of every kind of bad file."""
 
 import errno
+import io
 import json
 import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 import imgvae.sample as sample_module
+import imgvae.sources as sources_module
 from imgvae.checkpoint import load_checkpoint, open_model
 from imgvae.cli import main
-from imgvae.config import load_config, save_config
-from imgvae.datasets import build_dataset
+from imgvae.config import DataConfig, load_config, save_config
+from imgvae.datasets import SkippedFile, build_dataset
+from imgvae.decode import load_view
 from imgvae.rundir import read_jsonl, write_text_atomic
 
-from conftest import TINY, write_coco_zip, write_jpegs
+from conftest import TINY, decode_rgb, preprocess, smooth_image, train_tiny_run, write_coco_zip, write_jpegs
 
 MISSING_DATA = "data.train=[/no/such/folder]"  # were data read first, the error would name it
 
@@ -326,3 +333,178 @@ def test_readers_never_see_a_torn_checkpoint_while_a_run_writes(tmp_path):
         writer.kill()
         writer.wait()
     assert len(seen) > 10  # the checkpoints did change under the readers
+
+
+def exif_rotated_jpeg(orientation: int = 6) -> bytes:
+    """A 120x80 photo whose EXIF says: turn me (6: 90 degrees clockwise) to see me upright."""
+    img = smooth_image(np.random.default_rng(3), 120, 80)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_exif_orientation_is_honoured_only_when_asked(exact):
+    data = exif_rotated_jpeg()
+    base = {"image_size": 32, "crop_size": 64, "exact_decode": exact}
+    as_stored = load_view(data, DataConfig(**base))
+    upright = load_view(data, DataConfig(**base, exif_transpose=True))
+    if exact:  # bit for bit the seed's pipeline on the turned photo
+        photo = decode_rgb(data)
+        assert torch.equal(torch.from_numpy(as_stored), preprocess(photo, DataConfig(**base)))
+        assert torch.equal(torch.from_numpy(upright), preprocess(ImageOps.exif_transpose(photo), DataConfig(**base)))
+    else:  # the reduced-scale decode crops the same square of the turned photo
+        exact_upright = load_view(data, DataConfig(**{**base, "exact_decode": True}, exif_transpose=True)).astype(float)
+        assert np.abs(upright.astype(float) - exact_upright).mean() < 3
+    assert not np.array_equal(as_stored, upright)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels: a decompression bomb as far as its header goes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def write_hostile_corpus(root: Path) -> dict[str, str]:
+    """Every kind of file a real photo folder or zip may hold -> {name: the reason it is skipped}
+    for the bad ones; the others must train."""
+    photos = root / "photos"
+    write_jpegs(photos, 18)  # with the 22 files below, 40: every file is read in one epoch of batch 8
+    rgb = smooth_image(np.random.default_rng(0), 96, 72)
+    good = {
+        "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "grey16.png": encoded(Image.fromarray(np.full((40, 50), 40000, np.uint16)), "PNG"),
+        "palette.png": encoded(rgb.convert("P"), "PNG"),
+        "rgba.png": encoded(rgb.convert("RGBA"), "PNG"),
+        "la.png": encoded(rgb.convert("LA"), "PNG"),
+        "one_pixel.png": encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "wide_20x10.png": encoded(rgb.resize((20, 10)), "PNG"),
+        "exif_rotated.jpg": exif_rotated_jpeg(),
+        "café au lait ü.jpg": encoded(rgb, "JPEG"),
+        "with space.jpg": encoded(rgb, "JPEG"),
+    }
+    for name, data in good.items():
+        (photos / name).write_bytes(data)
+    jpeg = encoded(rgb, "JPEG")
+    (photos / "zero.jpg").write_bytes(b"")
+    (photos / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (photos / "page.png").write_text("<!DOCTYPE html><html><body>404 not found</body></html>")
+    (photos / "bomb.png").write_bytes(png_header_only(30000, 30000))  # 900 MP: over PIL's own limit
+    (photos / "big.png").write_bytes(png_header_only(12000, 12000))  # 144 MP: over data.max_megapixels
+    (photos / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (photos / "loop_a.jpg").symlink_to(photos / "loop_b.jpg")
+    (photos / "loop_b.jpg").symlink_to(photos / "loop_a.jpg")
+    (photos / "subfolder_loop").symlink_to(photos)  # a link back up: each folder is read once
+    (photos / "secret.jpg").write_bytes(jpeg)  # unreadable: see test
+    with zipfile.ZipFile(root / "archive.zip", "w") as zf:
+        zf.writestr("../../escape.jpg", jpeg)  # never extracted: only read
+        zf.writestr("/absolute.jpg", jpeg)
+        zf.writestr("inner.zip", b"PK\x05\x06" + bytes(18))  # a nested zip: not an image name, not listed
+        zf.writestr("zip_in_disguise.jpg", b"PK\x05\x06" + bytes(18))
+    return {
+        "zero.jpg": "an empty file",
+        "truncated.jpg": "truncated",
+        "page.png": "not an image (PIL cannot identify its format)",
+        "bomb.png": "DecompressionBombError: Image size (900000000 pixels) exceeds limit",
+        "big.png": "too many pixels: 12000x12000 = 144.0 MP (data.max_megapixels is 128)",
+        "dangling.jpg": "No such file or directory",
+        "loop_a.jpg": "Too many levels of symbolic links",
+        "loop_b.jpg": "Too many levels of symbolic links",
+        "secret.jpg": "Permission denied",
+        "zip_in_disguise.jpg": "not an image (PIL cannot identify its format)",
+    }
+
+
+def test_a_hostile_corpus_trains_with_every_bad_file_skipped_for_a_reason(tmp_path, monkeypatch, recwarn):
+    bad = write_hostile_corpus(tmp_path / "corpus")
+    real_read = sources_module.read_file
+
+    def unreadable_secret(path, limit):
+        if Path(path).name == "secret.jpg":  # chmod 000 does not stop root: inject what it does to others
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_read(path, limit)
+
+    monkeypatch.setattr(sources_module, "read_file", unreadable_secret)
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "out"
+    assert main(["train", "-o", str(out), "--no-progress", *TINY, "train.epochs=1", "data.eval=[]",
+                 f"data.train=[{tmp_path / 'corpus' / 'photos'},{tmp_path / 'corpus' / 'archive.zip'}]"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    skipped = {key.rsplit("/", 1)[-1].rsplit(":", 1)[-1]: reason for key, reason in summary["skipped"].items()}
+    assert set(skipped) == set(bad), skipped
+    for name, reason in skipped.items():
+        assert bad[name].lower() in reason.lower() and "\n" not in reason and " at 0x" not in reason, (name, reason)
+    assert summary["images_seen_this_run"] == 18 + 10 + 2  # the photos, the odd but good images, the zip's two
+    warned = [str(w.message) for w in recwarn if issubclass(w.category, SkippedFile)]
+    assert len(warned) == len(bad) and all("\n" not in w and " at 0x" not in w for w in warned)
+    written_elsewhere = {p for p in tmp_path.rglob("*") if out not in p.parents and p != out} - before
+    assert not written_elsewhere and not (tmp_path.parent / "escape.jpg").exists()
+
+
+def test_skipped_files_are_one_line_each_on_the_command_line(tmp_path):
+    write_jpegs(tmp_path / "photos", 16)
+    (tmp_path / "photos" / "junk.jpg").write_text("<html>")
+    result = subprocess.run([sys.executable, "-m", "imgvae", "train", "-o", str(tmp_path / "run"), "--no-progress",
+                             *TINY, "train.epochs=1", f"data.train=[{tmp_path / 'photos'}]", "data.eval=[]"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stderr == (f"imgvae: skipping unreadable image {tmp_path / 'photos' / 'junk.jpg'} "
+                             "(not an image (PIL cannot identify its format))\n")
+
+
+@pytest.fixture(scope="module")
+def random_crop_run(tmp_path_factory):
+    """A run trained and held out on random crops (3 per held-out photo), as the demo is."""
+    return train_tiny_run(tmp_path_factory.mktemp("crops"), "train.epochs=1", "data.crop=random",
+                          "data.views_per_image=2", "data.eval_views_per_image=3")
+
+
+def test_evaluate_takes_the_users_images_as_they_are(random_crop_run, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    write_jpegs(mine, 5, seed=8)
+    assert main(["evaluate", str(random_crop_run), "--limit", "100", "-o", str(tmp_path / "run.json"),
+                 "--no-progress"]) == 0
+    as_run = json.loads((tmp_path / "run.json").read_text())
+    assert as_run["images"] == 6 * 3 and as_run["preprocessing"]["crop"] == "random"  # the run's held-out views
+    assert main(["evaluate", str(random_crop_run), "--data", str(mine), "-o", str(tmp_path / "m.json"),
+                 "--no-progress"]) == 0
+    given = json.loads((tmp_path / "m.json").read_text())
+    assert given["images"] == 5 and given["preprocessing"]["crop"] == "center"
+    assert given["preprocessing"]["eval_views_per_image"] == 1
+    assert "one centre crop of min(64, shorter side) per image, resized to 32 px" in capsys.readouterr().out
+    # Asked otherwise: KEY=VALUE, also after --data's list.
+    assert main(["evaluate", str(random_crop_run), "--data", str(mine), "data.crop=random",
+                 "data.eval_views_per_image=2", "-o", str(tmp_path / "m2.json"), "--no-progress"]) == 0
+    asked = json.loads((tmp_path / "m2.json").read_text())
+    assert asked["images"] == 10 and asked["preprocessing"]["crop"] == "random"
+
+
+def test_fit_prior_and_reconstruct_take_data_overrides(random_crop_run, tmp_path, capsys):
+    mine = write_jpegs(tmp_path / "mine", 4, seed=8, sizes=((200, 150),))
+    assert main(["fit-prior", str(random_crop_run), "--data", str(tmp_path / "mine"), "--no-progress"]) == 0
+    assert "fitted on 4 training images" in capsys.readouterr().out  # one centre view each
+    for name, extra in (("plain", []), ("wide", ["data.crop_size=150"])):
+        assert main(["reconstruct", str(random_crop_run), str(mine[0]), *extra, "-o", str(tmp_path / name)]) == 0
+    pngs = [(tmp_path / name / f"{mine[0].stem}_reconstruction.png").read_bytes() for name in ("plain", "wide")]
+    assert pngs[0] != pngs[1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.latent_dim=8", "model.* cannot change for a trained model; only data, eval, prior keys"),
+    ("data.image_size=48", "data.image_size: this model takes 32 px images"),
+    ("eval.iw_samples=0", "eval.iw_samples must be >= 1, got 0"),
+])
+def test_overrides_a_trained_model_cannot_take_are_refused(random_crop_run, tmp_path, override, message, capsys):
+    assert main(["evaluate", str(random_crop_run), override, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"imgvae: error: {message}\n"

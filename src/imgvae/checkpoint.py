@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, from_dict
+from .config import Config, ConfigError, from_dict, with_overrides
 from .models import build_vae
 
 FORMAT_VERSION = 1
@@ -187,6 +187,22 @@ def open_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
         return model.eval(), cfg, folder
 
     return _read_whole(path, read)
+
+
+# What can change for a trained model: how images are read and how it is looked at.
+OVERRIDABLE = ("data", "eval", "prior")
+
+
+def with_use_overrides(cfg: Config, overrides: list[str] | dict | None) -> Config:
+    """A trained model's config with overrides of its data, eval and prior sections; the
+    model's own settings (and the image size it takes) cannot change."""
+    changed = with_overrides(cfg, overrides)
+    fixed = [f"{name}.*" for name in ("model", "loss", "train") if getattr(changed, name) != getattr(cfg, name)]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} cannot change for a trained model; only {', '.join(OVERRIDABLE)} keys")
+    if changed.data.image_size != cfg.data.image_size:
+        raise ConfigError(f"data.image_size: this model takes {cfg.data.image_size} px images")
+    return changed
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):

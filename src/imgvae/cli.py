@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
 from .cache import prepare
-from .checkpoint import CheckpointError, open_model
-from .config import ConfigError, load_config
+from .checkpoint import CheckpointError, open_model, with_use_overrides
+from .config import Config, ConfigError, load_config, merge_overrides
 from .evaluate import evaluate_checkpoint
 from .features import FeatureError
 from .prior import fit_checkpoint_prior, load_prior
@@ -35,6 +37,11 @@ examples:
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE", help=f"YAML config file or preset name ({PRESETS})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def _use_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the run's data, eval and prior keys, e.g. data.crop_size=500")
 
 
 def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed (default 0): same seed, same output",
@@ -94,7 +101,9 @@ def _add_evaluate(sub) -> None:
         formatter_class=RAW,
     )
     e.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (its last checkpoint)")
-    e.add_argument("--data", nargs="+", metavar="SOURCE", help="held-out sources (default: the run's data.eval)")
+    _use_overrides(e)
+    e.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="your images, one centre view each (default: the run's data.eval, as the run saw it)")
     e.add_argument("-o", "--out", metavar="FILE", help="metrics file (default: RUN/metrics.json)")
     e.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound "
                    "(eval.iw_samples, default 8)")
@@ -112,7 +121,7 @@ def _add_generation(sub) -> None:
                        description="Preprocess each image as the run's eval split (centre crop, resize) and write "
                        "input | reconstruction PNGs (posterior mean, deterministic).")
     r.add_argument("checkpoint", metavar="CKPT")
-    r.add_argument("images", nargs="+", metavar="IMG")
+    r.add_argument("images", nargs="+", metavar="IMG", help="image files (and KEY=VALUE overrides of data keys)")
     r.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
     _common(r)
 
@@ -120,6 +129,7 @@ def _add_generation(sub) -> None:
                        "sample_NNN.png and a samples.png grid. The prior is N(0, T^2 I), or the Gaussian (mixture) "
                        "`imgvae fit-prior` fitted to the training latents when the checkpoint has one.")
     s.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(s)
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its means (default 1)")
@@ -134,6 +144,7 @@ def _add_generation(sub) -> None:
     i.add_argument("checkpoint", metavar="CKPT")
     i.add_argument("image_a", metavar="IMG_A")
     i.add_argument("image_b", metavar="IMG_B")
+    _use_overrides(i)
     i.add_argument("--steps", type=int, default=8, help="decoded points, ends included (default 8)")
     i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
     _common(i)
@@ -151,7 +162,9 @@ def _add_fit_prior(sub) -> None:
                        "  imgvae sample runs/kl-f8 -n 64 -o samples/",
                        formatter_class=RAW)
     f.add_argument("checkpoint", metavar="CKPT")
-    f.add_argument("--data", nargs="+", metavar="SOURCE", help="training sources (default: the run's data.train)")
+    _use_overrides(f)
+    f.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="your images, one centre view each (default: the run's data.train, its training crops)")
     f.add_argument("--limit", type=int, metavar="N",
                    help="images, spread evenly over the data (prior.images, default 10000; 0: all)")
     f.add_argument("--components", type=int, metavar="K",
@@ -177,13 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_values(args, flags: dict[str, tuple[str, str]]) -> dict:
-    """The options given on the command line as nested config values: {option: (section, key)}."""
+OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})\.\w+=")
+
+
+def _overrides(args, flags: dict[str, tuple[str, str]] | None = None) -> dict:
+    """The command line's config overrides: options as nested values ({option: (section, key)}),
+    then the KEY=VALUE items, wherever argparse put them (after --data SOURCE ... they land in
+    its list)."""
     values: dict = {}
-    for option, (section, key) in flags.items():
+    for option, (section, key) in (flags or {}).items():
         if getattr(args, option) is not None:
             values.setdefault(section, {})[key] = getattr(args, option)
-    return values
+    items = list(getattr(args, "overrides", None) or [])
+    for name in ("data", "sample_reference", "images"):
+        listed = getattr(args, name, None) or []
+        items += [x for x in listed if OVERRIDE.match(x)]
+        setattr(args, name, [x for x in listed if not OVERRIDE.match(x)] or None)
+    return merge_overrides(values, items)
 
 
 def _train(args) -> None:
@@ -217,7 +240,7 @@ def _prepare(args) -> None:
 
 
 def _evaluate(args) -> None:
-    overrides = _flag_values(args, {
+    overrides = _overrides(args, {
         "iw_samples": ("eval", "iw_samples"), "batch_size": ("eval", "batch_size"), "limit": ("eval", "limit"),
         "fid_weights": ("eval", "fid_weights"), "sample_reference": ("eval", "sample_reference"),
         "seed": ("eval", "seed"),
@@ -229,15 +252,19 @@ def _evaluate(args) -> None:
 
 
 def _fit_prior(args) -> None:
-    overrides = _flag_values(args, {"limit": ("prior", "images"), "components": ("prior", "components"),
-                                    "batch_size": ("eval", "batch_size")})
+    overrides = _overrides(args, {"limit": ("prior", "images"), "components": ("prior", "components"),
+                                  "batch_size": ("eval", "batch_size")})
     prior, path = fit_checkpoint_prior(args.checkpoint, args.data, overrides, device=args.device,
                                        progress=not args.no_progress)
     print(f"imgvae: wrote {path} ({prior.describe()})")
 
 
 def _generate(args) -> None:
+    overrides = _overrides(args)
     model, cfg, folder = open_model(args.checkpoint, pick_device(args.device))
+    cfg = with_use_overrides(cfg, overrides)
+    if args.command == "reconstruct" and not args.images:
+        raise ConfigError("imgvae reconstruct needs at least one image file")
     if args.command == "reconstruct":
         written = reconstruct_files(model, cfg.data, args.images, args.out)
     elif args.command == "sample":

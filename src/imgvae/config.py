@@ -62,6 +62,9 @@ class DataConfig:
     # PIL's own hard limit, 2 x Image.MAX_IMAGE_PIXELS).
     max_file_mb: float = 256.0
     max_megapixels: float = 128.0
+    # Turn photos upright by their EXIF orientation before cropping (the seed did not: phone
+    # photos taken sideways are then seen sideways).
+    exif_transpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -443,6 +446,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """Defaults <- YAML file (path or preset name) <- overrides (strings or a nested dict)."""
     values = _migrate(read_yaml(resolve_config_path(path))) if path is not None else {}
     return from_dict(_deep_merge(values, _override_values(overrides)))
+
+
+def merge_overrides(*overrides: list[str] | dict | None) -> dict:
+    """Several sets of overrides (strings or nested dicts) as one nested dict; later ones win."""
+    merged: dict = {}
+    for values in overrides:
+        merged = _deep_merge(merged, _override_values(values))
+    return merged
 
 
 def with_overrides(cfg: Config, overrides: list[str] | dict | None) -> Config:

@@ -19,6 +19,9 @@ from .config import DataConfig
 from .decode import load_view, skip_reason
 from .sources import CacheSource, ConcatSource, SourceError, max_file_bytes, open_sources, read_file, resolve_auto
 
+# How a user's own images are seen by evaluate and fit-prior: each as it is, one centre view.
+ONE_CENTRE_VIEW = {"crop": "center", "views_per_image": 1, "eval_views_per_image": 1}
+
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{index}")

@@ -13,11 +13,12 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .config import DataConfig
 
 MEAN = STD = 0.5  # the seed's normalisation: [0, 1] -> [-1, 1]
+EXIF_ORIENTATION = 0x0112
 
 
 class UnusableFile(ValueError):
@@ -111,14 +112,18 @@ def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) ->
         warnings.simplefilter("ignore")
         img = open_image(data, cfg)
         width, height = img.size
-        left, top, side = crop_box(width, height, cfg, rng)
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1) if cfg.exif_transpose else 1
+        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 90-degree turns swap
+        left, top, side = crop_box(*upright, cfg, rng)
         scale = 1 if cfg.exact_decode else next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
         if scale > 1:
             # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
             img.draft(None, (-(-width // scale), -(-height // scale)))
         img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
         img = to_rgb(img)
-    return crop_resize(img, left, top, side, cfg.image_size, width / img.width, height / img.height)
+    return crop_resize(img, left, top, side, cfg.image_size, upright[0] / img.width, upright[1] / img.height)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,9 @@ from torchmetrics.functional.image import (
 )
 from tqdm import tqdm
 
-from .checkpoint import open_model, resolve_checkpoint
-from .config import Config, ConfigError, LossConfig, with_overrides
-from .datasets import BadFiles, ImageDataset, build_dataset, eval_loader, loader_workers
+from .checkpoint import open_model, resolve_checkpoint, with_use_overrides
+from .config import Config, ConfigError, DataConfig, LossConfig, with_overrides
+from .datasets import ONE_CENTRE_VIEW, BadFiles, ImageDataset, build_dataset, eval_loader, loader_workers
 from .decode import denormalize, normalize, to_model_input
 from .features import GaussianStats, feature_networks, frechet_distance
 from .losses import LIKELIHOOD_FAMILY, bits_per_dim, discretized_log_likelihood, vae_loss
@@ -206,7 +206,13 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
         _reference_pass(*loader_of(ec.sample_reference), tally, samples, bad, progress)
         if tally.references < 2:
             raise SourceError(f"scoring samples needs at least 2 readable images in {ec.sample_reference}")
-    return _metrics(tally, cfg, sources, model, prior, family, bad)
+    return _metrics(tally, cfg, sources, model, prior, family, bad) | {"preprocessing": preprocessing(dataset.cfg)}
+
+
+def preprocessing(cfg: DataConfig) -> dict:
+    """How the held-out images were turned into views, for metrics.json."""
+    keys = ("image_size", "crop", "crop_size", "crop_scale", "eval_views_per_image", "exact_decode", "exif_transpose")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(cfg, k)) for k in keys)}
 
 
 def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: LatentPrior | None, family: str,
@@ -272,11 +278,14 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
 def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None, out: str | Path | None = None,
                         overrides: list[str] | dict | None = None, device: str = "auto", progress: bool = True
                         ) -> tuple[dict, Path]:
-    """Load a checkpoint, evaluate it as its config's `eval` section says (overrides such as
-    "eval.iw_samples=64" change it; default sources: its data.eval; its fitted prior when
-    it has one) and write metrics.json (default: into its run folder). -> (metrics, path)."""
+    """Load a checkpoint, evaluate it as its config's `eval` section says (overrides of the
+    data, eval and prior sections such as "eval.iw_samples=64" change it; its fitted prior
+    when it has one) on `sources`, one centre view per image, or by default on its data.eval
+    as the run saw it, and write metrics.json (default: into its run folder). -> (metrics, path)."""
     model, cfg, folder = open_model(checkpoint, pick_device(device))
-    cfg = with_overrides(cfg, overrides)
+    if sources:  # the images a user gives are evaluated as they are: one centre view each
+        cfg = with_overrides(cfg, {"data": ONE_CENTRE_VIEW})
+    cfg = with_use_overrides(cfg, overrides)
     sources = sources or cfg.data.eval
     if not sources:
         raise ConfigError("no evaluation data: pass --data SOURCE (the run's config has no data.eval)")

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, open_model, resolve_checkpoint
+from .checkpoint import CheckpointError, open_model, resolve_checkpoint, with_use_overrides
 from .config import ConfigError, with_overrides
-from .datasets import build_dataset, eval_loader
+from .datasets import ONE_CENTRE_VIEW, build_dataset, eval_loader
 from .decode import normalize
 from .models import VAE, inference
 from .runtime import pick_device
@@ -145,13 +145,16 @@ def fit_prior(model: VAE, dataset, *, limit: int = 10_000, components: int = 1, 
 def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = None,
                          overrides: list[str] | dict | None = None, *,
                          device: str = "auto", progress: bool = True) -> tuple[LatentPrior, Path]:
-    """Fit a prior for a checkpoint (its EMA weights when it has them) on `sources`
-    (default: its config's data.train, with the training crops of epoch 1, no flips), as
+    """Fit a prior for a checkpoint (its EMA weights when it has them) on `sources` (one
+    centre view each; default: its config's data.train, with the training crops of epoch 1,
+    no flips), as
     its config's `prior` section says (prior.images, prior.components; overrides such as
     "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample`
     and `evaluate` then use."""
     model, cfg, folder = open_model(checkpoint, pick_device(device))
-    cfg = with_overrides(cfg, overrides)
+    if sources:  # the images a user gives: one centre view each
+        cfg = with_overrides(cfg, {"data": ONE_CENTRE_VIEW})
+    cfg = with_use_overrides(cfg, overrides)
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
     prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
                       batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)

@@ -19,6 +19,8 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
     """(label, value) rows summarising a metrics dict: the printed table and the report's."""
     rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
     rows = [("images", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
+    if "preprocessing" in metrics:
+        rows.append(("views", describe_views(metrics["preprocessing"])))
     if "samples_reference" in metrics and not metrics["samples_reference"]["held_out"]:
         ref = metrics["samples_reference"]
         rows.append(("samples scored against", f"{ref['images']} images from {', '.join(ref['sources'])}"))
@@ -34,6 +36,17 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
         ("active units", f"{lat['active_units']} / {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
     ]
     return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+
+
+def describe_views(p: dict) -> str:
+    """metrics.json's preprocessing record in words."""
+    views = p["eval_views_per_image"]
+    if p["crop"] == "random":
+        lo, hi = p["crop_scale"]
+        crop = f"{views} random square crops of {lo:.0%}-{hi:.0%} of the shorter side"
+    else:
+        crop = f"{'one centre crop' if views == 1 else f'{views} centre crops'} of min({p['crop_size']}, shorter side)"
+    return f"{crop} per image, resized to {p['image_size']} px"
 
 
 def format_table(metrics: dict) -> str:

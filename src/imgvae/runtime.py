@@ -58,8 +58,9 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        print(f"imgvae: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
-              "(once more to stop at once)", file=sys.stderr, flush=True)
+        if is_main_process():  # under torchrun every process gets the signal; one says so
+            print(f"imgvae: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                  "(once more to stop at once)", file=sys.stderr, flush=True)
 
 
 def pick_device(name: str) -> torch.device:

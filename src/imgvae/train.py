@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,7 +397,10 @@ class Trainer:
         if not train_stats:
             raise RunError(f"epoch {pos.epoch + 1} had no readable training images (or every step was skipped)")
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        # A run resumed at an epoch's end steps no optimiser before this; its state was restored.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            self.scheduler.step()
         pos.epoch, pos.batches_done, self.epoch_stats = pos.epoch + 1, 0, RunningMean()
         if self.procs.main:
             self._record_epoch(train_stats, lr, seconds)
