@@ -226,3 +226,20 @@ def test_auto_views_are_random_crops_of_the_embedded_photos_and_one_centre_crop_
     assert (folder.cfg.crop, folder.cfg.views_per_image, len(folder)) == ("center", 1, 5)
     explicit = build_dataset(["embedded:train"], DataConfig(crop="center", views_per_image=2), train=True, seed=0)
     assert (explicit.cfg.crop, len(explicit)) == ("center", 12)  # only "auto" is decided per source
+
+
+@pytest.mark.parametrize("budget", [2**30, 1000])  # every photo kept; none (decoded per view, as before)
+def test_random_crops_from_photos_kept_decoded_are_the_same_views(tmp_path, budget):
+    write_jpegs(tmp_path / "jpegs", 2, seed=4, sizes=((640, 480),))  # reduced-scale decodes at several scales
+    cfg = DataConfig(image_size=32, crop="random", views_per_image=6)
+    sources = ["embedded:train", str(tmp_path / "jpegs")]  # PNG and JPEG photos
+    plain = build_dataset(sources, cfg, train=True, seed=3)
+    kept = build_dataset(sources, cfg, train=True, seed=3)
+    assert kept.keep_decoded(budget) and kept.decoded is not None
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        for i in range(len(plain)):
+            assert torch.equal(plain.load(i), kept.load(i)), (epoch, i)
+    assert (kept.decoded.used > 0) == (budget > 1000) and kept.decoded.used <= budget
+    assert not build_dataset(sources, DataConfig(image_size=32), train=True, seed=3).keep_decoded(2**30)  # centre

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .config import DataConfig
-from .decode import load_view, skip_reason
+from .decode import DecodedImages, load_view, skip_reason
 from .sources import CacheSource, ConcatSource, SourceError, max_file_bytes, open_sources, read_file, resolve_auto
 
 # How a user's own images are seen by evaluate and fit-prior: each as it is, one centre view.
@@ -39,6 +39,7 @@ class ImageDataset(Dataset):
         self.views = cfg.views_per_image if train else cfg.eval_views_per_image
         self.epoch = 0
         self.memory = self.filled = None  # see keep_in_memory
+        self.decoded: DecodedImages | None = None  # see keep_decoded
 
     @property
     def from_prepared_cache(self) -> bool:
@@ -70,6 +71,16 @@ class ImageDataset(Dataset):
         self.memory, self.filled = memory, filled
         return True
 
+    def keep_decoded(self, max_bytes: float, processes: int = 1) -> bool:
+        """For random training crops: keep the decoded images in RAM (each process its own,
+        max_bytes shared among them), so that a few large photos give every view from one
+        decode (per JPEG reduction) instead of one decode per view. Views stay pixel for
+        pixel the same; images over the budget are decoded per view as before."""
+        if not (self.train and self.cfg.crop == "random") or self.from_prepared_cache:
+            return False
+        self.decoded = DecodedImages(max_bytes / max(1, processes))
+        return True
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -89,7 +100,11 @@ class ImageDataset(Dataset):
         rng = None
         if self.cfg.crop == "random":
             rng = item_rng(self.seed, self.epoch if self.train else -1, index)
-        view = torch.from_numpy(load_view(source.read_bytes(i, max_file_bytes(self.cfg)), self.cfg, rng))
+        if self.decoded is not None:
+            read = lambda: source.read_bytes(i, max_file_bytes(self.cfg))  # noqa: E731
+            view = torch.from_numpy(self.decoded.view(index // self.views, read, self.cfg, rng))
+        else:
+            view = torch.from_numpy(load_view(source.read_bytes(i, max_file_bytes(self.cfg)), self.cfg, rng))
         if self.memory is not None:
             self.memory[index] = view
             self.filled[index] = True

@@ -10,6 +10,7 @@ import io
 import random
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -97,6 +98,50 @@ def crop_resize(img: Image.Image, left: int, top: int, side: int, size: int, fx:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
+@dataclass(frozen=True)
+class Header:
+    """What a view's plan needs of an image, from its header alone."""
+
+    width: int
+    height: int
+    orientation: int  # EXIF orientation honoured (1 when data.exif_transpose is off)
+    jpeg: bool  # decodable at reduced scale (libjpeg DCT scaling)
+
+    @property
+    def upright(self) -> tuple[int, int]:
+        """(width, height) once turned upright: 90-degree turns swap them."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
+
+
+def read_header(img: Image.Image, cfg: DataConfig) -> Header:
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1) if cfg.exif_transpose else 1
+    return Header(img.width, img.height, orientation, img.format == "JPEG")
+
+
+def plan_view(header: Header, cfg: DataConfig, rng: random.Random | None) -> tuple[tuple[int, int, int], int]:
+    """-> (the crop's (left, top, side) in the upright image, the JPEG reduction to decode at)."""
+    box = crop_box(*header.upright, cfg, rng)
+    reducible = header.jpeg and not cfg.exact_decode
+    return box, next((s for s in (8, 4, 2) if box[2] / s >= cfg.image_size), 1) if reducible else 1
+
+
+def decode_at(img: Image.Image, header: Header, scale: int) -> Image.Image:
+    """An opened image decoded at 1/scale (JPEG), turned upright, as 8-bit RGB."""
+    if scale > 1:
+        # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
+        img.draft(None, (-(-header.width // scale), -(-header.height // scale)))
+    img.load()
+    if header.orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def cut_view(img: Image.Image, header: Header, box: tuple[int, int, int], cfg: DataConfig) -> np.ndarray:
+    """The crop `box` (upright, original pixels) of a decoded image, resized -> uint8 (3, S, S)."""
+    width, height = header.upright
+    return crop_resize(img, *box, cfg.image_size, width / img.width, height / img.height)
+
+
 def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) -> np.ndarray:
     """Encoded bytes -> uint8 (3, S, S) view.
 
@@ -111,19 +156,46 @@ def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) ->
     with warnings.catch_warnings():  # PIL's notes on odd files (EXIF, palettes): a file decodes or is skipped
         warnings.simplefilter("ignore")
         img = open_image(data, cfg)
-        width, height = img.size
-        orientation = img.getexif().get(EXIF_ORIENTATION, 1) if cfg.exif_transpose else 1
-        upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 90-degree turns swap
-        left, top, side = crop_box(*upright, cfg, rng)
-        scale = 1 if cfg.exact_decode else next((s for s in (8, 4, 2) if side / s >= cfg.image_size), 1)
-        if scale > 1:
-            # Ask for ceil(size / scale) so libjpeg never reduces more than `scale`.
-            img.draft(None, (-(-width // scale), -(-height // scale)))
-        img.load()
-        if orientation != 1:
-            img = ImageOps.exif_transpose(img)
-        img = to_rgb(img)
-    return crop_resize(img, left, top, side, cfg.image_size, upright[0] / img.width, upright[1] / img.height)
+        header = read_header(img, cfg)
+        box, scale = plan_view(header, cfg, rng)
+        return cut_view(decode_at(img, header, scale), header, box, cfg)
+
+
+class DecodedImages:
+    """Whole images kept decoded in RAM (per JPEG reduction), up to `budget` bytes: random crops
+    of a few large photos then cut every view from one decode, pixel for pixel the view that
+    load_view would decode afresh."""
+
+    def __init__(self, budget: float):
+        self.budget, self.used = budget, 0
+        self.headers: dict[int, Header] = {}
+        self.images: dict[tuple[int, int], Image.Image] = {}
+
+    def view(self, file: int, read, cfg: DataConfig, rng: random.Random | None) -> np.ndarray:
+        """File `file`'s view; read() gives its bytes when they must be decoded."""
+        header = self.headers.get(file)
+        if header is None:
+            return self._decode(file, read(), cfg, rng)
+        box, scale = plan_view(header, cfg, rng)
+        img = self.images.get((file, scale))
+        if img is None:
+            return self._decode(file, read(), cfg, rng, (box, scale))
+        return cut_view(img, header, box, cfg)
+
+    def _decode(self, file: int, data: bytes, cfg: DataConfig, rng, plan=None) -> np.ndarray:
+        if not data:
+            raise UnusableFile("an empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = open_image(data, cfg)
+            header = read_header(img, cfg)
+            box, scale = plan or plan_view(header, cfg, rng)
+            decoded = decode_at(img, header, scale)
+        size = decoded.width * decoded.height * 3
+        if self.used + size <= self.budget:
+            self.headers[file], self.images[file, scale] = header, decoded
+            self.used += size
+        return cut_view(decoded, header, box, cfg)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

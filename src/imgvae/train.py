@@ -164,6 +164,7 @@ class Trainer:
         # The budget is per machine: torchrun's processes on it keep a copy each.
         memory_budget = cfg.data.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.in_memory = self.train_set.keep_in_memory(memory_budget, shared=workers > 0)
+        self.train_set.keep_decoded(memory_budget, processes=workers)
         self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
                                                 self.device.type == "cuda", procs.rank, procs.world_size)
         self.batches_per_epoch = len(self.sampler.base) // tc.batch_size
@@ -364,7 +365,8 @@ class Trainer:
                  f"{f' x {procs.world_size} processes' if procs.distributed else ''}; train {len(self.train_set):,} "
                  f"images from {self.train_set.source.name}; eval {n_eval:,}; "
                  f"epochs {pos.epoch + 1}..{cfg.train.epochs}"
-                 f"{'; training views kept in RAM once decoded' if self.in_memory else ''}")
+                 f"{'; training views kept in RAM once decoded' if self.in_memory else ''}"
+                 f"{'; training images kept decoded in RAM' if self.train_set.decoded is not None else ''}")
         if pos.epoch >= cfg.train.epochs:
             self.say(f"imgvae: {self.out} already finished {pos.epoch} epochs; raise train.epochs to continue")
 
