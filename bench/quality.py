@@ -9,6 +9,7 @@ photos are other scenes, so samples are scored against crops of the training pho
 
     python bench/quality.py                         # 6 presets x 10 minutes on this machine
     python bench/quality.py --minutes 3 --presets demo resnet
+    python bench/quality.py --epochs 1 --presets kl-f4 kl-f8   # equal steps (192 per epoch), not equal time
     python bench/quality.py --evaluate-only       # re-score the runs in --out (e.g. after a new metric)
     python bench/quality.py --train /data/coco/train2017.zip --eval /data/coco/val2017.zip --minutes 60
 """
@@ -21,8 +22,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 from imgvae.checkpoint import load_model
 from imgvae.config import load_config
@@ -30,7 +29,7 @@ from imgvae.datasets import build_dataset
 from imgvae.decode import normalize
 from imgvae.evaluate import evaluate_checkpoint
 from imgvae.prior import fit_checkpoint_prior, load_prior
-from imgvae.sample import reconstruct, sample
+from imgvae.sample import reconstruct, sample, save_labelled_rows
 from imgvae.workflow import train_and_evaluate
 
 # demo = the seed model and recipe; NAME+key=value+... adds overrides to a preset.
@@ -44,7 +43,8 @@ def run_dir(out: Path, preset: str) -> Path:
 def run_preset(preset: str, args, out: Path) -> dict:
     overrides = [
         f"data.train=[{args.train}]", f"data.eval=[{args.eval}]", "data.image_size=64",
-        "train.epochs=1000", f"train.time_limit={args.minutes}", "eval.after_training=false", f"train.seed={args.seed}",
+        f"train.epochs={args.epochs or 1000}", f"train.time_limit={0 if args.epochs else args.minutes}",
+        "eval.after_training=false", f"train.seed={args.seed}",
         "train.log_every=20", "train.ckpt_every=0", f"prior.after_training={args.prior_images > 0}",
         f"prior.images={args.prior_images}", f"prior.components={args.prior_components}",
     ]
@@ -84,19 +84,6 @@ def sample_reference(args) -> list[str] | None:
     return [args.sample_reference or args.train]
 
 
-def _labelled_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """One PNG: a label column, then each row's [0, 1] images (n, 3, S, S) side by side."""
-    strips = [make_grid(images, nrow=len(images), padding=2, pad_value=1.0) for _, images in rows]
-    label_w, h, w = 230, strips[0].shape[1], strips[0].shape[2]
-    canvas = Image.new("RGB", (label_w + w, h * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
-        canvas.paste(Image.fromarray(strip.mul(255).round().byte().permute(1, 2, 0).numpy()), (label_w, i * h))
-        draw.text((6, i * h + h // 2 - 6), label, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
 def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
     """Held-out reconstructions and samples (from N(0, I) and from the fitted prior) of
     every preset's final weights, side by side."""
@@ -113,14 +100,16 @@ def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
         prior = load_prior(run)
         if prior is not None:
             sample_rows.append((f"{preset}, fitted prior", sample(model, n, seed=0, prior=prior)))
-    _labelled_rows(recon_rows, docs / "quality_reconstructions.png")
-    _labelled_rows(sample_rows, docs / "quality_samples.png")
+    save_labelled_rows(recon_rows, docs / "quality_reconstructions.png")
+    save_labelled_rows(sample_rows, docs / "quality_samples.png")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per preset")
+    parser.add_argument("--epochs", type=int, help="train this many epochs instead (equal steps; a noisy machine's "
+                        "minutes are unequal)")
     parser.add_argument("--train", default="embedded:train")
     parser.add_argument("--eval", default="embedded:eval")
     parser.add_argument("--eval-views", type=int, default=64, help="crops per held-out embedded photo")
@@ -157,9 +146,10 @@ def main():
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2))
     pictures(args.presets, args.out, args.docs)
     seed_psnr = next((r["psnr"] for r in rows if r["preset"] == "demo"), None)
-    minutes = load_config(run_dir(args.out, args.presets[0]) / "config.yaml").train.time_limit
+    train_cfg = load_config(run_dir(args.out, args.presets[0]) / "config.yaml").train
+    budget = f"{train_cfg.time_limit:g} min" if train_cfg.time_limit else f"{train_cfg.epochs} epochs"
     reference = sample_reference(args)
-    print(f"\n{minutes:g} min of training per preset; held-out: {rows[0]['images']} crops of {args.eval}; samples "
+    print(f"\n{budget} of training per preset; held-out: {rows[0]['images']} crops of {args.eval}; samples "
           f"scored against {rows[0]['reference_images']} "
           f"{'crops of ' + reference[0] if reference else 'held-out images'}")
     print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon "

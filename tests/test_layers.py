@@ -12,11 +12,11 @@ PACKAGE = Path(imgvae.__file__).parent
 # Bottom to top. A module may import only modules listed before it, so there is no cycle.
 LAYERS = [
     ("foundation", ["rundir", "config", "runtime"]),
-    ("models and losses", ["models", "losses", "features", "optim", "checkpoint", "adversarial"]),
+    ("models and losses", ["models", "losses", "features", "optim", "interop", "checkpoint", "adversarial"]),
     ("data", ["decode", "sources", "cache", "datasets"]),
-    ("what is done with models and data", ["prior", "sample", "evaluate", "runlog", "train"]),
+    ("what is done with models and data", ["prior", "sample", "evaluate", "latents", "export", "runlog", "train"]),
     ("report", ["report"]),
-    ("entry points", ["workflow", "cli", "__main__"]),
+    ("entry points", ["workflow", "compare", "cli", "__main__"]),
 ]
 ORDER = [module for _, modules in LAYERS for module in modules]
 MAX_FUNCTION_LINES = 60

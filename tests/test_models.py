@@ -28,7 +28,8 @@ def test_shapes_at_several_sizes(name, size, scale):
     model = build_model(ModelConfig(name=name, latent_dim=16, base_channels=8), image_size=size, scale=scale)
     x = torch.rand(2, 3, size, size) * 2 - 1
     out = model(x)
-    latent = (16,) if name in ("seed", "resnet") else (4, size // int(name[-1]), size // int(name[-1]))
+    factor = {"kl-f4": 4, "kl-f8": 8, "autoencoder-kl": 8}.get(name)  # autoencoder-kl: 4 levels by default
+    latent = (16,) if factor is None else (4, size // factor, size // factor)
     assert model.latent_shape == latent and out.z.shape == (2, *latent)
     assert out.x_hat.shape == x.shape
     assert (out.log_scale is None) == (scale == "none") and (scale == "none" or out.log_scale.shape == x.shape)
@@ -42,7 +43,8 @@ def test_shapes_at_several_sizes(name, size, scale):
 
 
 def test_registry_rejects_unknown_names_and_bad_sizes():
-    with pytest.raises(ValueError, match=r"unknown model 'vqvae'; available: \['kl-f4', 'kl-f8', 'resnet', 'seed'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'vqvae'; available: \['autoencoder-kl', 'kl-f4', 'kl-f8', "
+                                         r"'resnet', 'seed'\]"):
         build_model(ModelConfig(name="vqvae"), 64)
     with pytest.raises(ValueError, match="divisible by 8"):
         build_model(ModelConfig(), 60)
@@ -85,10 +87,11 @@ def test_reparametrisation_statistics():
 
 
 @pytest.mark.parametrize("name, train_cfg", [("seed", TrainConfig())] + [
-    (name, TrainConfig(optimizer="adam", lr=1e-3)) for name in ("resnet", "kl-f4", "kl-f8")])
+    (name, TrainConfig(optimizer="adam", lr=1e-3)) for name in ("resnet", "kl-f4", "kl-f8", "autoencoder-kl")])
 def test_loss_decreases_on_a_fixed_batch(name, train_cfg):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, latent_dim=16, base_channels=16), 32)
+    # autoencoder-kl: an f4 (its default is an f8 of 4 levels).
+    model = build_model(ModelConfig(name=name, latent_dim=16, base_channels=16, block_out_channels=[32, 64, 128]), 32)
     opt = build_optimizer(model, train_cfg)
     # Smooth photo-like images (4x4 colour fields upsampled), which a VAE can compress.
     x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4) * 2 - 1, size=32, mode="bilinear")

@@ -71,85 +71,109 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
     out = Path(out)
     if is_cache(out):
         raise SourceError(f"{out} already holds a prepared cache; remove it or choose another -o")
-    if out.exists() and any(out.iterdir()):
-        raise SourceError(f"{out} exists and is not empty")
     source = open_sources(specs)
     cfg = resolve_auto(cfg, source)
     if cfg.crop != "center":
         raise SourceError("prepare stores fixed views: use data.crop=center (random crops must change every epoch)")
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
     plan = {"sources": [s.name for s in source.sources], "rows": len(source), "chunk": chunk,
             "preprocessing": preprocessing_signature(cfg)}
-    _start_or_resume(partial, plan, cfg.image_size)
+    size = cfg.image_size
+    output = ChunkedOutput(out, plan, {IMAGES.removesuffix(".npy"): ((len(source), 3, size, size), np.uint8)})
     started, workers = time.time(), workers or os.cpu_count() or 1
-    _fill(partial, source, cfg, chunk, workers, progress, f"prepare {out.name}")
-    manifest = _finish(partial, source, plan, specs)
-    manifest |= {"seconds_last_run": round(time.time() - started, 2), "workers": workers}
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for name in (PLAN, DONE, SKIPPED):
-        (partial / name).unlink(missing_ok=True)
-    if out.exists():
-        out.rmdir()
-    os.rename(partial, out)
-    return manifest
-
-
-def _start_or_resume(partial: Path, plan: dict, size: int) -> None:
-    """Keep a partial cache of the same plan; otherwise start one afresh."""
-    if partial.exists():
-        try:
-            same = json.loads((partial / PLAN).read_text()) == plan
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            print(f"imgvae: {partial} was started with other sources or settings; starting over")
-            shutil.rmtree(partial)
-    if not partial.exists():
-        partial.mkdir(parents=True)
-        open_memmap(partial / IMAGES, "w+", np.uint8, (plan["rows"], 3, size, size)).flush()
-        open_memmap(partial / DONE, "w+", np.bool_, (-(-plan["rows"] // plan["chunk"]),)).flush()
-        (partial / PLAN).write_text(json.dumps(plan))
-
-
-def _fill(partial: Path, source, cfg: DataConfig, chunk: int, workers: int, progress: bool, desc: str) -> None:
-    """Decode the chunks not done yet, in `workers` processes, into the memory-mapped rows."""
-    images = np.load(partial / IMAGES, mmap_mode="r+")
-    done = np.load(partial / DONE, mmap_mode="r+")
-    pending = [c for c in range(len(done)) if not done[c]]
-    if len(pending) < len(done):
-        print(f"imgvae: resuming {partial}: {len(done) - len(pending)} of {len(done)} chunks already done")
-    bar = tqdm(total=len(images), initial=(len(done) - len(pending)) * chunk if pending else len(images), unit="img",
-               desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = output.progress_bar(progress, f"prepare {out.name}")
     pool = multiprocessing.Pool(workers, _init_worker, (source, cfg, chunk)) if workers > 1 else None
     if pool is None:
         _init_worker(source, cfg, chunk)
     try:
-        results = pool.imap_unordered(_prepare_chunk, pending) if pool else map(_prepare_chunk, pending)
-        for c, arr, bad in results:
-            images[c * chunk : c * chunk + len(arr)] = arr
-            images.flush()  # rows on disk before the chunk counts as done
-            for record in bad:
-                append_jsonl(partial / SKIPPED, record)
-            done[c] = True
-            done.flush()
+        pending = output.pending()
+        for c, arr, bad in pool.imap_unordered(_prepare_chunk, pending) if pool else map(_prepare_chunk, pending):
+            output.write(c, {"images": arr}, bad)
             bar.update(len(arr))
     finally:
         bar.close()
         if pool:
             pool.terminate()
-
-
-def _finish(partial: Path, source, plan: dict, specs: list[str]) -> dict:
-    """Write the index of readable rows and the keys -> the manifest."""
-    rows = plan["rows"]
-    skipped = {b["row"]: b for b in read_jsonl(partial / SKIPPED)}  # a chunk redone after a crash repeats its lines
-    valid = np.array([r for r in range(rows) if r not in skipped], dtype=np.int64)
-    if len(valid) == 0:
-        raise SourceError(f"none of the {rows} files in {', '.join(specs)} is a readable image")
-    np.save(partial / VALID, valid)
-    (partial / KEYS).write_text("".join(source.key(r) + "\n" for r in range(rows)))
-    return {
+    valid, skipped = output.index(source, specs)
+    return output.complete({
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": plan["preprocessing"],
-        "sources": plan["sources"], "rows": rows, "count": int(len(valid)),
-        "skipped": {b["key"]: b["reason"] for b in sorted(skipped.values(), key=lambda b: b["row"])},
-    }
+        "sources": plan["sources"], "rows": plan["rows"], "count": int(len(valid)), "skipped": skipped,
+        "seconds_last_run": round(time.time() - started, 2), "workers": workers,
+    })
+
+
+class ChunkedOutput:
+    """Arrays of plan["rows"] rows written chunk by chunk into OUT.partial/NAME.npy, memory-
+    mapped: resumable (a chunk counts as done once its rows are on disk; a partial output
+    made for another plan starts over) and renamed to OUT only when complete, so a half-written
+    output is never read. Used by `imgvae prepare` and `imgvae encode`."""
+
+    def __init__(self, out: Path, plan: dict, arrays: dict[str, tuple[tuple[int, ...], type]]):
+        self.out, self.plan, self.chunk = Path(out), plan, plan["chunk"]
+        if self.out.exists() and any(self.out.iterdir()):
+            raise SourceError(f"{self.out} exists and is not empty")
+        self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+        if self.partial.exists():
+            try:
+                same = json.loads((self.partial / PLAN).read_text()) == plan
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                print(f"imgvae: {self.partial} was started with other sources or settings; starting over")
+                shutil.rmtree(self.partial)
+        if not self.partial.exists():
+            self.partial.mkdir(parents=True)
+            for name, (shape, dtype) in arrays.items():
+                open_memmap(self.partial / f"{name}.npy", "w+", dtype, shape).flush()
+            open_memmap(self.partial / DONE, "w+", np.bool_, (-(-plan["rows"] // self.chunk),)).flush()
+            (self.partial / PLAN).write_text(json.dumps(plan))
+        self.arrays = {name: np.load(self.partial / f"{name}.npy", mmap_mode="r+") for name in arrays}
+        self.done = np.load(self.partial / DONE, mmap_mode="r+")
+
+    def pending(self) -> list[int]:
+        """The chunks not written yet."""
+        return [c for c in range(len(self.done)) if not self.done[c]]
+
+    def rows_of(self, c: int) -> range:
+        return range(c * self.chunk, min((c + 1) * self.chunk, self.plan["rows"]))
+
+    def progress_bar(self, progress: bool, desc: str) -> tqdm:
+        done = len(self.done) - len(self.pending())
+        if done:
+            print(f"imgvae: resuming {self.partial}: {done} of {len(self.done)} chunks already done")
+        initial = sum(len(self.rows_of(c)) for c in range(len(self.done)) if self.done[c])
+        return tqdm(total=self.plan["rows"], initial=initial, unit="img", desc=desc, disable=not progress,
+                    dynamic_ncols=True)
+
+    def write(self, c: int, values: dict[str, np.ndarray], skipped: list[dict]) -> None:
+        """Chunk c's rows of each array, and its unreadable rows ({"row", "key", "reason"})."""
+        start = c * self.chunk
+        for name, rows in values.items():
+            self.arrays[name][start : start + len(rows)] = rows
+            self.arrays[name].flush()  # rows on disk before the chunk counts as done
+        for record in skipped:
+            append_jsonl(self.partial / SKIPPED, record)
+        self.done[c] = True
+        self.done.flush()
+
+    def index(self, source, specs: list[str]) -> tuple[np.ndarray, dict[str, str]]:
+        """Write keys.txt (every row's source) and valid.npy (the rows that were read) -> (valid
+        rows, {key: reason} of the skipped ones)."""
+        rows = self.plan["rows"]
+        skipped = {b["row"]: b for b in read_jsonl(self.partial / SKIPPED)}  # a chunk redone repeats its lines
+        valid = np.array([r for r in range(rows) if r not in skipped], dtype=np.int64)
+        if len(valid) == 0:
+            raise SourceError(f"none of the {rows} files in {', '.join(specs)} is a readable image")
+        np.save(self.partial / VALID, valid)
+        (self.partial / KEYS).write_text("".join(source.key(r) + "\n" for r in range(rows)))
+        return valid, {b["key"]: b["reason"] for b in sorted(skipped.values(), key=lambda b: b["row"])}
+
+    def complete(self, manifest: dict) -> dict:
+        """Write manifest.json and rename OUT.partial to OUT -> the manifest."""
+        (self.partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        self.arrays, self.done = {}, None  # the memory maps are closed before the rename
+        for name in (PLAN, DONE, SKIPPED):
+            (self.partial / name).unlink(missing_ok=True)
+        if self.out.exists():
+            self.out.rmdir()
+        os.rename(self.partial, self.out)
+        return manifest

@@ -9,6 +9,7 @@ crash at any moment leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, from_dict, with_overrides
+from .config import Config, ConfigError, from_dict, merge_overrides, with_overrides
+from .interop import find_folder, folder_config, load_pretrained, open_folder, with_folder_architecture
 from .models import build_vae
 
 FORMAT_VERSION = 1
@@ -170,23 +172,108 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> N
         raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None
 
 
-def open_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """A checkpoint (or run folder) -> (model in eval mode on device, its Config, the
-    checkpoint folder read); with the EMA weights when the run kept them (and ema is true)."""
+def open_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = True,
+               overrides: list[str] | dict | None = None):
+    """A checkpoint (or run folder), a folder `export` wrote, or a diffusers AutoencoderKL folder
+    -> (model in eval mode on device, its Config with the overrides, the folder read); with the
+    EMA weights when the run kept them (and ema is true). Overrides may change the data, eval
+    and prior keys, data.image_size too for a model whose weights fit that size (the
+    convolutional ones)."""
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError:
+        folder = find_folder(path)
+        if folder is None:
+            raise
+        if is_export(folder):
+            return _open_export(folder, device, overrides)
+        model, cfg = open_folder(folder, device, merge_overrides(overrides).get("data", {}).get("image_size"))
+        return model, with_use_overrides(cfg, overrides), folder
 
     def read(folder: Path):
-        state = _read_state(folder, device)
-        try:
-            cfg = from_dict(state["config"])
-        except (KeyError, ConfigError) as e:
-            raise CheckpointError(f"{folder}: the checkpoint's config cannot be read ({e})") from None
+        cfg = config_of(_read_state(folder, device), folder)
         averaged = folder / "ema.safetensors"
         weights = _load_safetensors(averaged if ema and averaged.is_file() else folder / WEIGHTS, device)
-        model = build_vae(cfg).to(device)
-        load_weights(model, weights, folder)
-        return model.eval(), cfg, folder
+        model, cfg = _model_with(cfg, overrides, weights, folder)
+        return model.to(device).eval(), cfg, folder
 
     return _read_whole(path, read)
+
+
+def config_of(state: dict, source: Path) -> Config:
+    try:
+        return from_dict(state["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{source}: the model's config cannot be read ({e})") from None
+
+
+def _model_with(cfg: Config, overrides, weights: dict, source: Path):
+    """The model of cfg with the overrides, at the image size they ask for, with these weights."""
+    changed = with_use_overrides(cfg, overrides)
+    model = build_vae(changed)
+    try:
+        load_weights(model, weights, source)
+    except CheckpointError:
+        if changed.data.image_size != cfg.data.image_size:
+            raise ConfigError(f"data.image_size: this model takes {cfg.data.image_size} px images") from None
+        raise
+    return model, changed
+
+
+def with_pretrained_architecture(cfg: Config) -> Config:
+    """cfg whose model.pretrained is a diffusers AutoencoderKL folder, with that folder's
+    architecture (an imgvae checkpoint must match the config as it is)."""
+    folder = None
+    try:
+        resolve_checkpoint(cfg.model.pretrained)
+    except CheckpointError:
+        folder = find_folder(cfg.model.pretrained)
+    return cfg if folder is None or is_export(folder) else with_folder_architecture(cfg, folder)
+
+
+def init_from(model: torch.nn.Module, path: str | Path) -> None:
+    """Initialise model (before training) with the weights at `path`: a diffusers AutoencoderKL
+    folder, or an imgvae checkpoint or export of the same model (its EMA weights when it kept them)."""
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError:
+        folder = find_folder(path)
+        if folder is None:
+            raise CheckpointError(f"model.pretrained: {path} is neither a checkpoint nor a model folder") from None
+        if not is_export(folder):
+            return load_pretrained(model, folder)
+    source, _, folder = open_model(path)
+    load_weights(model, source.state_dict(), folder)
+
+
+def model_source(path: str | Path) -> tuple[str, int]:
+    """What a model path is ("checkpoint", "export" or "diffusers") and the image size its model
+    was made for, from its config alone (no weights read)."""
+    try:
+        return "checkpoint", config_of(_read_state(resolve_checkpoint(path), "cpu"), Path(path)).data.image_size
+    except CheckpointError:
+        folder = find_folder(path)
+        if folder is None:
+            raise
+    if is_export(folder):
+        return "export", config_of(json.loads((folder / "config.json").read_text()), folder).data.image_size
+    return "diffusers", folder_config(folder).data.image_size
+
+
+EXPORT_FORMAT = "imgvae-model"  # config.json of a folder `imgvae export --format safetensors` wrote
+
+
+def is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _open_export(folder: Path, device, overrides):
+    cfg = config_of(json.loads((folder / "config.json").read_text()), folder)
+    model, cfg = _model_with(cfg, overrides, _load_safetensors(folder / WEIGHTS, device), folder)
+    return model.to(device).eval(), cfg, folder
 
 
 # What can change for a trained model: how images are read and how it is looked at.
@@ -195,13 +282,11 @@ OVERRIDABLE = ("data", "eval", "prior")
 
 def with_use_overrides(cfg: Config, overrides: list[str] | dict | None) -> Config:
     """A trained model's config with overrides of its data, eval and prior sections; the
-    model's own settings (and the image size it takes) cannot change."""
+    model's own settings cannot change."""
     changed = with_overrides(cfg, overrides)
     fixed = [f"{name}.*" for name in ("model", "loss", "train") if getattr(changed, name) != getattr(cfg, name)]
     if fixed:
         raise ConfigError(f"{', '.join(fixed)} cannot change for a trained model; only {', '.join(OVERRIDABLE)} keys")
-    if changed.data.image_size != cfg.data.image_size:
-        raise ConfigError(f"data.image_size: this model takes {cfg.data.image_size} px images")
     return changed
 
 

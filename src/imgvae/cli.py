@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 from .cache import prepare
-from .checkpoint import CheckpointError, open_model, with_use_overrides
+from .checkpoint import CheckpointError, open_model
+from .compare import compare
 from .config import Config, ConfigError, load_config, merge_overrides
 from .evaluate import evaluate_checkpoint
+from .export import FORMATS, export_model
 from .features import FeatureError
+from .interop import FolderError
+from .latents import encode_latents
 from .prior import fit_checkpoint_prior, load_prior
 from .report import format_table, write_report
 from .runtime import RunError, Stopped, is_main_process, pick_device
@@ -44,11 +48,15 @@ def _use_overrides(parser: argparse.ArgumentParser) -> None:
                         help="overrides of the run's data, eval and prior keys, e.g. data.crop_size=500")
 
 
+def _device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed (default 0): same seed, same output",
             seed_default: int | None = 0) -> None:
     parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _device_args(parser)
 
 
 def _add_train(sub) -> None:
@@ -110,6 +118,8 @@ def _add_evaluate(sub) -> None:
     e.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N images (eval.limit; default: all)")
     e.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity InceptionV3 weights file: adds real FID")
+    e.add_argument("--lpips-weights", metavar="PATH",
+                   help="torchvision AlexNet (or VGG16) ImageNet weights file: adds LPIPS")
     e.add_argument("--sample-reference", nargs="+", metavar="SOURCE",
                    help="score samples against these images, not the held-out ones: use training data when the "
                    "held-out images come from other scenes (default: the held-out images, right for COCO val2017)")
@@ -170,8 +180,70 @@ def _add_fit_prior(sub) -> None:
     f.add_argument("--components", type=int, metavar="K",
                    help="Gaussians in the mixture (prior.components; 1 = one Gaussian)")
     f.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
-    f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _device_args(f)
+
+
+def _add_interop(sub) -> None:
+    x = sub.add_parser(
+        "export", help="write a model as a diffusers AutoencoderKL folder (or safetensors + config)",
+        description="Write the model (its EMA weights when kept) into a new folder: --format diffusers (the "
+        "default for autoencoder-kl models) writes config.json + diffusion_pytorch_model.safetensors, which "
+        "diffusers.AutoencoderKL.from_pretrained loads, with scaling_factor and shift_factor computed from "
+        "training latents; --format safetensors (any model; the seed's flat latent fits no diffusers class) "
+        "writes model.safetensors + config.json, which imgvae's verbs read. Both add a README.md model card.",
+        epilog="examples:\n  imgvae export runs/kl-f8 -o export/kl-f8\n"
+        "  imgvae export runs/demo --format safetensors -o export/demo\n"
+        "  python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('export/kl-f8')\"",
+        formatter_class=RAW)
+    x.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(x)
+    x.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
+    x.add_argument("--format", choices=FORMATS, help="diffusers (autoencoder-kl models) or safetensors")
+    x.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="images for the latent scaling (default: the run's data.train, its training crops)")
+    x.add_argument("--images", type=int, default=10_000, metavar="N", dest="scaling_images",
+                   help="images for the latent scaling, spread over the data (default 10000; 0: all)")
+    _device_args(x)
+
+    n = sub.add_parser(
+        "encode", help="latents of every image, for a second-stage model",
+        description="Encode every image (one centre view each) into DIR: latents.npy (N x latent shape, the "
+        "posterior means, memory-mapped when read), logvar.npy with --logvar, keys.txt (the source of each row), "
+        "valid.npy and manifest.json with per-channel mean/std, scaling_factor and shift_factor. Interrupted? "
+        "Run the same command again: it resumes.",
+        epilog="examples:\n  imgvae encode runs/kl-f8 --data cache/coco-train -o latents/coco-kl-f8\n"
+        "  python -c \"import numpy as np; z = np.load('latents/coco-kl-f8/latents.npy', mmap_mode='r')\"",
+        formatter_class=RAW)
+    n.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(n)
+    n.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
+    n.add_argument("--data", nargs="+", metavar="SOURCE", help="images (default: the run's data.train)")
+    n.add_argument("--logvar", action="store_true", help="also store the posterior log-variances")
+    n.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's)")
+    _device_args(n)
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser(
+        "compare", help="several autoencoders on the same images: one page",
+        description="Score every model (an imgvae run or checkpoint, an export, a diffusers AutoencoderKL folder; "
+        "NAME=PATH names it) on the same images, one centre view each, at one resolution (default: the first "
+        "model's), with the same evaluation settings and noise: DIR/compare.json (per image too) and "
+        "DIR/compare.html with a metrics table (best value per row in bold), PSNR against latent size, every "
+        "model's reconstructions of the images where they differ most, each model's worst images and its samples.",
+        epilog="examples:\n  imgvae compare seed=runs/demo sharp=runs/sharp --data embedded:eval -o cmp\n"
+        "  imgvae compare sd=/models/sd-vae-ft-mse mine=runs/kl-f8 --data cache/coco-val --image-size 256 -o cmp",
+        formatter_class=RAW)
+    c.add_argument("models", nargs="+", metavar="[NAME=]MODEL",
+                   help="two or more models (and KEY=VALUE overrides of data and eval keys)")
+    c.add_argument("--data", nargs="+", metavar="SOURCE", required=True, help="the images")
+    c.add_argument("-o", "--out", metavar="DIR", required=True, help="folder for compare.html and compare.json")
+    c.add_argument("--image-size", type=int, metavar="S", help="resolution (default: the first model's)")
+    c.add_argument("--pictures", type=int, default=8, metavar="K", help="images per picture row (default 8)")
+    c.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound (default 8)")
+    c.add_argument("--fid-weights", metavar="PATH", help="InceptionV3 weights file: adds rFID and sample FID")
+    c.add_argument("--lpips-weights", metavar="PATH", help="torchvision AlexNet weights file: adds LPIPS")
+    _device_args(c)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_generation(sub)
     _add_fit_prior(sub)
+    _add_interop(sub)
+    _add_compare(sub)
     rep = sub.add_parser("report", help="write RUN_DIR/report.html",
                          description="One self-contained HTML page: config, training curves, per-epoch pictures, "
                          "evaluation metrics and KL per latent dimension. Train writes it at the end.")
@@ -202,7 +276,7 @@ def _overrides(args, flags: dict[str, tuple[str, str]] | None = None) -> dict:
         if getattr(args, option) is not None:
             values.setdefault(section, {})[key] = getattr(args, option)
     items = list(getattr(args, "overrides", None) or [])
-    for name in ("data", "sample_reference", "images"):
+    for name in ("data", "sample_reference", "images", "models"):
         listed = getattr(args, name, None) or []
         items += [x for x in listed if OVERRIDE.match(x)]
         setattr(args, name, [x for x in listed if not OVERRIDE.match(x)] or None)
@@ -242,7 +316,8 @@ def _prepare(args) -> None:
 def _evaluate(args) -> None:
     overrides = _overrides(args, {
         "iw_samples": ("eval", "iw_samples"), "batch_size": ("eval", "batch_size"), "limit": ("eval", "limit"),
-        "fid_weights": ("eval", "fid_weights"), "sample_reference": ("eval", "sample_reference"),
+        "fid_weights": ("eval", "fid_weights"), "lpips_weights": ("eval", "lpips_weights"),
+        "sample_reference": ("eval", "sample_reference"),
         "seed": ("eval", "seed"),
     })
     metrics, path = evaluate_checkpoint(args.checkpoint, args.data, args.out, overrides, device=args.device,
@@ -259,10 +334,38 @@ def _fit_prior(args) -> None:
     print(f"imgvae: wrote {path} ({prior.describe()})")
 
 
+def _export(args) -> None:
+    path = export_model(args.checkpoint, args.out, args.format, args.data, args.scaling_images, _overrides(args),
+                        device=args.device, progress=not args.no_progress)
+    print(f"imgvae: wrote {path} ({', '.join(sorted(p.name for p in path.iterdir()))})")
+
+
+def _encode(args) -> None:
+    overrides = _overrides(args, {"batch_size": ("eval", "batch_size")})
+    manifest = encode_latents(args.checkpoint, args.out, args.data, logvar=args.logvar, overrides=overrides,
+                              device=args.device, progress=not args.no_progress)
+    stats = manifest["statistics"]
+    print(f"imgvae: {args.out}: {manifest['count']:,} latents of shape {manifest['latent_shape']} "
+          f"({manifest['rows'] - manifest['count']} unreadable files skipped); scaling_factor "
+          f"{stats['scaling_factor']:.5g}, shift_factor {stats['shift_factor']:.5g}")
+
+
+def _compare(args) -> None:
+    overrides = _overrides(args, {"iw_samples": ("eval", "iw_samples"), "fid_weights": ("eval", "fid_weights"),
+                                  "lpips_weights": ("eval", "lpips_weights")})
+    data = compare(args.models or [], args.data, args.out, image_size=args.image_size, overrides=overrides,
+                   pictures=args.pictures, device=args.device, progress=not args.no_progress)
+    width = max(len(m["name"]) for m in data["models"])
+    for m in data["models"]:
+        rec = m["metrics"]["reconstruction"]
+        print(f"  {m['name']:<{width}}  PSNR {rec['psnr']['mean']:.2f} dB  SSIM {rec['ssim']['mean']:.3f}  "
+              f"fd_effnet {m['metrics']['distribution']['fd_effnet_recon']:.1f}  {m['img_per_s']:,.0f} img/s")
+    print(f"imgvae: wrote {Path(args.out) / 'compare.html'} and compare.json ({data['images']} images, "
+          f"{data['image_size']} px)")
+
+
 def _generate(args) -> None:
-    overrides = _overrides(args)
-    model, cfg, folder = open_model(args.checkpoint, pick_device(args.device))
-    cfg = with_use_overrides(cfg, overrides)
+    model, cfg, folder = open_model(args.checkpoint, pick_device(args.device), overrides=_overrides(args))
     if args.command == "reconstruct" and not args.images:
         raise ConfigError("imgvae reconstruct needs at least one image file")
     if args.command == "reconstruct":
@@ -284,7 +387,8 @@ def _generate(args) -> None:
 
 
 COMMANDS = {
-    "train": _train, "prepare": _prepare, "evaluate": _evaluate, "fit-prior": _fit_prior,
+    "train": _train, "prepare": _prepare, "evaluate": _evaluate, "fit-prior": _fit_prior, "export": _export,
+    "encode": _encode, "compare": _compare,
     "reconstruct": _generate, "sample": _generate, "interpolate": _generate,
     "report": lambda args: print(f"imgvae: wrote {write_report(args.run_dir)}"),
 }
@@ -298,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():  # under torchrun every process stops; one says so
             print(f"imgvae: {e}", file=sys.stderr)
         return e.exit_code
-    except (ConfigError, SourceError, CheckpointError, RunError, FeatureError) as e:
+    except (ConfigError, SourceError, CheckpointError, FolderError, RunError, FeatureError) as e:
         print(f"imgvae: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder, a missing file

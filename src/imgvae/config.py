@@ -78,8 +78,21 @@ class ModelConfig:
     base_channels: int = 64
     levels: int = 3
     blocks: int = 1
-    # kl-f4 / kl-f8: channels of the spatial latent (S/4 or S/8 square).
+    # kl-f4 / kl-f8 / autoencoder-kl: channels of the spatial latent.
     latent_channels: int = 4
+    # autoencoder-kl: a diffusers AutoencoderKL, with diffusers' own keys. Channels per level
+    # (len - 1 downsamplings: [128, 256, 512, 512] is Stable Diffusion's f8), ResNet layers per
+    # level, GroupNorm groups (they must divide every level's channels), the attention mid block,
+    # the 1x1 convolutions around the latent.
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    # Initial weights: a local diffusers AutoencoderKL folder (its architecture then sets the
+    # keys above) or an imgvae checkpoint of the same model; never downloaded.
+    pretrained: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,9 @@ class TrainConfig:
     # Exponential moving average of the weights (decay per step, e.g. 0.999; 0 = off);
     # when on, the EMA weights make the grids, the evaluation and the samples.
     ema: float = 0.0
+    # Train the decoder only: the encoder, and so the latent space, stays as it was (as
+    # sd-vae-ft-mse was fine-tuned: the diffusion model trained on its latents still fits).
+    freeze_encoder: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,8 @@ class EvalConfig:
     seed: int | None = None
     # torch-fidelity's InceptionV3 weights file: adds real FID (never downloaded).
     fid_weights: str | None = None
+    # torchvision's AlexNet (or VGG16) ImageNet weights file: adds LPIPS (never downloaded).
+    lpips_weights: str | None = None
     # Score samples against these sources instead of the held-out images (for held-out
     # images from other scenes than the training ones); [] = the held-out images.
     sample_reference: list[str] = field(default_factory=list)
@@ -287,7 +305,8 @@ def _build(cls, values: dict, prefix: str = ""):
 POSITIVE = {
     "DataConfig": ["image_size", "crop_size", "views_per_image", "eval_views_per_image", "max_file_mb",
                    "max_megapixels"],
-    "ModelConfig": ["latent_dim", "base_channels", "levels", "blocks", "latent_channels"],
+    "ModelConfig": ["latent_dim", "base_channels", "levels", "blocks", "latent_channels", "layers_per_block",
+                    "norm_num_groups"],
     "TrainConfig": ["epochs", "batch_size", "lr", "log_every", "grad_accum", "max_bad_steps"],
     "EvalConfig": ["grid_size"],
     "PriorConfig": ["components"],
@@ -322,6 +341,9 @@ def _validate(cfg, prefix: str) -> None:
                               f"got {cfg.max_megapixels}")
     if isinstance(cfg, LossConfig) and cfg.kl_warmup > 1:
         raise ConfigError(f"{prefix}kl_warmup is a fraction of training, got {cfg.kl_warmup}")
+    if isinstance(cfg, ModelConfig) and (not cfg.block_out_channels or min(cfg.block_out_channels) <= 0):
+        raise ConfigError(f"{prefix}block_out_channels needs at least one level, each > 0, "
+                          f"got {cfg.block_out_channels}")
     if isinstance(cfg, TrainConfig) and cfg.ema >= 1:
         raise ConfigError(f"{prefix}ema is a decay in [0, 1), got {cfg.ema}")
     if isinstance(cfg, EvalConfig) and cfg.iw_samples < 1:

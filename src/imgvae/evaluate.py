@@ -16,11 +16,11 @@ from torchmetrics.functional.image import (
 )
 from tqdm import tqdm
 
-from .checkpoint import open_model, resolve_checkpoint, with_use_overrides
-from .config import Config, ConfigError, DataConfig, LossConfig, with_overrides
+from .checkpoint import CheckpointError, open_model, resolve_checkpoint
+from .config import Config, ConfigError, DataConfig, LossConfig, merge_overrides
 from .datasets import ONE_CENTRE_VIEW, BadFiles, ImageDataset, build_dataset, eval_loader, loader_workers
 from .decode import denormalize, normalize, to_model_input
-from .features import GaussianStats, feature_networks, frechet_distance
+from .features import LPIPS, GaussianStats, feature_networks, frechet_distance
 from .losses import LIKELIHOOD_FAMILY, bits_per_dim, discretized_log_likelihood, vae_loss
 from .models import VAE, standard_normal_log_prob
 from .prior import LatentPrior, load_prior
@@ -130,11 +130,11 @@ class _Samples:
 
 
 def _held_out_pass(model: VAE, dataset, loader, tally: _Tally, family: str, cfg: Config, samples: _Samples | None,
-                   bad: BadFiles, progress: bool) -> None:
+                   bad: BadFiles, progress: bool, lpips: LPIPS | None) -> None:
     """Reconstructions, likelihood and latents of every held-out image (and, when samples
     are scored against them, as many prior samples)."""
     iw = cfg.eval.iw_samples
-    for images, _, bad_items in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+    for images, indices, bad_items in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
         bad.add(dataset, bad_items)
         if len(images) == 0:
             continue
@@ -144,8 +144,11 @@ def _held_out_pass(model: VAE, dataset, loader, tally: _Tally, family: str, cfg:
         real = images.float().div(255).to(device)
         # Rounded to 8 bits: the scores are those of the reconstruction a user sees as a PNG.
         recon = denormalize(model.decode(posterior.mean).float()).mul(255).round().div(255)
+        tally.add_per_image("index", indices)
         for k, v in image_metrics(real, recon).items():
             tally.add_per_image(k, v)
+        if lpips is not None:
+            tally.add_per_image("lpips", lpips(real, recon))
         log_px, log_w = log_weights(model, x, family, iw)
         kl = posterior.kl().double().flatten(1)
         tally.add_per_image("recon_nats", -log_px.mean(0))
@@ -171,7 +174,7 @@ def _reference_pass(dataset, loader, tally: _Tally, samples: _Samples, bad: BadF
 
 @torch.no_grad()
 def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, held_out: ImageDataset | None = None, per_image: bool = False) -> dict:
     """All metrics over the whole held-out set `sources` (preprocessed as cfg.data's eval
     split), as cfg.eval says (iw_samples, batch_size, limit, seed, fid_weights,
     sample_reference). Deterministic for a given seed: reconstructions decode the
@@ -180,25 +183,29 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
     as N(0, I)'s. Samples are scored against the held-out images, or against
     eval.sample_reference (as many samples as images) when the held-out images do not
     share the training distribution: a perfect generator of the training images would
-    otherwise score worse than a blurry one."""
+    otherwise score worse than a blurry one. held_out: these views instead of the sources'
+    (several models scored on the same pixels); per_image: add each image's key, PSNR, SSIM
+    (and LPIPS) as metrics["per_image"]."""
     ec = cfg.eval
     model.eval()
     device = next(model.parameters()).device
     torch.manual_seed(cfg.eval_seed)
 
-    def loader_of(specs: list[str], first: int = 0):
+    def loader_of(specs: list[str], first: int = 0, dataset: ImageDataset | None = None):
         """Images of `specs` preprocessed as the eval split (the first `first`; 0: all) -> (dataset, loader)."""
-        dataset = build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
+        dataset = dataset or build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
         indices = list(range(min(first, len(dataset)) if first else len(dataset)))
         workers = loader_workers(dataset, cfg.data.num_workers, device)
         return dataset, eval_loader(dataset, cfg.eval_batch_size, device, workers, indices)
 
     networks = feature_networks(ec.fid_weights, device)  # a bad weights file fails before any image is read
-    dataset, loader = loader_of(sources, ec.limit)
+    lpips = LPIPS(ec.lpips_weights).to(device) if ec.lpips_weights else None
+    dataset, loader = loader_of(sources, ec.limit, held_out)
     samples = _Samples(model, prior, cfg.eval_seed)
     tally, bad = _Tally(networks, samples.kinds), BadFiles()
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
-    _held_out_pass(model, dataset, loader, tally, family, cfg, None if ec.sample_reference else samples, bad, progress)
+    _held_out_pass(model, dataset, loader, tally, family, cfg, None if ec.sample_reference else samples, bad, progress,
+                   lpips)
     if tally.images == 0:
         raise SourceError(f"no readable image in {sources}")
     tally.references = 0 if ec.sample_reference else tally.images
@@ -206,7 +213,12 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
         _reference_pass(*loader_of(ec.sample_reference), tally, samples, bad, progress)
         if tally.references < 2:
             raise SourceError(f"scoring samples needs at least 2 readable images in {ec.sample_reference}")
-    return _metrics(tally, cfg, sources, model, prior, family, bad) | {"preprocessing": preprocessing(dataset.cfg)}
+    metrics = _metrics(tally, cfg, sources, model, prior, family, bad) | {"preprocessing": preprocessing(dataset.cfg)}
+    if per_image:
+        values = {k: torch.cat(tally.per_image[k]).tolist() for k in ("index", "psnr", "ssim", "lpips")
+                  if k in tally.per_image}
+        metrics["per_image"] = {"keys": [dataset.key(int(i)) for i in values.pop("index")], **values}
+    return metrics
 
 
 def preprocessing(cfg: DataConfig) -> dict:
@@ -236,6 +248,7 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
             "note": "posterior mean decoded, rounded to 8 bits; metrics on [0, 1] pixels, mean and std over images",
             **{k: _mean_std(values[k]) for k in ("mse", "psnr", "ssim")},
             "ms_ssim": _mean_std(values["ms_ssim"]) if "ms_ssim" in values else None,
+            "lpips": _mean_std(values["lpips"]) if "lpips" in values else None,
         },
         "likelihood": {
             "discretisation": f"the decoder's {family} (its mean and {scale}) integrated over the 256 8-bit bins "
@@ -271,7 +284,10 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
 
 def run_dir_of(checkpoint: str | Path) -> Path | None:
     """The run folder a checkpoint belongs to (RUN/checkpoints/NAME), if any."""
-    run = resolve_checkpoint(checkpoint).parent.parent
+    try:
+        run = resolve_checkpoint(checkpoint).parent.parent
+    except CheckpointError:  # an export or a diffusers folder: no run
+        return None
     return run if is_run(run) else None
 
 
@@ -282,10 +298,9 @@ def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None
     data, eval and prior sections such as "eval.iw_samples=64" change it; its fitted prior
     when it has one) on `sources`, one centre view per image, or by default on its data.eval
     as the run saw it, and write metrics.json (default: into its run folder). -> (metrics, path)."""
-    model, cfg, folder = open_model(checkpoint, pick_device(device))
-    if sources:  # the images a user gives are evaluated as they are: one centre view each
-        cfg = with_overrides(cfg, {"data": ONE_CENTRE_VIEW})
-    cfg = with_use_overrides(cfg, overrides)
+    # The images a user gives are evaluated as they are: one centre view each.
+    given = merge_overrides({"data": ONE_CENTRE_VIEW} if sources else None, overrides)
+    model, cfg, folder = open_model(checkpoint, pick_device(device), overrides=given)
     sources = sources or cfg.data.eval
     if not sources:
         raise ConfigError("no evaluation data: pass --data SOURCE (the run's config has no data.eval)")

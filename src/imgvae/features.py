@@ -72,6 +72,42 @@ class InceptionFeatures(nn.Module):
         return self.net((images * 255).round().to(torch.uint8))
 
 
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al. 2018) between [0, 1] image batches -> (B,): torchmetrics' network and
+    its linear layers (shipped in the torchmetrics wheel), over an AlexNet or VGG16 whose ImageNet
+    weights come from a local torchvision file (alexnet-owt-7be5be79.pth / vgg16-397923af.pth,
+    what torchvision would download to ~/.cache/torch/hub/checkpoints); never downloaded."""
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FeatureError(f"eval.lpips_weights {str(path)!r}: no such file")
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+            first = weights["features.0.weight"]
+        except Exception as e:
+            raise FeatureError(f"eval.lpips_weights {str(path)!r}: not torchvision AlexNet or VGG16 weights "
+                               f"({type(e).__name__})") from None
+        import torchvision
+        from torchmetrics.functional.image.lpips import _LPIPS
+
+        alex = first.shape[-1] == 11  # AlexNet's first convolution is 11x11, VGG's 3x3
+        net, backbone = ("alex", torchvision.models.alexnet()) if alex else ("vgg", torchvision.models.vgg16())
+        try:
+            backbone.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise FeatureError(f"eval.lpips_weights {str(path)!r}: {str(e).splitlines()[0]}") from None
+        self.lpips = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # pnet_rand: no download of the backbone
+        for part in self.lpips.net.children():  # slices of the backbone's features, named by index
+            for index in list(part._modules):
+                part._modules[index] = backbone.features[int(index)]
+        self.eval().requires_grad_(False)
+
+    def forward(self, real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        return self.lpips(real.float() * 2 - 1, recon.float() * 2 - 1).flatten()
+
+
 class GaussianStats:
     """Running mean and covariance of feature vectors, accumulated in float64."""
 

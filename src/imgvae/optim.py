@@ -13,7 +13,7 @@ SCALE_LR_MULTIPLIER = 100.0
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     scale = getattr(model, "log_scale", None)
-    params = [{"params": [p for p in model.parameters() if p is not scale]}]
+    params = [{"params": [p for p in model.parameters() if p is not scale and p.requires_grad]}]
     if scale is not None:
         params.append({"params": [scale], "lr": cfg.lr * SCALE_LR_MULTIPLIER})
     if cfg.optimizer == "rmsprop":

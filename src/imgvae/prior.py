@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, open_model, resolve_checkpoint, with_use_overrides
-from .config import ConfigError, with_overrides
+from .checkpoint import CheckpointError, open_model, resolve_checkpoint
+from .config import ConfigError, merge_overrides
 from .datasets import ONE_CENTRE_VIEW, build_dataset, eval_loader
 from .decode import normalize
 from .models import VAE, inference
@@ -87,8 +87,12 @@ class LatentPrior:
 
 
 def load_prior(checkpoint: str | Path) -> LatentPrior | None:
-    """The checkpoint's fitted prior, or None if it has none."""
-    path = resolve_checkpoint(checkpoint) / PRIOR_FILE
+    """The fitted prior of a checkpoint (or run folder, or other model folder), or None if it has none."""
+    try:
+        folder = resolve_checkpoint(checkpoint)
+    except CheckpointError:  # an export or a diffusers folder
+        folder = Path(checkpoint)
+    path = folder / PRIOR_FILE
     return LatentPrior.load(path) if path.is_file() else None
 
 
@@ -151,10 +155,8 @@ def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = Non
     its config's `prior` section says (prior.images, prior.components; overrides such as
     "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample`
     and `evaluate` then use."""
-    model, cfg, folder = open_model(checkpoint, pick_device(device))
-    if sources:  # the images a user gives: one centre view each
-        cfg = with_overrides(cfg, {"data": ONE_CENTRE_VIEW})
-    cfg = with_use_overrides(cfg, overrides)
+    given = merge_overrides({"data": ONE_CENTRE_VIEW} if sources else None, overrides)  # a user's images: as they are
+    model, cfg, folder = open_model(checkpoint, pick_device(device), overrides=given)
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
     prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
                       batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)

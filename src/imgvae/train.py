@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import rundir
 from .adversarial import Adversary
-from .config import Config, TrainConfig, to_dict
+from .config import Config, ConfigError, TrainConfig, to_dict
 from .datasets import BadFiles, build_dataset, eval_loader, first_images, loader_workers, make_loader
 from .decode import normalize, to_model_input
 from .evaluate import eval_loss
@@ -35,6 +35,7 @@ from .features import PerceptualDistance
 from .losses import kl_weight, vae_loss
 from .models import VAE, build_vae, check_model
 from .optim import build_optimizer, ema_with_warmup
+from .prior import check_size
 from .runlog import RunLog
 from .runtime import (
     Processes,
@@ -90,7 +91,7 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     summary (also written to out_dir/summary.json); the others return {}.
     workflow.train_and_evaluate adds the prior, the evaluation and the report.
     """
-    check_model(cfg)
+    cfg = checked_config(cfg, resume)
     procs = start_processes(cfg.train.device)
     out = Path(out_dir)
     lock = None
@@ -110,6 +111,22 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
         if lock is not None:
             lock.close()
         stop_processes(procs)
+
+
+def checked_config(cfg: Config, resume: bool) -> Config:
+    """cfg as the run will use it (a pretrained diffusers folder sets the architecture), refused
+    before any data is read when it cannot work: a model the config cannot build, a prior too
+    large to fit, a missing FID weights file."""
+    if cfg.model.pretrained and not resume:
+        cfg = ckpt.with_pretrained_architecture(cfg)
+    latent_shape = check_model(cfg)
+    if cfg.prior.after_training:
+        check_size(cfg.prior.components, math.prod(latent_shape))
+    for key in ("fid_weights", "lpips_weights"):
+        path = getattr(cfg.eval, key)
+        if cfg.eval.after_training and path and not Path(path).is_file():
+            raise ConfigError(f"eval.{key}: no such file {path!r}")
+    return cfg
 
 
 @dataclass
@@ -146,7 +163,7 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(cfg.train.seed)
         self._build_data()
-        self._build_model()
+        self._build_model(fresh=state is None)
         self.position, self.epoch_stats = Position(), RunningMean()
         if state is not None:
             self._restore(weights, state)
@@ -175,9 +192,15 @@ class Trainer:
             count = min(cfg.data.eval_limit or len(self.eval_set), len(self.eval_set))
             self.eval_loader = eval_loader(self.eval_set, tc.batch_size, self.device, workers, list(range(count)))
 
-    def _build_model(self) -> None:
+    def _build_model(self, fresh: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
-        self.model = build_vae(cfg).to(self.device)
+        self.model = build_vae(cfg)
+        if fresh and cfg.model.pretrained:
+            ckpt.init_from(self.model, cfg.model.pretrained)
+        self.model.to(self.device)
+        if tc.freeze_encoder:
+            for module in self.model.encoder_modules():
+                module.requires_grad_(False)
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, tc)
@@ -226,7 +249,7 @@ class Trainer:
         while pos.epoch < tc.epochs and not self.stopped:
             self.sampler.set_epoch(pos.epoch, start=pos.batches_done * tc.batch_size)
             self.train_set.set_epoch(pos.epoch)
-            self.train_model.train()
+            self.training_mode()
             self.epoch_start, self.epoch_images = time.time(), 0
             for micro_batches in self.steps_of_epoch():
                 # BatchNorm statistics move in the forward pass: keep a copy to undo a skipped step.
@@ -305,6 +328,12 @@ class Trainer:
         if gan:
             stats["discriminator"] = self.adversary.accumulate(x, out.x_hat, 1 / n_micro)
         return loss, stats
+
+    def training_mode(self) -> None:
+        self.train_model.train()
+        if self.cfg.train.freeze_encoder:  # a frozen encoder's BatchNorm statistics stay as they were too
+            for module in self.model.encoder_modules():
+                module.eval()
 
     def model_input(self, images: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
         """uint8 micro-batch -> normalised, flipped model input on the device."""

@@ -3,15 +3,13 @@ say, a fitted prior, the evaluation of the final weights, and the report."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from . import rundir
 from .checkpoint import load_model
-from .config import Config, ConfigError
+from .config import Config
 from .evaluate import evaluate_checkpoint
-from .models import check_model
-from .prior import check_size, fit_checkpoint_prior
+from .prior import fit_checkpoint_prior
 from .report import format_table, write_report
 from .runtime import is_main_process
 from .sample import sample, save_grid
@@ -22,7 +20,6 @@ def train_and_evaluate(cfg: Config, out_dir: str | Path, log_dir: str | Path | N
                        progress: bool = True) -> dict:
     """train(...), then (rank 0 only) prior.after_training, eval.after_training and
     report.html. -> the run summary ({} on other ranks)."""
-    check_run(cfg)
     summary = train(cfg, out_dir, log_dir, resume=resume, progress=progress)
     if not is_main_process():
         return summary
@@ -43,12 +40,3 @@ def train_and_evaluate(cfg: Config, out_dir: str | Path, log_dir: str | Path | N
           f"{summary['checkpoint']}, grids in {out / rundir.GRIDS}, TensorBoard logs in {summary['logs']}")
     return summary
 
-
-def check_run(cfg: Config) -> None:
-    """Refuse, before any data is read, what would fail only later: a model the config
-    cannot build, a prior too large to fit, a missing FID weights file."""
-    latent_shape = check_model(cfg)
-    if cfg.prior.after_training:
-        check_size(cfg.prior.components, math.prod(latent_shape))
-    if cfg.eval.after_training and cfg.eval.fid_weights and not Path(cfg.eval.fid_weights).is_file():
-        raise ConfigError(f"eval.fid_weights: no such file {cfg.eval.fid_weights!r}")
