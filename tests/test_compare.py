@@ -87,3 +87,17 @@ def test_a_model_that_cannot_take_the_size_is_refused_before_any_work(models, tm
     assert not out.exists()
     assert main(["compare", str(seed), "--data", str(root / "photos"), "-o", str(out)]) == 2
     assert "imgvae compare needs at least two models" in capsys.readouterr().err
+
+
+def test_several_views_per_image_are_told_apart(models, tmp_path):
+    root, seed, kl = models
+    out = tmp_path / "views"
+    assert main(["compare", f"seed={seed}", f"kl={kl}", "--data", str(root / "photos"), "data.crop=random",
+                 "data.eval_views_per_image=3", "-o", str(out), "--iw-samples", "1", "--pictures", "4",
+                 "--no-progress"]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    keys = data["models"][0]["per_image"]["keys"]
+    assert data["images"] == 30 and len(set(keys)) == 30 and keys[1].endswith("(view 2/3)")
+    # Each chosen view is pictured as itself: distinct crops, not one view of a file repeated.
+    chosen = data["pictures"]["chosen"]
+    assert len(set(chosen)) == 4 and all(key in keys for key in chosen)

@@ -144,7 +144,7 @@ def _pictures(candidates: list[Candidate], views: ImageDataset, data: dict, out:
     spread = psnr.max(0).values - psnr.min(0).values
     chosen = [keys[i] for i in spread.argsort(descending=True)[:k].tolist()]
 
-    position = {views.key(i): i for i in range(len(views))}
+    position = {views.view_name(i): i for i in range(len(views))}
 
     def images_of(names):
         return torch.stack([views[position[key]][0] for key in names])

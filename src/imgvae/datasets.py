@@ -90,6 +90,10 @@ class ImageDataset(Dataset):
     def key(self, index: int) -> str:
         return self.source.key(index // self.views)
 
+    def view_name(self, index: int) -> str:
+        """The view's file, and which of its views it is when there are several."""
+        return self.key(index) + (f" (view {index % self.views + 1}/{self.views})" if self.views > 1 else "")
+
     def load(self, index: int) -> torch.Tensor:
         """The preprocessed view; raises on an unreadable file."""
         if self.memory is not None and self.filled[index]:

@@ -217,7 +217,7 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
     if per_image:
         values = {k: torch.cat(tally.per_image[k]).tolist() for k in ("index", "psnr", "ssim", "lpips")
                   if k in tally.per_image}
-        metrics["per_image"] = {"keys": [dataset.key(int(i)) for i in values.pop("index")], **values}
+        metrics["per_image"] = {"keys": [dataset.view_name(int(i)) for i in values.pop("index")], **values}
     return metrics
 
 

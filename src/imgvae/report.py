@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from pathlib import Path
 
 from . import rundir
@@ -358,11 +359,16 @@ def _models_table(data: dict) -> str:
 
 
 def _worst(data: dict) -> str:
-    parts = []
+    keys = data["models"][0]["per_image"]["keys"]
+    # Listed without the folder all the images share.
+    folder = os.path.dirname(os.path.commonprefix(keys)) if len(keys) > 1 else ""
+    prefix = folder + os.sep if folder else ""
+    parts = [f"<p class=\"note\">Files in {html.escape(folder)}.</p>"] if folder else []
     for m in data["models"]:
         worst = data["pictures"]["worst"][m["name"]]
         index = {key: i for i, key in enumerate(m["per_image"]["keys"])}
-        items = "".join(f"<li>{html.escape(key)}: PSNR {m['per_image']['psnr'][index[key]]:.2f} dB, "
+        items = "".join(f"<li>{html.escape(key.removeprefix(prefix))}: "
+                        f"PSNR {m['per_image']['psnr'][index[key]]:.2f} dB, "
                         f"SSIM {m['per_image']['ssim'][index[key]]:.3f}</li>" for key in worst["keys"])
         parts.append(f"<h3>{html.escape(m['name'])}</h3><img src=\"{worst['file']}\" alt=\"worst images of "
                      f"{html.escape(m['name'])}\"><ol>{items}</ol>")
