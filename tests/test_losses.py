@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel
 
 from imgvae.checkpoint import load_model
 from imgvae.config import LossConfig, load_config
@@ -18,7 +19,7 @@ from imgvae.losses import (
     vae_loss,
 )
 from imgvae.models import DiagonalGaussian, VAEOutput, build_model, decoder_scale
-from imgvae.optim import ema_with_warmup
+from imgvae.optim import update_ema
 from imgvae.train import train
 
 from conftest import tiny_config, write_jpegs
@@ -138,11 +139,24 @@ def test_ema_and_adversarial_run_resume_and_feed_evaluation(tmp_path):
     assert '"generator"' in steps and '"sigma"' in steps
 
 
-def test_ema_warmup_rule():
-    averaged, current = [torch.tensor([0.0])], [torch.tensor([1.0])]
-    update = ema_with_warmup(0.999)
-    update(averaged, current, torch.tensor(1))  # decay min(0.999, 2 / 11)
-    assert averaged[0].item() == pytest.approx(1 - 2 / 11)
-    averaged = [torch.tensor([0.0])]
-    update(averaged, current, torch.tensor(100_000))  # long runs: the configured decay
-    assert averaged[0].item() == pytest.approx(0.001)
+def test_ema_warmup_rule_first_copy_and_skipped_steps():
+    model = torch.nn.BatchNorm1d(1)
+    ema = AveragedModel(model, use_buffers=True)
+    yes, no = torch.tensor(True), torch.tensor(False)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    update_ema(ema, model, 0.999, yes)  # the first update copies
+    assert ema.module.weight.item() == 5.0 and ema.n_averaged.item() == 1
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.module.weight.fill_(0.0)
+        model.num_batches_tracked.fill_(7)
+    update_ema(ema, model, 0.999, no)  # a skipped step changes nothing
+    assert ema.module.weight.item() == 0.0 and ema.n_averaged.item() == 1 and ema.module.num_batches_tracked == 0
+    update_ema(ema, model, 0.999, yes)  # decay min(0.999, 2 / 11)
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11) and ema.module.num_batches_tracked == 7
+    ema.n_averaged.fill_(100_000)
+    with torch.no_grad():
+        ema.module.weight.fill_(0.0)
+    update_ema(ema, model, 0.999, yes)  # long runs: the configured decay
+    assert ema.module.weight.item() == pytest.approx(0.001)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -279,3 +280,66 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 150_000 and faults["keep"] < faults["default"] / 2, faults
+
+
+def _run_state(trainer):
+    """Every tensor a step may change: weights, BatchNorm buffers, optimiser state, EMA."""
+    tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    for i, state in enumerate(trainer.optimizer.state.values()):
+        tensors |= {f"opt.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)}
+    if trainer.ema is not None:
+        tensors |= {f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])  # host decision / fused Adam's skip on the device
+def test_a_skipped_step_changes_nothing(tmp_path, photos, monkeypatch, optimizer):
+    real_input, real_after = Trainer.model_input, Trainer.after_step
+    calls, states = {"n": 0}, []
+
+    def poisoned(self, images, flips):
+        calls["n"] += 1
+        x = real_input(self, images, flips)
+        return torch.full_like(x, float("nan")) if calls["n"] == 2 else x
+
+    def record(self, step_stats, grad_norm):
+        states.append(_run_state(self))
+        real_after(self, step_stats, grad_norm)
+
+    monkeypatch.setattr(Trainer, "model_input", poisoned)
+    monkeypatch.setattr(Trainer, "after_step", record)
+    summary = train(tiny_config([photos], [], "train.epochs=1", f"train.optimizer={optimizer}", "train.ema=0.9"),
+                    tmp_path / "run", progress=False)
+    assert summary["skipped_steps"] == 1 and len(states) == 3
+    assert any(k.startswith("model.") and "running_mean" in k for k in states[0])  # BatchNorm is there
+    assert states[1].keys() == states[0].keys()
+    for k in states[0]:
+        assert torch.equal(states[1][k], states[0][k]), k  # step 2 was skipped
+    assert any(not torch.equal(states[2][k], states[1][k]) for k in states[0])  # step 3 was not
+
+
+@pytest.mark.parametrize("optimizer, syncs_per_step", [("adam", 0), ("rmsprop", 1)])
+def test_steps_wait_for_the_device_only_when_they_log(tmp_path, photos, monkeypatch, optimizer, syncs_per_step):
+    """Reading a tensor's value on the host (.item(), bool(), float(), .tolist()) waits for the
+    GPU; between log points a step does none (fused Adam) or one (the skip decision of others)."""
+    inside_step = {"run", "training_step", "optimizer_step", "after_step", "model_input", "steps_of_epoch"}
+    syncs = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            stack = traceback.extract_stack(limit=12)[:-1]
+            frames = [f for f in stack if f.filename.endswith("imgvae/train.py")]
+            loading = any("torch/utils/data" in f.filename for f in stack)  # the loader's own CPU tensors
+            if frames and frames[-1].name in inside_step and not loading:
+                syncs.append(f"{name} in {frames[-1].name}, line {frames[-1].lineno}")
+            return real(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    summary = train(tiny_config([photos], [], "train.epochs=2", f"train.optimizer={optimizer}", "train.ema=0.9",
+                                "train.log_every=100", "train.ckpt_every=0"), tmp_path / "run", progress=False)
+    assert summary["steps"] == 6
+    assert len(syncs) == 6 * syncs_per_step, syncs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from .config import TrainConfig
 
@@ -19,22 +20,32 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps,
                                    weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # Fused Adam skips a step with a non-finite gradient on the device (found_inf): no host sync.
+    adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
 
 
-def ema_with_warmup(decay: float):
-    """AveragedModel update with decay min(decay, (1 + n) / (10 + n)) after n updates
-    (TensorFlow's num_updates rule): a plain 0.999 would keep early, poor weights for
-    thousands of steps, which short runs never get past."""
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether optimizer.step honours a `found_inf` flag (GradScaler's protocol) on the device:
+    fused Adam, unless a checkpoint from before fused Adam loaded its unfused settings."""
+    return all(group.get("fused") for group in optimizer.param_groups)
 
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        if not torch.is_floating_point(averaged[0]):  # e.g. BatchNorm's batch counter: keep the latest
-            torch._foreach_copy_(averaged, current)
-            return
-        n = float(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
-    return update
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, applied: torch.Tensor) -> None:
+    """One EMA update of ema (parameters and buffers) towards model, where the bool tensor
+    `applied` is true: the first copies, update n lerps by 1 - min(decay, (1 + n) / (10 + n))
+    (TensorFlow's num_updates rule: a plain 0.999 would keep early, poor weights for thousands of
+    steps, which short runs never get past). On the device: no host sync."""
+    n = ema.n_averaged.double()
+    weight = torch.where(n == 0, 1.0, 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay))
+    weight = (weight * applied).float()
+    averaged = list(ema.module.parameters()) + list(ema.module.buffers())
+    current = list(model.parameters()) + list(model.buffers())
+    floating = [i for i, t in enumerate(averaged) if torch.is_floating_point(t)]
+    if floating:
+        torch._foreach_lerp_([averaged[i] for i in floating], [current[i].detach() for i in floating], weight)
+    for a, c in zip(averaged, current):
+        if not torch.is_floating_point(a):  # e.g. BatchNorm's batch counter: the latest
+            a.copy_(torch.where(applied, c, a))
+    ema.n_averaged += applied.to(ema.n_averaged.device)

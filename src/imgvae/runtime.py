@@ -113,7 +113,8 @@ def is_main_process() -> bool:
 
 class RunningMean:
     """Image-weighted means of named statistics (scalar tensors or numbers), summed over
-    processes when they are read, so that N processes report the global batch's means."""
+    processes when they are read, so that N processes report the global batch's means.
+    Sums stay float64 tensors on the statistics' device: adding waits for no GPU."""
 
     def __init__(self, sums: dict[str, float] | None = None, count: int = 0):
         self.sums, self.count = dict(sums or {}), count
@@ -121,18 +122,25 @@ class RunningMean:
     def add(self, stats: dict, n: int) -> None:
         """Stats that are means over n images."""
         for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+            v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums.get(k, 0.0) + v.double() * n
         self.count += n
 
-    def merge(self, other: RunningMean) -> None:
+    def merge(self, other: RunningMean, keep: torch.Tensor | None = None) -> None:
+        """Add other's sums; where the bool tensor `keep` is false, add nothing (a skipped step)."""
         for k, v in other.sums.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += other.count
+            self.sums[k] = self.sums.get(k, 0.0) + (v if keep is None else torch.where(keep, v, 0.0))
+        self.count = self.count + (other.count if keep is None else keep.long() * other.count)
+
+    def state(self) -> tuple[dict[str, float], int]:
+        """(sums, count) as plain numbers, for a checkpoint."""
+        return {k: float(v) for k, v in self.sums.items()}, int(self.count)
 
     def means(self, processes: Processes | None = None) -> dict[str, float]:
         """{name: mean} over every process's images; {} when there were none."""
         keys = sorted(self.sums)
-        totals = torch.tensor([self.sums[k] for k in keys] + [self.count], dtype=torch.float64)
+        totals = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in
+                              [self.sums[k] for k in keys] + [self.count]])
         if processes is not None:
             totals = processes.all_reduce_sum(totals)
         if totals[-1] == 0:

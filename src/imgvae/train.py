@@ -34,7 +34,7 @@ from .evaluate import eval_loss
 from .features import PerceptualDistance
 from .losses import kl_weight, vae_loss
 from .models import VAE, build_vae, check_model
-from .optim import build_optimizer, ema_with_warmup
+from .optim import build_optimizer, skips_on_device, update_ema
 from .prior import check_size
 from .runlog import RunLog
 from .runtime import (
@@ -165,6 +165,8 @@ class Trainer:
         self._build_data()
         self._build_model(fresh=state is None)
         self.position, self.epoch_stats = Position(), RunningMean()
+        # Skipped steps counted on the device; Position takes them in at the sync points (settle).
+        self.new_skips = self.bad_run = torch.zeros((), dtype=torch.long, device=self.device)
         if state is not None:
             self._restore(weights, state)
         self._wrap_model()
@@ -208,7 +210,7 @@ class Trainer:
         self.scaler = grad_scaler(self.device, tc.precision)
         self.ema = None
         if tc.ema > 0:  # the averaged copy makes grids, evaluation and samples
-            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(tc.ema), use_buffers=True)
+            self.ema = AveragedModel(self.model, self.device, use_buffers=True)
         self.perceptual = PerceptualDistance().to(self.device) if cfg.loss.perceptual > 0 else None
         self.adversary = None
         if cfg.loss.adversarial > 0:
@@ -255,23 +257,19 @@ class Trainer:
                 # BatchNorm statistics move in the forward pass: keep a copy to undo a skipped step.
                 saved_buffers = [b.detach().clone() for b in self.model.buffers()]
                 gan = self.adversary is not None and self.adversary.active(pos.step)
-                step_stats, finite = RunningMean(), True
+                step_stats, finite = RunningMean(), torch.ones((), dtype=torch.bool, device=self.device)
                 for micro, images in enumerate(micro_batches):
                     if len(images) < 2:  # BatchNorm needs two samples to train
                         continue
                     loss, stats = self.training_step(images, micro, len(micro_batches), gan)
-                    finite &= bool(torch.isfinite(loss))
+                    finite &= torch.isfinite(loss)
                     step_stats.add(stats, len(images))
                 if step_stats.count == 0:
                     continue
-                grad_norm, applied = self.optimizer_step(finite)
+                grad_norm, applied = self.optimizer_step(finite, saved_buffers)
                 if gan:
                     self.adversary.step()
-                if applied:  # statistics of skipped steps would be NaN
-                    self.epoch_stats.merge(step_stats)
-                else:
-                    with torch.no_grad():
-                        torch._foreach_copy_(list(self.model.buffers()), saved_buffers)
+                self.epoch_stats.merge(step_stats, keep=applied)  # statistics of skipped steps would be NaN
                 self.epoch_images += step_stats.count
                 self.after_step(step_stats, grad_norm)
             self.bar.close()
@@ -281,6 +279,7 @@ class Trainer:
                 self.end_epoch(time.time() - self.epoch_start)
         if self.log is not None:
             self.log.close()
+        self.settle()
         summary = self.summary()
         if self.stopped == "time limit":
             self.say(f"imgvae: train.time_limit of {tc.time_limit} min reached at step {pos.step}; "
@@ -340,38 +339,57 @@ class Trainer:
         x = to_model_input(images, self.device, flips)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
-    def optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
-        """Unscale, clip, and step unless the gradient norm is not finite (then skip).
-        -> (gradient norm, whether the step was applied)."""
-        tc, pos = self.cfg.train, self.position
+    def optimizer_step(self, loss_finite: torch.Tensor, saved_buffers: list[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale, clip, and step unless the gradient norm is not finite (then skip, and put
+        the buffers saved before the forward passes back): on the device for fused optimisers,
+        with one host sync for the others; then the EMA update.
+        -> (gradient norm, whether the step was applied) as device tensors."""
+        tc = self.cfg.train
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         # Gradients are already averaged over processes, so every process takes the same decision.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
-        applied = math.isfinite(grad_norm)
-        if applied:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        applied = torch.isfinite(grad_norm)
+        if skips_on_device(self.optimizer):
+            if not self.scaler.is_enabled():  # an enabled scaler passes its own found_inf
+                self.optimizer.found_inf = (~applied).float()
             self.scaler.step(self.optimizer)
-            pos.bad_steps = 0
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-        else:
-            pos.skipped_steps += 1
-            # fp16 overflows with a finite loss are the GradScaler's business (it lowers the scale).
-            pos.bad_steps += 1 if not (self.scaler.is_enabled() and loss_finite) else 0
-            if pos.bad_steps >= tc.max_bad_steps:
-                raise RunError(f"{pos.bad_steps} steps in a row had a non-finite loss or gradient "
-                               f"(step {pos.step + 1}); stopped, last good checkpoint kept: {self.last_checkpoint()}. "
-                               "Try a lower train.lr or train.grad_clip")
+        elif applied.item():
+            self.scaler.step(self.optimizer)
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), saved_buffers):
+                buffer.copy_(torch.where(applied, buffer, saved))
+        if self.ema is not None:
+            update_ema(self.ema, self.model, tc.ema, applied)
+        # fp16 overflows with a finite loss are the GradScaler's business (it lowers the scale).
+        counts = ~applied & ~(loss_finite & self.scaler.is_enabled())
+        self.new_skips = self.new_skips + (~applied).long()
+        self.bad_run = torch.where(applied, 0, self.bad_run + counts.long())
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        pos.step += 1
+        self.position.step += 1
         return grad_norm, applied
 
-    def after_step(self, step_stats: RunningMean, grad_norm: float) -> None:
-        """The step boundary: log, check the time limit and stop signals, checkpoint."""
+    def settle(self) -> None:
+        """A sync point (log, checkpoint, epoch end): count the skipped steps, and stop after
+        train.max_bad_steps non-finite steps in a row."""
+        pos, tc = self.position, self.cfg.train
+        new_skips, pos.bad_steps = torch.stack([self.new_skips, self.bad_run]).tolist()
+        pos.skipped_steps += new_skips
+        self.new_skips = torch.zeros_like(self.new_skips)
+        if pos.bad_steps >= tc.max_bad_steps:
+            raise RunError(f"{pos.bad_steps} steps in a row had a non-finite loss or gradient "
+                           f"(step {pos.step}); stopped, last good checkpoint kept: {self.last_checkpoint()}. "
+                           "Try a lower train.lr or train.grad_clip")
+
+    def after_step(self, step_stats: RunningMean, grad_norm: torch.Tensor) -> None:
+        """The step boundary: log, check the time limit and stop signals, checkpoint. The host
+        waits for the device only when it logs or saves."""
         tc, pos = self.cfg.train, self.position
         if pos.step % tc.log_every == 0:
-            self.log_step(step_stats.means(self.procs) | {"grad_norm": grad_norm})
+            self.settle()
+            self.log_step(step_stats.means(self.procs) | {"grad_norm": grad_norm.item()})
         self.stopped = self.stop_reason()
         if self.stopped or (tc.ckpt_every_steps and pos.step % tc.ckpt_every_steps == 0):
             self.save_checkpoint(f"step_{pos.step:08d}")
@@ -424,6 +442,7 @@ class Trainer:
     def end_epoch(self, seconds: float) -> None:
         """After the epoch's last step: history, eval loss, grids, learning-rate step, checkpoint."""
         pos = self.position
+        self.settle()
         train_stats = self.epoch_stats.means(self.procs)
         if not train_stats:
             raise RunError(f"epoch {pos.epoch + 1} had no readable training images (or every step was skipped)")
@@ -462,10 +481,12 @@ class Trainer:
     def save_checkpoint(self, name: str) -> None:
         """Rank 0 writes everything needed to resume from exactly here; the others wait."""
         pos = self.position
+        self.settle()
+        epoch_sums, epoch_images = self.epoch_stats.state()
         if self.procs.main:
             state = {
                 "epoch": pos.epoch, "step": pos.step, "batches_done": pos.batches_done,
-                "epoch_sums": self.epoch_stats.sums, "epoch_images": self.epoch_stats.count,
+                "epoch_sums": epoch_sums, "epoch_images": epoch_images,
                 "skipped_steps": pos.skipped_steps, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "config": to_dict(self.cfg), "log_dir": str(self.logs),
