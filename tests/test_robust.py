@@ -194,8 +194,8 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, photos):
     assert_same_weights(tmp_path / "big", tmp_path / "accum", exact=False)
 
 
-def _torchrun(out, photos, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def _torchrun(out, photos, *extra, processes=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            "-m", "imgvae", "train", "-o", str(out), "--no-progress", *TINY, *RESNET,
            f"data.train=[{photos}]", "data.eval=[]", "train.batch_size=4", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -216,6 +216,13 @@ def test_ddp_two_gloo_processes_equal_one_process_and_resume(tmp_path, photos):
            "-m", "imgvae", "train", "--resume", str(tmp_path / "ddp_resumed"), "--no-progress", "train.epochs=2"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert_same_weights(tmp_path / "ddp", tmp_path / "ddp_resumed", exact=False)
+
+
+def test_torchrun_with_one_process_trains_under_ddp_like_a_plain_process(tmp_path, photos):
+    result = _torchrun(tmp_path / "ddp1", photos, "train.epochs=1", "train.batch_size=8", processes=1)
+    assert "x 1 processes" in result.stdout  # in the process group, alone
+    train(tiny_config([photos], [], *RESNET, "train.epochs=1"), tmp_path / "single", progress=False)
+    assert_same_weights(tmp_path / "ddp1", tmp_path / "single", exact=False)
 
 
 def test_adversarial_loss_under_grad_accum_and_ddp_steps_the_discriminator_once_per_step(tmp_path, photos):

@@ -135,6 +135,9 @@ class TrainConfig:
     lr_gamma: float = 0.75
     seed: int = 0
     device: str = "auto"
+    # torchrun's process group: auto = NCCL on GPUs, gloo on CPUs; gloo also carries CUDA
+    # tensors, e.g. several processes sharing one GPU, which NCCL refuses.
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     log_every: int = 20
     # Keep a checkpoint every N epochs besides "last" (0 = only the last one).
     ckpt_every: int = 5

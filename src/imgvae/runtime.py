@@ -1,7 +1,7 @@
 """Where and how a run executes: device, processes (torchrun / DDP) and precision.
 
-A single process never calls init_process_group; under torchrun (WORLD_SIZE > 1 in
-the environment) each process joins the group: NCCL on GPUs, gloo on CPUs.
+A process started without torchrun never calls init_process_group; under torchrun (one
+process too) each process joins the group: NCCL on GPUs, gloo on CPUs unless told.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Processes:
     rank: int
     world_size: int
     device: torch.device
+    group: bool = False  # in torchrun's process group (DDP), even alone
 
     @property
     def main(self) -> bool:
@@ -85,7 +86,7 @@ class Processes:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.group
 
     def barrier(self) -> None:
         if self.distributed:
@@ -148,10 +149,10 @@ class RunningMean:
         return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
 
 
-def start_processes(device_name: str) -> Processes:
+def start_processes(device_name: str, backend: str = "auto") -> Processes:
     """The process group torchrun set up in the environment, or a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun
         return Processes(0, 1, pick_device(device_name))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
@@ -159,8 +160,10 @@ def start_processes(device_name: str) -> Processes:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world_size, device)
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return Processes(rank, world_size, device, group=True)
 
 
 def stop_processes(processes: Processes) -> None:

@@ -92,7 +92,7 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     workflow.train_and_evaluate adds the prior, the evaluation and the report.
     """
     cfg = checked_config(cfg, resume)
-    procs = start_processes(cfg.train.device)
+    procs = start_processes(cfg.train.device, cfg.train.dist_backend)
     out = Path(out_dir)
     lock = None
     try:
