@@ -489,6 +489,10 @@ def test_evaluate_takes_the_users_images_as_they_are(random_crop_run, tmp_path, 
                  "data.eval_views_per_image=2", "-o", str(tmp_path / "m2.json"), "--no-progress"]) == 0
     asked = json.loads((tmp_path / "m2.json").read_text())
     assert asked["images"] == 10 and asked["preprocessing"]["crop"] == "random"
+    # ... and after the options, where argparse alone refuses them.
+    assert main(["evaluate", str(random_crop_run), "--data", str(mine), "-o", str(tmp_path / "m3.json"),
+                 "--no-progress", "data.crop=random", "data.eval_views_per_image=2"]) == 0
+    assert json.loads((tmp_path / "m3.json").read_text())["images"] == 10
 
 
 def test_fit_prior_and_reconstruct_take_data_overrides(random_crop_run, tmp_path, capsys):

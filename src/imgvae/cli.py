@@ -394,8 +394,22 @@ COMMANDS = {
 }
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; KEY=VALUE items may also follow options (argparse alone would refuse
+    those after `-o DIR` once the positionals were read)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    items = [x for x in unknown if OVERRIDE.match(x)]
+    target = next((name for name in ("overrides", "models") if hasattr(args, name)), None)
+    if len(items) < len(unknown) or (items and target is None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if items:
+        setattr(args, target, list(getattr(args, target) or []) + items)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except Stopped as e:  # by a signal, with a checkpoint to resume from
