@@ -3,17 +3,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from imgvae import cache
 from imgvae.cache import prepare
 from imgvae.cli import main
-from imgvae.config import DataConfig
-from imgvae.datasets import build_dataset, loader_workers, make_loader
+from imgvae.config import DataConfig, load_config
+from imgvae.datasets import DeviceBatches, build_dataset, loader_workers, make_loader, resident_images
 from imgvae.decode import load_view
 from imgvae.sources import SourceError, open_source
 from imgvae.train import train
 
-from conftest import decode_rgb, preprocess, smooth_image, tiny_config
+from conftest import decode_rgb, preprocess, smooth_image, tiny_config, write_jpegs
 
 
 def all_views(dataset):
@@ -163,3 +164,32 @@ def test_manifest_is_json_with_provenance(tmp_path, image_folder):
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["format"] == "imgvae-cache" and manifest["sources"] == [str(image_folder)]
     assert len((tmp_path / "c" / "keys.txt").read_text().splitlines()) == 24
+
+
+def test_a_resident_cache_trains_bit_identical_to_the_loader(tmp_path, image_folder, capsys):
+    assert main(["prepare", "-o", str(tmp_path / "c"), "--no-progress", f"data.train=[{image_folder}]",
+                 "data.image_size=32", "data.crop_size=64"]) == 0
+    for name, budget in (("loader", "0"), ("resident", "auto")):
+        train(tiny_config([tmp_path / "c"], [], "train.epochs=2", "train.ema=0.9", f"data.device_cache_gb={budget}"),
+              tmp_path / name, progress=False)
+        assert ("training set resident on cpu" in capsys.readouterr().out) == (name == "resident")
+    a, b = (load_file(str(tmp_path / n / "checkpoints" / "last" / "model.safetensors")) for n in ("loader", "resident"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resident_rows_follow_the_sampler_across_ranks_and_caches(tmp_path, image_folder):
+    for split, seed in (("a", 1), ("b", 2)):
+        write_jpegs(tmp_path / split, 10, seed=seed)
+        assert main(["prepare", "-o", str(tmp_path / f"c{split}"), "--no-progress", f"data.train=[{tmp_path / split}]",
+                     "data.image_size=32", "data.crop_size=64"]) == 0
+    cfg = load_config(None, ["data.image_size=32", "data.crop_size=64", "data.views_per_image=2"]).data
+    dataset = build_dataset([str(tmp_path / "ca"), str(tmp_path / "cb")], cfg, train=True, seed=0)
+    images = resident_images(dataset, torch.device("cpu"), 2**30)
+    assert resident_images(dataset, torch.device("cpu"), images.numel() - 1) is None  # over budget
+    for rank in (0, 1):
+        loader, sampler = make_loader(dataset, 4, True, seed=0, num_workers=0, rank=rank, world_size=2)
+        sampler.set_epoch(3, start=4)  # resumed one batch into epoch 3
+        batches = DeviceBatches(images, sampler, 4, dataset.views)
+        assert len(batches) == len(loader)
+        for (x, i, _), (y, j, bad) in zip(loader, batches):
+            assert torch.equal(i, j) and torch.equal(x, y) and bad == []

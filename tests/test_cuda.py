@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from imgvae.checkpoint import load_checkpoint
+from imgvae.cli import main
 from imgvae.train import Trainer, train
 from test_robust import RESNET, assert_same_weights, weights
 
@@ -119,3 +120,13 @@ def test_two_gloo_processes_on_cuda_tensors(tmp_path, photos):
     assert summary["processes"] == 2 and summary["steps"] == 6
     train(tiny_config([photos], [], *CUDA, "train.epochs=2"), tmp_path / "single", progress=False)
     assert_same_weights(tmp_path / "gloo", tmp_path / "single", exact=False)
+
+
+def test_the_resident_cache_on_the_gpu_follows_the_loader(tmp_path, photos, capsys):
+    assert main(["prepare", "-o", str(tmp_path / "cache"), "--no-progress", f"data.train=[{photos}]",
+                 "data.image_size=32", "data.crop_size=64"]) == 0
+    for name, budget in (("loader", "0"), ("resident", "auto")):
+        train(tiny_config([tmp_path / "cache"], [], *CUDA, *RESNET, "train.epochs=2", f"data.device_cache_gb={budget}"),
+              tmp_path / name, progress=False)
+        assert ("training set resident on cuda" in capsys.readouterr().out) == (name == "resident")
+    assert_same_weights(tmp_path / "loader", tmp_path / "resident", exact=False)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from imgvae.checkpoint import load_checkpoint
+from imgvae.cli import main
 from imgvae.runtime import RunError
 from imgvae.train import Trainer, train
 
@@ -216,6 +217,15 @@ def test_ddp_two_gloo_processes_equal_one_process_and_resume(tmp_path, photos):
            "-m", "imgvae", "train", "--resume", str(tmp_path / "ddp_resumed"), "--no-progress", "train.epochs=2"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     assert_same_weights(tmp_path / "ddp", tmp_path / "ddp_resumed", exact=False)
+
+
+def test_two_gloo_processes_train_the_same_from_a_resident_cache(tmp_path, photos):
+    assert main(["prepare", "-o", str(tmp_path / "cache"), "--no-progress", f"data.train=[{photos}]",
+                 "data.image_size=32", "data.crop_size=64"]) == 0
+    loader = _torchrun(tmp_path / "loader", tmp_path / "cache", "train.epochs=1", "data.device_cache_gb=0")
+    resident = _torchrun(tmp_path / "resident", tmp_path / "cache", "train.epochs=1")
+    assert "resident" not in loader.stdout and "training set resident on cpu" in resident.stdout
+    assert_same_weights(tmp_path / "loader", tmp_path / "resident")
 
 
 def test_torchrun_with_one_process_trains_under_ddp_like_a_plain_process(tmp_path, photos):

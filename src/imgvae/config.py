@@ -57,6 +57,10 @@ class DataConfig:
     # views): kept once decoded, so later epochs skip decoding. A split whose views do
     # not all fit is decoded every epoch. 0 = off.
     memory_cache_gb: float = 4.0
+    # A training set read from prepared caches that fits in this many GiB per process is
+    # copied once to the training device and batched there by index: no loader, no copy per
+    # step. "auto": half the GPU's free memory; on a CPU, memory_cache_gb (it stays in RAM). 0 = off.
+    device_cache_gb: float | Literal["auto"] = "auto"
     # Hostile files: larger files and zip members are skipped unread (by their declared
     # size), images of more megapixels skipped before decoding (decompression bombs; at most
     # PIL's own hard limit, 2 x Image.MAX_IMAGE_PIXELS).

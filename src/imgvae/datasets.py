@@ -12,6 +12,7 @@ import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
@@ -264,6 +265,46 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
     )
     return loader, sampler
+
+
+def resident_images(dataset: ImageDataset, device: torch.device, max_bytes: float,
+                    chunk: int = 8192) -> torch.Tensor | None:
+    """Every image of the dataset's prepared caches as one uint8 (N, 3, S, S) tensor on
+    `device`, copied there in chunks; None when a view is not from a cache or they do not
+    fit in max_bytes."""
+    if not dataset.from_prepared_cache:
+        return None
+    size = dataset.cfg.image_size
+    if len(dataset.source) * 3 * size * size > max_bytes:
+        return None
+    images = torch.empty(len(dataset.source), 3, size, size, dtype=torch.uint8, device=device)
+    start = 0
+    for source in dataset.source.sources:
+        rows = source.rows()
+        for i in range(0, len(rows), chunk):
+            part = torch.from_numpy(np.array(rows[i:i + chunk]))  # a writable copy of the mapped rows
+            images[start:start + len(part)].copy_(part)
+            start += len(part)
+    return images
+
+
+class DeviceBatches:
+    """The training loader's batches without a DataLoader: images taken by index from the whole
+    set resident on the device (resident_images), in the sampler's order, each process its
+    slice. Yields what the loader yields: (images, dataset indices, no skipped files)."""
+
+    def __init__(self, images: torch.Tensor, sampler: ResumableSampler, batch_size: int, views: int):
+        self.images, self.sampler, self.batch_size, self.views = images, sampler, batch_size, views
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # drop_last, as the training loader
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        rows = (order // self.views).to(self.images.device)  # one copy per epoch
+        for b in range(len(self)):
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield self.images[rows[batch]], order[batch], []
 
 
 def eval_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,

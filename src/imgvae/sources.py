@@ -221,9 +221,17 @@ class CacheSource:
         return self.keys[self.valid[i]]
 
     def image(self, i: int) -> np.ndarray:
+        return np.array(self._mapped()[self.valid[i]])
+
+    def rows(self) -> np.ndarray:
+        """Every valid image, (N, 3, S, S) uint8 (memory-mapped: slices are read on use)."""
+        images = self._mapped()
+        return images if len(self.valid) == len(images) else images[self.valid]
+
+    def _mapped(self) -> np.ndarray:
         if self._images is None or self._pid != os.getpid():
             self._images, self._pid = np.load(self.root / IMAGES, mmap_mode="r"), os.getpid()
-        return np.array(self._images[self.valid[i]])
+        return self._images
 
     def check(self, cfg: DataConfig) -> None:
         wanted = preprocessing_signature(cfg)

@@ -28,7 +28,16 @@ from . import checkpoint as ckpt
 from . import rundir
 from .adversarial import Adversary
 from .config import Config, ConfigError, TrainConfig, to_dict
-from .datasets import BadFiles, build_dataset, eval_loader, first_images, loader_workers, make_loader
+from .datasets import (
+    BadFiles,
+    DeviceBatches,
+    build_dataset,
+    eval_loader,
+    first_images,
+    loader_workers,
+    make_loader,
+    resident_images,
+)
 from .decode import normalize, to_model_input
 from .evaluate import eval_loss
 from .features import PerceptualDistance
@@ -186,6 +195,9 @@ class Trainer:
         self.train_set.keep_decoded(memory_budget, processes=workers)
         self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
                                                 self.device.type == "cuda", procs.rank, procs.world_size)
+        self.resident = resident_images(self.train_set, self.device, self.device_budget())
+        if self.resident is not None:
+            self.loader = DeviceBatches(self.resident, self.sampler, tc.batch_size, self.train_set.views)
         self.batches_per_epoch = len(self.sampler.base) // tc.batch_size
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
@@ -193,6 +205,15 @@ class Trainer:
             self.eval_set.keep_in_memory(memory_budget, shared=workers > 0)
             count = min(cfg.data.eval_limit or len(self.eval_set), len(self.eval_set))
             self.eval_loader = eval_loader(self.eval_set, tc.batch_size, self.device, workers, list(range(count)))
+
+    def device_budget(self) -> float:
+        """Bytes of the training device this process may fill with the training set (data.device_cache_gb)."""
+        cfg = self.cfg.data
+        if cfg.device_cache_gb != "auto":
+            return cfg.device_cache_gb * 2**30
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] / 2
+        return cfg.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # it stays in RAM
 
     def _build_model(self, fresh: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
@@ -413,7 +434,8 @@ class Trainer:
                  f"images from {self.train_set.source.name}; eval {n_eval:,}; "
                  f"epochs {pos.epoch + 1}..{cfg.train.epochs}"
                  f"{'; training views kept in RAM once decoded' if self.in_memory else ''}"
-                 f"{'; training images kept decoded in RAM' if self.train_set.decoded is not None else ''}")
+                 f"{'; training images kept decoded in RAM' if self.train_set.decoded is not None else ''}"
+                 f"{f'; training set resident on {self.device}' if self.resident is not None else ''}")
         if pos.epoch >= cfg.train.epochs:
             self.say(f"imgvae: {self.out} already finished {pos.epoch} epochs; raise train.epochs to continue")
 
