@@ -15,6 +15,10 @@ corpus=${CORPUS:-/tmp/imgvae-ab-corpus}
 if [ "${VARIANT:-b}" != demo ] && [ ! -d "$corpus" ]; then
   (cd "$new/bench" && "$python" -c "from data import write_corpus; from pathlib import Path; write_corpus(Path('$corpus'), 1280)")
 fi
+if [ "${VARIANT:-b}" = c ] && [ ! -d "$corpus-cache" ]; then  # as bench/train_speed.py prepares it
+  PYTHONPATH="$new/src" "$python" -c "from imgvae.cache import prepare; from imgvae.config import DataConfig
+prepare(['$corpus'], DataConfig(), '$corpus-cache', progress=False)"
+fi
 for round in $(seq "${ROUNDS:-2}"); do
   for tree in "$old" "$new"; do
     if [ "${VARIANT:-b}" = demo ]; then
