@@ -193,3 +193,32 @@ def test_resident_rows_follow_the_sampler_across_ranks_and_caches(tmp_path, imag
         assert len(batches) == len(loader)
         for (x, i, _), (y, j, bad) in zip(loader, batches):
             assert torch.equal(i, j) and torch.equal(x, y) and bad == []
+
+
+def test_views_kept_in_ram_go_to_the_device_and_train_bit_identical(tmp_path, image_folder, capsys):
+    """After the first epoch fills the RAM view cache, batches come from it by index (an
+    unreadable file left out of its batch, as the loader does): the same batches and weights."""
+    (image_folder / "broken.jpg").write_bytes(b"not a jpeg")
+    cfg = load_config(None, ["data.image_size=32", "data.crop_size=64"]).data
+    dataset = build_dataset([str(image_folder)], cfg, train=True, seed=0)
+    assert dataset.keep_in_memory(2**30, shared=False) and dataset.views_in_memory() is None
+    loader, sampler = make_loader(dataset, 4, True, seed=0, num_workers=0)
+    sampler.set_epoch(0)
+    list(loader)  # fills the cache, but for the view that drop_last left out
+    assert dataset.views_in_memory() is None
+    memory, readable = dataset.views_in_memory(fill=1)
+    assert readable.tolist() == [not dataset.key(i).endswith("broken.jpg") for i in range(25)]
+    sampler.set_epoch(1, start=4)
+    batches = DeviceBatches(memory, sampler, 4, readable=readable)
+    assert len(batches) == len(loader)
+    for (x, i, _), (y, j, bad) in zip(loader, batches):
+        assert torch.equal(i, j) and torch.equal(x, y) and bad == []
+
+    for name, budget in (("loader", "0"), ("resident", "auto")):
+        train(tiny_config([image_folder], [], "train.epochs=3", "train.ema=0.9", f"data.device_cache_gb={budget}"),
+              tmp_path / name, progress=False)
+        assert ("batching them on cpu from now on" in capsys.readouterr().out) == (name == "resident")
+    a, b = (load_file(str(tmp_path / n / "checkpoints" / "last" / "model.safetensors")) for n in ("loader", "resident"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads(line) for line in (tmp_path / "resident" / "history.jsonl").read_text().splitlines()]
+    assert all(0 <= h["data_wait"] < 1 for h in history)

@@ -149,8 +149,14 @@ class TrainConfig:
     # a crash then loses at most N steps. Only the newest such checkpoint is kept.
     ckpt_every_steps: int = 0
     # "bf16" / "fp16": autocast (fp16 adds a GradScaler); weights and optimiser stay fp32.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # "auto": bf16 on CUDA devices that support it, else fp32 (the seed preset keeps fp32).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the training model
+    # torch.compile's mode: "reduce-overhead" replays CUDA graphs (no kernel launch cost),
+    # "max-autotune-no-cudagraphs" searches faster kernels, "max-autotune" does both.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    # CUDA: fp32 matmuls and convolutions may run on TF32 tensor cores (10-bit mantissa inputs).
+    tf32: bool = True
     # NHWC memory format: faster convolutions on CPUs (bench/RESULTS.md) and the layout
     # tensor cores want on GPUs.
     channels_last: bool = True

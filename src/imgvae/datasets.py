@@ -39,7 +39,7 @@ class ImageDataset(Dataset):
         self.source, self.cfg, self.train, self.seed = source, cfg, train, seed
         self.views = cfg.views_per_image if train else cfg.eval_views_per_image
         self.epoch = 0
-        self.memory = self.filled = None  # see keep_in_memory
+        self.memory = self.filled = self.failed = None  # see keep_in_memory
         self.decoded: DecodedImages | None = None  # see keep_decoded
 
     @property
@@ -63,14 +63,27 @@ class ImageDataset(Dataset):
             if stat.f_bavail * stat.f_frsize < nbytes + 2**28:  # also leave room for the batches in transit
                 return False
         memory = torch.empty(len(self), 3, size, size, dtype=torch.uint8)  # private pages: touched only when filled
-        filled = torch.zeros(len(self), dtype=torch.bool)
+        filled, failed = torch.zeros(len(self), dtype=torch.bool), torch.zeros(len(self), dtype=torch.bool)
         if shared:
             try:  # shared memory is committed in full here
-                memory, filled = memory.share_memory_(), filled.share_memory_()
+                memory, filled, failed = memory.share_memory_(), filled.share_memory_(), failed.share_memory_()
             except (RuntimeError, OSError):
                 return False
-        self.memory, self.filled = memory, filled
+        self.memory, self.filled, self.failed = memory, filled, failed
         return True
+
+    def views_in_memory(self, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(every view (N, 3, S, S), which of them were readable) once keep_in_memory's cache
+        has tried them all, else None. When at most `fill` views are left untried (those that an
+        epoch's drop_last left out), they are read now."""
+        if self.memory is None:
+            return None
+        untried = (~(self.filled | self.failed)).nonzero().flatten().tolist()
+        if len(untried) > fill:
+            return None
+        for index in untried:
+            self[index]  # fills the view, or marks it failed
+        return self.memory, self.filled
 
     def keep_decoded(self, max_bytes: float, processes: int = 1) -> bool:
         """For random training crops: keep the decoded images in RAM (each process its own,
@@ -119,6 +132,8 @@ class ImageDataset(Dataset):
         try:
             return self.load(index), index, None
         except Exception as e:  # any broken file must not stop a long run
+            if self.failed is not None:
+                self.failed[index] = True
             return None, index, skip_reason(e)
 
 
@@ -290,21 +305,31 @@ def resident_images(dataset: ImageDataset, device: torch.device, max_bytes: floa
 
 class DeviceBatches:
     """The training loader's batches without a DataLoader: images taken by index from the whole
-    set resident on the device (resident_images), in the sampler's order, each process its
-    slice. Yields what the loader yields: (images, dataset indices, no skipped files)."""
+    set resident on the device, in the sampler's order, each process its slice. `images` holds a
+    row per file (resident_images: view i is row i // views) or per view (the RAM view cache:
+    views=1, `readable` marks the views the loader would not skip). Yields what the loader
+    yields: (images, dataset indices, no skipped files; those were reported when first read)."""
 
-    def __init__(self, images: torch.Tensor, sampler: ResumableSampler, batch_size: int, views: int):
-        self.images, self.sampler, self.batch_size, self.views = images, sampler, batch_size, views
+    def __init__(self, images: torch.Tensor, sampler: ResumableSampler, batch_size: int, views: int = 1,
+                 readable: torch.Tensor | None = None):
+        self.images, self.sampler, self.batch_size = images, sampler, batch_size
+        self.views, self.readable = views, readable
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size  # drop_last, as the training loader
 
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
-        rows = (order // self.views).to(self.images.device)  # one copy per epoch
-        for b in range(len(self)):
-            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield self.images[rows[batch]], order[batch], []
+        batches = list(order[:len(self) * self.batch_size].split(self.batch_size))
+        if self.readable is not None:  # the loader leaves unreadable files out of their batch
+            batches = [b[self.readable[b]] for b in batches]
+        if not batches:
+            return
+        rows = (torch.cat(batches) // self.views).to(self.images.device)  # one copy per epoch
+        start = 0
+        for batch in batches:
+            yield self.images[rows[start:start + len(batch)]], batch, []
+            start += len(batch)
 
 
 def eval_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,

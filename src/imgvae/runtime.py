@@ -192,6 +192,21 @@ def keep_freed_memory() -> bool:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def run_precision(precision: str, device: torch.device) -> str:
+    """train.precision on this device: "auto" is bf16 on a CUDA device that has it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def allow_tf32(on: bool) -> None:
+    """CUDA fp32 matmuls and convolutions on TF32 tensor cores, or not. Through the legacy
+    switches: torch.compile reads those, and mixing them with the newer fp32_precision ones
+    is an error."""
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cudnn.allow_tf32 = on
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed-precision context for the forward pass ("fp32": none)."""
     if precision == "fp32":

@@ -16,7 +16,7 @@ import signal
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,9 @@ from .runtime import (
     StopSignals,
     autocast,
     grad_scaler,
+    allow_tf32,
     keep_freed_memory,
+    run_precision,
     start_processes,
     stop_processes,
 )
@@ -102,6 +104,8 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     """
     cfg = checked_config(cfg, resume)
     procs = start_processes(cfg.train.device, cfg.train.dist_backend)
+    # config.yaml records the precision the run trains in.
+    cfg = replace(cfg, train=replace(cfg.train, precision=run_precision(cfg.train.precision, procs.device)))
     out = Path(out_dir)
     lock = None
     try:
@@ -170,6 +174,8 @@ class Trainer:
         self.device = procs.device
         if self.device.type == "cpu" and cfg.train.keep_freed_memory:
             keep_freed_memory()
+        if self.device.type == "cuda":
+            allow_tf32(cfg.train.tf32)
         torch.manual_seed(cfg.train.seed)
         self._build_data()
         self._build_model(fresh=state is None)
@@ -261,7 +267,8 @@ class Trainer:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = self.ddp = DistributedDataParallel(model, device_ids=device_ids)
-        self.train_model = torch.compile(model) if self.cfg.train.compile else model
+        tc = self.cfg.train
+        self.train_model = torch.compile(model, mode=tc.compile_mode) if tc.compile else model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- the loop ---------------------------------------------------------------
@@ -270,10 +277,7 @@ class Trainer:
         tc, pos = self.cfg.train, self.position
         self.begin()
         while pos.epoch < tc.epochs and not self.stopped:
-            self.sampler.set_epoch(pos.epoch, start=pos.batches_done * tc.batch_size)
-            self.train_set.set_epoch(pos.epoch)
-            self.training_mode()
-            self.epoch_start, self.epoch_images = time.time(), 0
+            self.begin_epoch()
             for micro_batches in self.steps_of_epoch():
                 # BatchNorm statistics move in the forward pass: keep a copy to undo a skipped step.
                 saved_buffers = [b.detach().clone() for b in self.model.buffers()]
@@ -310,14 +314,37 @@ class Trainer:
                           f"continue with imgvae train --resume {self.out}", signal.Signals[self.stopped])
         return summary
 
+    def begin_epoch(self) -> None:
+        """Before the epoch's first step: the epoch's order, and the training views on the
+        device once the RAM view cache holds them all (after the first epoch)."""
+        pos = self.position
+        self.sampler.set_epoch(pos.epoch, start=pos.batches_done * self.cfg.train.batch_size)
+        self.train_set.set_epoch(pos.epoch)
+        if self.resident is None:
+            self.use_resident_views()
+        self.training_mode()
+        self.epoch_start, self.epoch_images, self.data_wait = time.time(), 0, 0.0
+
+    def use_resident_views(self) -> None:
+        """Batch on the device from the RAM view cache, as from a prepared cache, once it holds
+        every training view (unreadable ones left out) and they fit data.device_cache_gb."""
+        held = self.train_set.views_in_memory(fill=self.cfg.train.batch_size * self.procs.world_size)
+        if held is None or held[0].numel() > self.device_budget():
+            return
+        self.resident = held[0].to(self.device)  # on a CPU, the very same tensor
+        self.loader = DeviceBatches(self.resident, self.sampler, self.cfg.train.batch_size, readable=held[1])
+        self.say(f"imgvae: every training view is in memory; batching them on {self.device} from now on")
+
     def steps_of_epoch(self):
         """The rest of the current epoch as optimiser steps: lists of up to grad_accum
-        micro-batches (uint8 images), in loader order (the epoch's last step may be short)."""
+        micro-batches (uint8 images), in loader order (the epoch's last step may be short).
+        Time spent waiting for batches is summed in self.data_wait."""
         pos, accum = self.position, self.cfg.train.grad_accum
         self.bar = tqdm(self.loader, desc=f"epoch {pos.epoch + 1}/{self.cfg.train.epochs}", disable=not self.progress,
                         dynamic_ncols=True, initial=pos.batches_done, total=pos.batches_done + len(self.loader))
-        micro_batches = []
+        micro_batches, asked = [], time.perf_counter()
         for images, _, bad_items in self.bar:
+            self.data_wait += time.perf_counter() - asked
             self.bad_files.add(self.train_set, bad_items)
             pos.batches_done += 1
             micro_batches.append(images)
@@ -326,6 +353,7 @@ class Trainer:
                 micro_batches = []
                 if self.stopped:
                     return
+            asked = time.perf_counter()
 
     def training_step(self, images: torch.Tensor, micro: int, n_micro: int, gan: bool):
         """Micro-batch `micro` of the step: forward (under autocast), loss in fp32, and its
@@ -489,6 +517,7 @@ class Trainer:
         self.log.pictures(epoch, dict(zip(rundir.GRID_KINDS, pictures)), n)
         rate = self.epoch_images * self.procs.world_size / seconds
         self.log.epoch({"epoch": epoch, "step": self.position.step, "lr": lr, "seconds": seconds, "img_per_s": rate,
+                        "data_wait": self.data_wait / seconds,
                         "skipped_steps": self.position.skipped_steps,
                         **{f"train/{k}": v for k, v in train_stats.items()},
                         **{f"eval/{k}": v for k, v in eval_stats.items()}})
