@@ -332,6 +332,39 @@ class DeviceBatches:
             start += len(batch)
 
 
+class Prefetched:
+    """A loader one batch ahead on CUDA: while a step runs, the next batch's images are copied
+    from pinned memory to the device on a side stream. Elsewhere, the loader's own batches."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        side, current = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+
+        def copied(batch):
+            images, indices, bad = batch
+            with torch.cuda.stream(side):
+                return images.to(self.device, non_blocking=True), indices, bad
+
+        batches = iter(self.loader)
+        following = next(batches, None)
+        following = following and copied(following)
+        while following is not None:
+            current.wait_stream(side)  # this batch's copy is done before the step reads it
+            images, indices, bad = following
+            images.record_stream(current)  # its memory, allocated on the side stream, is used here
+            following = next(batches, None)
+            following = following and copied(following)
+            yield images, indices, bad
+
+
 def eval_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
                 indices: list[int] | None = None) -> DataLoader:
     """The dataset's items (or those at `indices`) in order, in batches: evaluation,

@@ -31,6 +31,7 @@ from .config import Config, ConfigError, TrainConfig, to_dict
 from .datasets import (
     BadFiles,
     DeviceBatches,
+    Prefetched,
     build_dataset,
     eval_loader,
     first_images,
@@ -71,12 +72,15 @@ def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shap
     and indexed by global position: DistributedSampler gives rank r the epoch
     positions r, r + W, ..., so its micro-batch m holds r + W * (m * B + j). One
     process with a W * A times larger batch therefore draws the same values.
+    They are drawn on the training device (a copy from pageable host memory would make
+    the host wait for the GPU every step), so CUDA runs draw other values than CPU runs.
     """
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    device = procs.device
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
     total = cfg.batch_size * cfg.grad_accum * procs.world_size
-    flips = torch.rand(total, generator=generator) < 0.5
-    noise = torch.randn(total, *latent_shape, generator=generator)
-    positions = procs.rank + procs.world_size * (micro * cfg.batch_size + torch.arange(n))
+    flips = torch.rand(total, generator=generator, device=device) < 0.5
+    noise = torch.randn(total, *latent_shape, generator=generator, device=device)
+    positions = procs.rank + procs.world_size * (micro * cfg.batch_size + torch.arange(n, device=device))
     return flips[positions], noise[positions]
 
 
@@ -204,6 +208,8 @@ class Trainer:
         self.resident = resident_images(self.train_set, self.device, self.device_budget())
         if self.resident is not None:
             self.loader = DeviceBatches(self.resident, self.sampler, tc.batch_size, self.train_set.views)
+        else:  # on CUDA, the next batch is copied while this step runs
+            self.loader = Prefetched(self.loader, self.device)
         self.batches_per_epoch = len(self.sampler.base) // tc.batch_size
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
@@ -365,7 +371,7 @@ class Trainer:
         sync = self.ddp.no_sync() if self.ddp is not None and micro + 1 < n_micro else nullcontext()
         with sync:
             with autocast(self.device, cfg.train.precision):
-                out = self.train_model(x, noise=noise.to(self.device))
+                out = self.train_model(x, noise=noise)
             out = out.float()
             loss, stats = vae_loss(x, out, cfg.loss, kl_weight(cfg.loss, pos.step, self.total_steps), self.perceptual)
             if gan:
