@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 from imgvae import cache
 from imgvae.cache import prepare
 from imgvae.cli import main
-from imgvae.config import DataConfig, load_config
+from imgvae.config import ConfigError, DataConfig, load_config
 from imgvae.datasets import DeviceBatches, build_dataset, loader_workers, make_loader, resident_images
 from imgvae.decode import load_view
 from imgvae.sources import SourceError, open_source
@@ -222,3 +223,35 @@ def test_views_kept_in_ram_go_to_the_device_and_train_bit_identical(tmp_path, im
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = [json.loads(line) for line in (tmp_path / "resident" / "history.jsonl").read_text().splitlines()]
     assert all(0 <= h["data_wait"] < 1 for h in history)
+
+
+def test_prepare_on_a_device_decodes_jpegs_in_batches_as_pil_does(tmp_path, image_folder):
+    """The nvJPEG path, run with torchvision's CPU decoder: JPEG views within rounding of PIL's
+    full decode, other files through PIL itself, bad files skipped for the same reasons."""
+    rng = np.random.default_rng(3)
+    odd = image_folder / "odd"
+    odd.mkdir()
+    smooth_image(rng, 90, 70).convert("L").save(odd / "grey.jpg", quality=90)
+    smooth_image(rng, 70, 90).convert("CMYK").save(odd / "cmyk.jpg", quality=90)
+    smooth_image(rng, 50, 40).save(odd / "small.png")
+    whole = (image_folder / "nested" / f"{0:012d}.jpg").read_bytes()
+    (odd / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (odd / "page.jpg").write_text("<html></html>")
+    (odd / "empty.jpg").write_bytes(b"")
+    cfg = DataConfig(image_size=32, crop_size=64)
+    on_device = prepare([str(image_folder)], cfg, tmp_path / "device", chunk=8, progress=False, device="cpu")
+    pil = prepare([str(image_folder)], DataConfig(image_size=32, crop_size=64, exact_decode=True), tmp_path / "pil",
+                  workers=1, chunk=8, progress=False)
+    assert on_device["decoder"] == "torchvision decode_jpeg on cpu" and pil["decoder"] == "PIL"
+    assert on_device["skipped"] == pil["skipped"] and len(pil["skipped"]) == 3
+    a, b = (np.load(tmp_path / name / "images.npy").astype(int) for name in ("device", "pil"))
+    keys = (tmp_path / "pil" / "keys.txt").read_text().splitlines()
+    valid = np.load(tmp_path / "pil" / "valid.npy")
+    for row in valid:
+        diff = np.abs(a[row] - b[row])
+        if keys[row].endswith(("cmyk.jpg", "small.png")):  # taken by the CPU path
+            assert np.array_equal(a[row], load_view(Path(keys[row]).read_bytes(), cfg)), keys[row]
+        else:
+            assert diff.mean() < 0.5 and diff.max() <= 3, (keys[row], diff.mean(), diff.max())
+    with pytest.raises(ConfigError, match="exact_decode"):
+        prepare([str(image_folder)], DataConfig(exact_decode=True), tmp_path / "x", progress=False, device="cpu")

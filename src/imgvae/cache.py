@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from .config import DataConfig
-from .decode import load_view, skip_reason
+from .config import ConfigError, DataConfig
+from .decode import device_decodable, device_views, load_view, skip_reason
 from .rundir import append_jsonl, read_jsonl
 from .sources import (
     CACHE_FORMAT,
@@ -45,32 +46,57 @@ PLAN, DONE, SKIPPED = "plan.json", "done.npy", "skipped.jsonl"  # bookkeeping of
 _WORK: dict = {}
 
 
-def _init_worker(source, cfg: DataConfig, chunk: int) -> None:
-    _WORK.update(source=source, cfg=cfg, chunk=chunk)
+def _init_worker(source, cfg: DataConfig, chunk: int, device: torch.device | None = None) -> None:
+    _WORK.update(source=source, cfg=cfg, chunk=chunk, device=device)
 
 
 def _prepare_chunk(c: int):
     source, cfg, chunk = _WORK["source"], _WORK["cfg"], _WORK["chunk"]
-    rows = range(c * chunk, min((c + 1) * chunk, len(source)))
+    return c, *chunk_views(source, cfg, range(c * chunk, min((c + 1) * chunk, len(source))), _WORK.get("device"))
+
+
+def chunk_views(source, cfg: DataConfig, rows: range, device: torch.device | None = None):
+    """The views of the source's `rows` -> (uint8 (len(rows), 3, S, S), [{"row", "key", "reason"}]
+    of unreadable files). With a device, complete RGB / grey JPEGs are decoded there in one batch
+    (decode.device_views); every other file, and any the device refuses, takes the CPU path,
+    which also says why a file is unreadable."""
     out = np.zeros((len(rows), 3, cfg.image_size, cfg.image_size), np.uint8)
-    bad = []
-    for k, r in enumerate(rows):
+    bad, on_device = [], {}
+
+    def cpu_view(k: int, data: bytes | None = None) -> None:
         try:
-            out[k] = load_view(source.read_bytes(r, max_file_bytes(cfg)), cfg)
+            data = source.read_bytes(rows[k], max_file_bytes(cfg)) if data is None else data
+            if device is not None and k not in on_device and device_decodable(data, cfg):
+                on_device[k] = data
+            else:
+                out[k] = load_view(data, cfg)
         except Exception as e:  # recorded in the manifest; prepare goes on
-            bad.append({"row": r, "key": source.key(r), "reason": skip_reason(e)})
-    return c, out, bad
+            bad.append({"row": rows[k], "key": source.key(rows[k]), "reason": skip_reason(e)})
+
+    for k in range(len(rows)):
+        cpu_view(k)
+    for k, view in zip(list(on_device), device_views(list(on_device.values()), cfg, device)):
+        if view is None:
+            cpu_view(k, on_device[k])
+        else:
+            out[k] = view
+    return out, sorted(bad, key=lambda b: b["row"])
 
 
 def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | None = None,
-            chunk: int = 256, progress: bool = True) -> dict:
-    """Preprocess every image of the sources into the cache folder `out`.
+            chunk: int = 256, progress: bool = True, device: str | torch.device | None = None) -> dict:
+    """Preprocess every image of the sources into the cache folder `out`, in `workers`
+    processes, or with `device` (e.g. "cuda"): JPEGs decoded, cropped and resized there in
+    batches of `chunk` (nvJPEG on CUDA), other files on the CPU.
 
     Resumes an interrupted run of the same command; returns the manifest.
     """
     out = Path(out)
     if is_cache(out):
         raise SourceError(f"{out} already holds a prepared cache; remove it or choose another -o")
+    if device is not None and cfg.exact_decode:
+        raise ConfigError("data.exact_decode=true asks for the seed's PIL decode bit for bit, which decoding on a "
+                          "device is not: prepare with data.exact_decode=false (and train with it), or on the CPU")
     source = open_sources(specs)
     cfg = resolve_auto(cfg, source)
     if cfg.crop != "center":
@@ -79,11 +105,11 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
             "preprocessing": preprocessing_signature(cfg)}
     size = cfg.image_size
     output = ChunkedOutput(out, plan, {IMAGES.removesuffix(".npy"): ((len(source), 3, size, size), np.uint8)})
-    started, workers = time.time(), workers or os.cpu_count() or 1
+    started, workers = time.time(), 1 if device is not None else workers or os.cpu_count() or 1
     bar = output.progress_bar(progress, f"prepare {out.name}")
     pool = multiprocessing.Pool(workers, _init_worker, (source, cfg, chunk)) if workers > 1 else None
     if pool is None:
-        _init_worker(source, cfg, chunk)
+        _init_worker(source, cfg, chunk, device and torch.device(device))
     try:
         pending = output.pending()
         for c, arr, bad in pool.imap_unordered(_prepare_chunk, pending) if pool else map(_prepare_chunk, pending):
@@ -98,6 +124,7 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": plan["preprocessing"],
         "sources": plan["sources"], "rows": plan["rows"], "count": int(len(valid)), "skipped": skipped,
         "seconds_last_run": round(time.time() - started, 2), "workers": workers,
+        "decoder": f"torchvision decode_jpeg on {torch.device(device)}" if device is not None else "PIL",
     })
 
 

@@ -84,14 +84,19 @@ def _add_prepare(sub) -> None:
         "  imgvae prepare --config seed -o cache/coco-train          # data.train: train2017 + test2017\n"
         "  imgvae prepare --config seed --split eval -o cache/coco-val\n"
         "  imgvae train --config seed -o runs/seed data.train=[cache/coco-train] data.eval=[cache/coco-val]\n"
-        "  imgvae prepare -o cache/mine data.train=[~/photos] data.image_size=128",
+        "  imgvae prepare -o cache/mine data.train=[~/photos] data.image_size=128\n"
+        "  imgvae prepare --config seed --device cuda data.exact_decode=false -o cache/coco-train  # nvJPEG",
         formatter_class=RAW,
     )
     p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
     _config_args(p)
     p.add_argument("--split", choices=["train", "eval"], default="train",
                    help="prepare data.train (default) or data.eval")
-    p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
+    p.add_argument("--workers", type=int, help="processes decoding on the CPU (default: all CPU cores)")
+    p.add_argument("--device", default="auto",
+                   help="where JPEGs are decoded, cropped and resized: cpu (PIL, in --workers processes), cuda, "
+                   "cuda:1 ... (nvJPEG, in batches; needs data.exact_decode=false); auto (default): cuda when "
+                   "there is one and data.exact_decode is false, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -308,7 +313,11 @@ def _train(args) -> None:
 def _prepare(args) -> None:
     cfg = load_config(args.config, args.overrides)
     specs = cfg.data.train if args.split == "train" else cfg.data.eval
-    manifest = prepare(specs, cfg.data, args.out, workers=args.workers, progress=not args.no_progress)
+    device = None if args.device == "cpu" else pick_device(args.device)
+    if args.device == "auto" and (device.type == "cpu" or cfg.data.exact_decode):
+        device = None
+    manifest = prepare(specs, cfg.data, args.out, workers=args.workers, progress=not args.no_progress,
+                       device=device)
     print(f"imgvae: {args.out}: {manifest['count']:,} images of {cfg.data.image_size}x{cfg.data.image_size} "
           f"({manifest['rows'] - manifest['count']} unreadable files skipped, listed in manifest.json)")
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import DataConfig
 
@@ -159,6 +161,57 @@ def load_view(data: bytes, cfg: DataConfig, rng: random.Random | None = None) ->
         header = read_header(img, cfg)
         box, scale = plan_view(header, cfg, rng)
         return cut_view(decode_at(img, header, scale), header, box, cfg)
+
+
+def device_decodable(data: bytes, cfg: DataConfig) -> bool:
+    """Whether device_views takes this file as the PIL path would: a complete JPEG (ending in
+    its EOI marker: a decoder may fill a truncated one with grey where PIL refuses it), RGB or
+    grey (not CMYK), within data.max_megapixels, upright (no EXIF turn to apply)."""
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = open_image(data, cfg)
+            header = read_header(img, cfg)
+    except Exception:  # the CPU path says why
+        return False
+    return header.jpeg and img.mode in ("RGB", "L") and header.orientation == 1
+
+
+def device_views(encoded: list[bytes], cfg: DataConfig, device: torch.device) -> list[np.ndarray | None]:
+    """JPEG files (device_decodable) -> their centre-crop views, decoded on `device` in one batch
+    (torchvision's decode_jpeg: nvJPEG on CUDA), cropped and resized there (bilinear, antialiased
+    as PIL's resize is); None where the decoder refused a file."""
+    if not encoded:
+        return []
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+        try:
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the whole batch: decode them one by one
+            images = [_decode_one(t, device) for t in tensors]
+    views = [None if img is None else _centre_view(img, cfg) for img in images]
+    decoded = [v for v in views if v is not None]
+    back = iter(torch.stack(decoded).cpu().numpy() if decoded else [])  # one copy for the batch
+    return [None if v is None else next(back) for v in views]
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+def _centre_view(image: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (3, H, W) -> the centre crop resized to uint8 (3, S, S), on the image's device."""
+    left, top, side = crop_box(image.shape[2], image.shape[1], cfg, None)
+    crop = image[None, :, top:top + side, left:left + side].float()
+    view = F.interpolate(crop, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True,
+                         align_corners=False)
+    return view[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 class DecodedImages:
