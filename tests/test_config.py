@@ -1,9 +1,11 @@
 import dataclasses
 
 import pytest
+import torch
 import yaml
 
 from imgvae.config import PRESET_DIR, Config, ConfigError, from_dict, load_config, save_config, to_dict
+from imgvae.runtime import run_precision
 
 
 def test_seed_preset_is_the_seed_recipe():
@@ -15,6 +17,15 @@ def test_seed_preset_is_the_seed_recipe():
     assert (t.optimizer, t.lr, t.rmsprop_alpha, t.eps, t.weight_decay, t.lr_gamma, t.batch_size) == (
         "rmsprop", 1e-3, 0.9, 1e-8, 0.0, 0.75, 64)
     assert cfg.loss.beta == 1.0 and cfg.model.bn_momentum == 0.1
+    assert t.precision == "fp32" and Config().train.precision == "auto"  # the original's fp32, also on GPUs
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_bf16_on_cuda_that_has_it(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert run_precision("auto", cpu) == "fp32" and run_precision("fp16", gpu) == "fp16"
+    for has_bf16, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: has_bf16)
+        assert run_precision("auto", gpu) == expected and run_precision("auto", cpu) == "fp32"
 
 
 def test_demo_preset_uses_embedded_photos():

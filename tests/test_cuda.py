@@ -7,11 +7,18 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
 
+from imgvae.cache import prepare
 from imgvae.checkpoint import load_checkpoint
 from imgvae.cli import main
+from imgvae.config import DataConfig, load_config
+from imgvae.datasets import Prefetched, build_dataset, make_loader
+from imgvae.rundir import read_jsonl
 from imgvae.train import Trainer, train
 from test_robust import RESNET, assert_same_weights, weights
 
@@ -19,7 +26,9 @@ from conftest import TINY, tiny_config, write_jpegs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-CUDA = ["train.device=cuda"]
+# fp32 unless a test says otherwise (train.precision=auto is bf16 on GPUs that have it), so
+# that runs compare tightly.
+CUDA = ["train.device=cuda", "train.precision=fp32"]
 
 
 @pytest.fixture
@@ -130,3 +139,81 @@ def test_the_resident_cache_on_the_gpu_follows_the_loader(tmp_path, photos, caps
               tmp_path / name, progress=False)
         assert ("training set resident on cuda" in capsys.readouterr().out) == (name == "resident")
     assert_same_weights(tmp_path / "loader", tmp_path / "resident", exact=False)
+
+
+def test_precision_auto_is_bf16_on_cuda_and_recorded(tmp_path, photos):
+    train(tiny_config([photos], [], "train.device=cuda", "train.epochs=1"), tmp_path / "auto", progress=False)
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["train"]["precision"]
+    assert saved == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert load_config("seed").train.precision == "fp32"  # the original recipe stays fp32
+
+
+def test_cuda_graphs_compile_mode_trains_like_eager(tmp_path, photos):
+    runs = {}
+    for mode in (None, "reduce-overhead"):
+        compiled = ["train.compile=true", f"train.compile_mode={mode}"] if mode else []
+        cfg = tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=2", "train.tf32=false", *compiled)
+        train(cfg, tmp_path / str(mode), progress=False)
+        runs[mode] = [record["loss"] for record in read_jsonl(tmp_path / str(mode) / "steps.jsonl")]
+    assert runs["reduce-overhead"] == pytest.approx(runs[None], rel=1e-3)
+
+
+def test_views_kept_in_ram_go_to_the_gpu_and_train_like_the_loader(tmp_path, photos, capsys):
+    for name, budget in (("loader", "0"), ("resident", "auto")):
+        train(tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=3", f"data.device_cache_gb={budget}"),
+              tmp_path / name, progress=False)
+        assert ("batching them on cuda" in capsys.readouterr().out) == (name == "resident")
+    assert_same_weights(tmp_path / "loader", tmp_path / "resident", exact=False)
+
+
+def test_prefetched_batches_are_the_loaders_on_the_gpu(photos):
+    cfg = load_config(None, TINY + [f"data.train=[{photos}]"]).data
+    dataset = build_dataset([str(photos)], cfg, train=True, seed=0)
+    loader, sampler = make_loader(dataset, 4, True, seed=0, num_workers=0, pin_memory=True)
+    sampler.set_epoch(1)
+    expected = [(x.clone(), i) for x, i, _ in loader]
+    got = list(Prefetched(loader, torch.device("cuda")))
+    assert len(got) == len(expected) == len(loader)
+    for (x, i), (y, j, bad) in zip(expected, got):
+        assert y.is_cuda and torch.equal(x, y.cpu()) and torch.equal(i, j) and bad == []
+
+
+def test_prepare_with_nvjpeg_is_close_to_pil_and_skips_the_same_files(tmp_path, photos, capsys):
+    whole = next(photos.glob("*.jpg")).read_bytes()
+    (photos / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (photos / "page.jpg").write_text("<html></html>")
+    assert main(["prepare", "-o", str(tmp_path / "gpu"), "--no-progress", f"data.train=[{photos}]",
+                 "data.image_size=32", "data.crop_size=64"]) == 0  # --device auto: the GPU
+    gpu = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
+    cpu = prepare([str(photos)], DataConfig(image_size=32, crop_size=64, exact_decode=True), tmp_path / "cpu",
+                  workers=1, progress=False)
+    assert gpu["decoder"].startswith("torchvision decode_jpeg on cuda")
+    assert gpu["skipped"] == cpu["skipped"] and len(cpu["skipped"]) == 2
+    a, b = (np.load(tmp_path / name / "images.npy").astype(np.float64) for name in ("gpu", "cpu"))
+    assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 35
+
+
+def test_the_step_copies_nothing_from_pageable_host_memory(tmp_path, photos, monkeypatch):
+    """A copy from pageable host memory makes the host wait for the GPU (CUDA stages it), which
+    sync debug mode does not report; the CUDA profiler names such copies."""
+    with profile(activities=[ProfilerActivity.CUDA]) as calibration:
+        torch.ones(1000).to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+    assert any("Pageable" in e.name for e in calibration.events()), [e.name for e in calibration.events()]
+    names = []
+    for name in ("training_step", "optimizer_step"):
+        real = getattr(Trainer, name)
+
+        def profiled(self, *args, _real=real, **kwargs):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                result = _real(self, *args, **kwargs)
+                torch.cuda.synchronize()
+            names.extend(e.name for e in prof.events())
+            return result
+        monkeypatch.setattr(Trainer, name, profiled)
+    assert main(["prepare", "-o", str(tmp_path / "cache"), "--no-progress", "--device", "cpu",
+                 f"data.train=[{photos}]", "data.image_size=32", "data.crop_size=64"]) == 0
+    summary = train(tiny_config([tmp_path / "cache"], [], *CUDA, *RESNET, "train.epochs=1", "train.ema=0.9",
+                                "train.log_every=100"), tmp_path / "run", progress=False)
+    assert summary["steps"] == 3 and names
+    assert not [n for n in names if "Pageable" in n]

@@ -260,6 +260,7 @@ def test_mixed_precision_and_channels_last_train_with_finite_loss(tmp_path, phot
     assert all(w.dtype != torch.float16 and torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
     state = load_checkpoint(tmp_path / "run")[1]
     assert state["scaler"]["scale"] > 0 if precision == "fp16" else state["scaler"] == {}
+    assert state["config"]["train"]["precision"] == precision
 
 
 @pytest.mark.slow
