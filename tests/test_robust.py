@@ -1,6 +1,7 @@
 """Scaling and robustness: mid-epoch resume, SIGKILL, NaN skipping, clipping,
 gradient accumulation, DDP over 2 gloo processes, mixed precision."""
 
+import copy
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 
 from imgvae.checkpoint import load_checkpoint
 from imgvae.cli import main
+from imgvae.config import TrainConfig
+from imgvae.optim import build_optimizer, step_where
 from imgvae.runtime import RunError
 from imgvae.train import Trainer, train
 
@@ -362,3 +365,25 @@ def test_steps_wait_for_the_device_only_when_they_log(tmp_path, photos, monkeypa
                                 "train.log_every=100", "train.ckpt_every=0"), tmp_path / "run", progress=False)
     assert summary["steps"] == 6
     assert len(syncs) == 6 * syncs_per_step, syncs
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_step_where_applies_or_undoes_an_rmsprop_step_on_the_device(applied):
+    """What a CUDA run does for RMSprop, which has no fused found_inf: the step, or nothing."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (build_optimizer(m, TrainConfig()) for m in (model, twin))
+    for step in range(3):  # the first step creates the optimiser's state, the third reuses it
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+        step_where(opt, opt.step, torch.tensor(applied))
+        if applied:
+            twin_opt.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+        for a, b in zip(opt.state.values(), twin_opt.state.values() if applied else []):
+            assert torch.equal(a["square_avg"], b["square_avg"])
+        if not applied:
+            assert all(not state["square_avg"].any() for state in opt.state.values())

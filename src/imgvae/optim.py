@@ -32,6 +32,25 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
+def step_where(optimizer: torch.optim.Optimizer, step, applied: torch.Tensor) -> None:
+    """Call step(), then put back what it changed where the bool device tensor `applied` is false:
+    a skipped step without a host sync, for optimizers with no fused form (RMSprop). Parameters
+    and floating state on `applied`'s device are restored from copies; state the step created is
+    set back to zeros, as RMSprop and Adam begin. A step counter kept on the CPU still counts."""
+    def device_state() -> dict:
+        return {(id(p), k): v for p, state in optimizer.state.items() for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and v.device == applied.device}
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    before = [p.clone() for p in params]
+    state_before = {key: v.clone() for key, v in device_state().items()}
+    step()
+    for p, old in zip(params, before):
+        p.copy_(torch.where(applied, p, old))
+    for key, v in device_state().items():
+        v.copy_(torch.where(applied, v, state_before[key] if key in state_before else torch.zeros_like(v)))
+
+
+@torch.no_grad()
 def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, applied: torch.Tensor) -> None:
     """One EMA update of ema (parameters and buffers) towards model, where the bool tensor
     `applied` is true: the first copies, update n lerps by 1 - min(decay, (1 + n) / (10 + n))

@@ -44,7 +44,7 @@ from .evaluate import eval_loss
 from .features import PerceptualDistance
 from .losses import kl_weight, vae_loss
 from .models import VAE, build_vae, check_model
-from .optim import build_optimizer, skips_on_device, update_ema
+from .optim import build_optimizer, skips_on_device, step_where, update_ema
 from .prior import check_size
 from .runlog import RunLog
 from .runtime import (
@@ -410,7 +410,9 @@ class Trainer:
             if not self.scaler.is_enabled():  # an enabled scaler passes its own found_inf
                 self.optimizer.found_inf = (~applied).float()
             self.scaler.step(self.optimizer)
-        elif applied.item():
+        elif self.device.type == "cuda":  # RMSprop: step, then undo it on the device where it was bad
+            step_where(self.optimizer, lambda: self.scaler.step(self.optimizer), applied)
+        elif applied.item():  # a CPU waits for nothing: cheaper than copying the state
             self.scaler.step(self.optimizer)
         with torch.no_grad():
             for buffer, saved in zip(self.model.buffers(), saved_buffers):
@@ -484,11 +486,14 @@ class Trainer:
 
     def stop_reason(self) -> str | None:
         """"time limit" when train.time_limit has passed, a signal's name (SIGTERM) when one
-        asked the run to stop, else None; every process gets the same answer."""
-        tc = self.cfg.train
+        asked the run to stop, else None; every process gets the same answer. Under torchrun the
+        processes agree at log points and epoch ends only, where the host waits for them anyway."""
+        tc, pos = self.cfg.train, self.position
         late = bool(tc.time_limit) and time.time() - self.started > 60 * tc.time_limit
         signum = self.signals.received if self.signals is not None else None
         if self.procs.distributed:  # rank clocks differ, and a signal may reach one rank first: agree
+            if pos.step % tc.log_every and pos.batches_done != self.batches_per_epoch:
+                return None
             votes = self.procs.all_reduce_max(torch.tensor([float(late), float(signum or 0)]))
             late, signum = bool(votes[0]), int(votes[1])
         if signum:
