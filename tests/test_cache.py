@@ -196,6 +196,7 @@ def test_resident_rows_follow_the_sampler_across_ranks_and_caches(tmp_path, imag
             assert torch.equal(i, j) and torch.equal(x, y) and bad == []
 
 
+@pytest.mark.filterwarnings("ignore::imgvae.datasets.SkippedFile")
 def test_views_kept_in_ram_go_to_the_device_and_train_bit_identical(tmp_path, image_folder, capsys):
     """After the first epoch fills the RAM view cache, batches come from it by index (an
     unreadable file left out of its batch, as the loader does): the same batches and weights."""
