@@ -129,12 +129,19 @@ def child(args) -> None:
     print(json.dumps(result))
 
 
-def run_variant(args, spec: dict) -> dict:
+def run_variant(args, spec: dict) -> dict | None:
+    """One variant in a process of its own -> its figures; None (and the error printed) when it
+    fails or runs past --variant-timeout, so that one broken variant leaves the rest of the table."""
     cmd = [sys.executable, __file__, "--spec", json.dumps(spec), "--corpus", str(args.corpus), "--cache",
            str(args.cache), "--batch", str(args.batch), "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  variant {spec} ran past {args.variant_timeout} s", flush=True)
+        return None
     if proc.returncode != 0:
-        raise SystemExit(f"variant {spec} failed:\n{proc.stderr[-3000:]}")
+        print(f"  variant {spec} failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -191,7 +198,9 @@ def main():
     parser.add_argument("--images", type=int, default=1280)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=2, help="loader processes of the seed loop")
+    parser.add_argument("--workers", type=int, help="loader processes of the seed loop (default: 2 on a CPU, "
+                        "min(8, cores) on CUDA)")
+    parser.add_argument("--variant-timeout", type=float, default=600, help="seconds one variant may take")
     parser.add_argument("--models", nargs="+", choices=list(PRESETS), default=None,
                         help="CPU: the model of (b), (c) (default seed); CUDA: the table's models (default all)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known GPUs)")
@@ -203,6 +212,7 @@ def main():
     args = parser.parse_args()
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     args.models = args.models or ([args.model] if args.model else list(PRESETS) if cuda else ["seed"])
+    args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1) if cuda else 2
     if args.spec or args.variant:
         return child(args)
     tmp = Path(tempfile.mkdtemp(prefix="imgvae-speed-"))
@@ -212,9 +222,12 @@ def main():
         prepare([str(args.corpus)], DataConfig(crop="center", views_per_image=1), args.cache, progress=False)
         specs, rows = gpu_variants(args) if cuda else cpu_variants(args), {}
         for name, spec in specs.items():
-            rows[name] = run_variant(args, spec)
-            print(f"  measured {name}: {rows[name]['img_per_s']:,.1f} img/s", flush=True)
-        print_table(args, rows, specs, cuda)
+            result = run_variant(args, spec)
+            if result is not None:
+                rows[name] = result
+                print(f"  measured {name}: {result['img_per_s']:,.1f} img/s", flush=True)
+        if rows:
+            print_table(args, rows, specs, cuda)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,9 +26,9 @@ from conftest import TINY, tiny_config, write_jpegs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# fp32 unless a test says otherwise (train.precision=auto is bf16 on GPUs that have it), so
-# that runs compare tightly.
-CUDA = ["train.device=cuda", "train.precision=fp32"]
+# fp32 without TF32 unless a test says otherwise (train.precision=auto is bf16 on GPUs that
+# have it), so that runs compare tightly.
+CUDA = ["train.device=cuda", "train.precision=fp32", "train.tf32=false"]
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_cuda_graphs_compile_mode_trains_like_eager(tmp_path, photos):
     runs = {}
     for mode in (None, "reduce-overhead"):
         compiled = ["train.compile=true", f"train.compile_mode={mode}"] if mode else []
-        cfg = tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=2", "train.tf32=false", *compiled)
+        cfg = tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=2", *compiled)
         train(cfg, tmp_path / str(mode), progress=False)
         runs[mode] = [record["loss"] for record in read_jsonl(tmp_path / str(mode) / "steps.jsonl")]
     assert runs["reduce-overhead"] == pytest.approx(runs[None], rel=1e-3)
