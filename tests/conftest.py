@@ -79,6 +79,7 @@ TINY = [
     "data.image_size=32", "data.crop_size=64", "data.num_workers=0",
     "model.latent_dim=16", "train.batch_size=8", "train.log_every=1",
     "eval.grid_size=2", "train.ckpt_every=1", "train.device=cpu", "eval.after_training=false",
+    "train.precision=fp32",  # auto is bf16 on CPUs with AMX: tests compare runs on any machine in fp32
 ]
 
 

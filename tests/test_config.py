@@ -20,12 +20,15 @@ def test_seed_preset_is_the_seed_recipe():
     assert t.precision == "fp32" and Config().train.precision == "auto"  # the original's fp32, also on GPUs
 
 
-def test_precision_auto_is_fp32_on_a_cpu_and_bf16_on_cuda_that_has_it(monkeypatch):
+def test_precision_auto_is_bf16_where_the_device_has_it_natively(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert run_precision("auto", cpu) == "fp32" and run_precision("fp16", gpu) == "fp16"
-    for has_bf16, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: has_bf16)
-        assert run_precision("auto", gpu) == expected and run_precision("auto", cpu) == "fp32"
+    assert run_precision("fp16", gpu) == "fp16" and run_precision("fp32", cpu) == "fp32"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native)
+        monkeypatch.setattr("imgvae.runtime.cpu_has_native_bf16", lambda: not native)
+        assert run_precision("auto", gpu) == expected and run_precision("auto", cpu) != expected
+    monkeypatch.undo()
+    assert run_precision("auto", cpu) in ("bf16", "fp32")  # torch's own CPU probes answer
 
 
 def test_demo_preset_uses_embedded_photos():

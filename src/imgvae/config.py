@@ -149,7 +149,8 @@ class TrainConfig:
     # a crash then loses at most N steps. Only the newest such checkpoint is kept.
     ckpt_every_steps: int = 0
     # "bf16" / "fp16": autocast (fp16 adds a GradScaler); weights and optimiser stay fp32.
-    # "auto": bf16 on CUDA devices that support it, else fp32 (the seed preset keeps fp32).
+    # "auto": bf16 where the device computes in bf16 natively (CUDA GPUs from Ampere on, CPUs
+    # with AMX or AVX512-BF16), else fp32; the seed preset keeps fp32, as the original.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the training model
     # torch.compile's mode: "reduce-overhead" replays CUDA graphs (no kernel launch cost),

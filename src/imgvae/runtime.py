@@ -193,10 +193,18 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_precision(precision: str, device: torch.device) -> str:
-    """train.precision on this device: "auto" is bf16 on a CUDA device that has it, else fp32."""
+    """train.precision on this device: "auto" is bf16 where the device computes in bf16 natively
+    (a CUDA GPU that has it, a CPU with AMX or AVX512-BF16), else fp32 (emulated bf16 is slow)."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16, by torch.cpu's probes (private: absent ones count as no)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def allow_tf32(on: bool) -> None:
