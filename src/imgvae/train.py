@@ -466,7 +466,8 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.model.parameters())
         n_eval = len(self.eval_loader.dataset) if self.eval_loader else 0
         self.say(f"imgvae: model {cfg.model.name} ({self.n_params:,} parameters) on {self.device}"
-                 f"{f' x {procs.world_size} processes' if procs.distributed else ''}; train {len(self.train_set):,} "
+                 f"{f' x {procs.world_size} processes' if procs.distributed else ''} in {cfg.train.precision}; "
+                 f"train {len(self.train_set):,} "
                  f"images from {self.train_set.source.name}; eval {n_eval:,}; "
                  f"epochs {pos.epoch + 1}..{cfg.train.epochs}"
                  f"{'; training views kept in RAM once decoded' if self.in_memory else ''}"
