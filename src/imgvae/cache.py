@@ -63,10 +63,11 @@ def chunk_views(source, cfg: DataConfig, rows: range, device: torch.device | Non
     out = np.zeros((len(rows), 3, cfg.image_size, cfg.image_size), np.uint8)
     bad, on_device = [], {}
 
-    def cpu_view(k: int, data: bytes | None = None) -> None:
+    def view(k: int, data: bytes | None = None, try_device: bool = False) -> None:
+        """Row k's view on the CPU, or its bytes set aside for the device batch."""
         try:
             data = source.read_bytes(rows[k], max_file_bytes(cfg)) if data is None else data
-            if device is not None and k not in on_device and device_decodable(data, cfg):
+            if try_device and device_decodable(data, cfg):
                 on_device[k] = data
             else:
                 out[k] = load_view(data, cfg)
@@ -74,12 +75,12 @@ def chunk_views(source, cfg: DataConfig, rows: range, device: torch.device | Non
             bad.append({"row": rows[k], "key": source.key(rows[k]), "reason": skip_reason(e)})
 
     for k in range(len(rows)):
-        cpu_view(k)
-    for k, view in zip(list(on_device), device_views(list(on_device.values()), cfg, device)):
-        if view is None:
-            cpu_view(k, on_device[k])
+        view(k, try_device=device is not None)
+    for k, decoded in zip(list(on_device), device_views(list(on_device.values()), cfg, device)):
+        if decoded is None:  # refused by the device's decoder: the CPU path decides
+            view(k, on_device[k])
         else:
-            out[k] = view
+            out[k] = decoded
     return out, sorted(bad, key=lambda b: b["row"])
 
 
@@ -91,7 +92,7 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
 
     Resumes an interrupted run of the same command; returns the manifest.
     """
-    out = Path(out)
+    out, device = Path(out), None if device is None else torch.device(device)
     if is_cache(out):
         raise SourceError(f"{out} already holds a prepared cache; remove it or choose another -o")
     if device is not None and cfg.exact_decode:
@@ -109,7 +110,7 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
     bar = output.progress_bar(progress, f"prepare {out.name}")
     pool = multiprocessing.Pool(workers, _init_worker, (source, cfg, chunk)) if workers > 1 else None
     if pool is None:
-        _init_worker(source, cfg, chunk, device and torch.device(device))
+        _init_worker(source, cfg, chunk, device)
     try:
         pending = output.pending()
         for c, arr, bad in pool.imap_unordered(_prepare_chunk, pending) if pool else map(_prepare_chunk, pending):
@@ -124,7 +125,7 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": plan["preprocessing"],
         "sources": plan["sources"], "rows": plan["rows"], "count": int(len(valid)), "skipped": skipped,
         "seconds_last_run": round(time.time() - started, 2), "workers": workers,
-        "decoder": f"torchvision decode_jpeg on {torch.device(device)}" if device is not None else "PIL",
+        "decoder": f"torchvision decode_jpeg on {device}" if device is not None else "PIL",
     })
 
 

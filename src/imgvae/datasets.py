@@ -353,15 +353,13 @@ class Prefetched:
             with torch.cuda.stream(side):
                 return images.to(self.device, non_blocking=True), indices, bad
 
-        batches = iter(self.loader)
-        following = next(batches, None)
-        following = following and copied(following)
+        copies = (copied(batch) for batch in self.loader)  # each copy starts when it is asked for
+        following = next(copies, None)
         while following is not None:
             current.wait_stream(side)  # this batch's copy is done before the step reads it
             images, indices, bad = following
             images.record_stream(current)  # its memory, allocated on the side stream, is used here
-            following = next(batches, None)
-            following = following and copied(following)
+            following = next(copies, None)
             yield images, indices, bad
 
 

@@ -197,7 +197,10 @@ def run_precision(precision: str, device: torch.device) -> str:
     (a CUDA GPU that has it, a CPU with AMX or AVX512-BF16), else fp32 (emulated bf16 is slow)."""
     if precision != "auto":
         return precision
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and cpu_has_native_bf16()
     return "bf16" if native else "fp32"
 
 
