@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all test-floor lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,21 @@ test: venv
 test-all: venv
 	$(BIN)/python -m pytest -q -m ""
 
+# The suite on the oldest torch this project supports: the GPU machine's torch 2.11 and
+# torchvision 0.26, everything else as pinned, run from the tree (PYTHONPATH=src) as there.
+FLOOR := torch==2.11.0 torchvision==0.26.0
+.venv-floor/.installed: requirements.txt
+	$(PYTHON) -m venv .venv-floor
+	grep -v '^torch==\|^torchvision==' requirements.txt > .venv-floor/requirements.txt
+	.venv-floor/bin/python -m pip install -q -r .venv-floor/requirements.txt $(FLOOR)
+	touch $@
+
+test-floor: .venv-floor/.installed
+	PYTHONPATH=src .venv-floor/bin/python -m pytest -q -p no:cacheprovider
+
 # Line length, import order, pyflakes (pyproject.toml [tool.ruff]).
 lint: venv
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-floor runs .pytest_cache
