@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
+from imgvae.adversarial import Adversary
 from imgvae.cache import prepare
 from imgvae.checkpoint import load_checkpoint
 from imgvae.cli import main
@@ -20,7 +21,7 @@ from imgvae.config import DataConfig, load_config
 from imgvae.datasets import Prefetched, build_dataset, make_loader
 from imgvae.rundir import read_jsonl
 from imgvae.train import Trainer, train
-from test_robust import RESNET, assert_same_weights, weights
+from test_robust import GAN, RESNET, assert_same_weights, weights
 
 from conftest import TINY, tiny_config, write_jpegs
 
@@ -83,10 +84,11 @@ def test_a_non_finite_step_is_skipped_on_cuda(tmp_path, photos, monkeypatch, opt
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
 
 
-def test_the_step_never_waits_for_the_gpu_between_log_points(tmp_path, photos, monkeypatch):
+@pytest.mark.parametrize("extra", [[], GAN])
+def test_the_step_never_waits_for_the_gpu_between_log_points(tmp_path, photos, monkeypatch, extra):
     """CUDA's sync debug mode raises on any host sync inside a step (fused Adam; logging off)."""
-    for name in ("training_step", "optimizer_step"):
-        real = getattr(Trainer, name)
+    for owner, name in ((Trainer, "training_step"), (Trainer, "optimizer_step"), (Adversary, "step")):
+        real = getattr(owner, name)
 
         def strict(self, *args, _real=real, **kwargs):
             torch.cuda.set_sync_debug_mode("error")
@@ -94,9 +96,10 @@ def test_the_step_never_waits_for_the_gpu_between_log_points(tmp_path, photos, m
                 return _real(self, *args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        monkeypatch.setattr(Trainer, name, strict)
+        monkeypatch.setattr(owner, name, strict)
     summary = train(tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=1", "train.ema=0.9",
-                                "train.log_every=100", "train.ckpt_every=0"), tmp_path / "run", progress=False)
+                                "train.log_every=100", "train.ckpt_every=0", *extra), tmp_path / "run",
+                    progress=False)
     assert summary["steps"] == 3
 
 
@@ -148,11 +151,12 @@ def test_precision_auto_is_bf16_on_cuda_and_recorded(tmp_path, photos):
     assert load_config("seed").train.precision == "fp32"  # the original recipe stays fp32
 
 
-def test_cuda_graphs_compile_mode_trains_like_eager(tmp_path, photos):
+@pytest.mark.parametrize("accum", [1, 2])  # 2: gradients of two graph replays are added up
+def test_cuda_graphs_compile_mode_trains_like_eager(tmp_path, photos, accum):
     runs = {}
     for mode in (None, "reduce-overhead"):
         compiled = ["train.compile=true", f"train.compile_mode={mode}"] if mode else []
-        cfg = tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=2", *compiled)
+        cfg = tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=2", f"train.grad_accum={accum}", *compiled)
         train(cfg, tmp_path / str(mode), progress=False)
         runs[mode] = [record["loss"] for record in read_jsonl(tmp_path / str(mode) / "steps.jsonl")]
     assert runs["reduce-overhead"] == pytest.approx(runs[None], rel=1e-3)

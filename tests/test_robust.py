@@ -15,10 +15,12 @@ import traceback
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from imgvae.adversarial import Adversary
 from imgvae.checkpoint import load_checkpoint
 from imgvae.cli import main
-from imgvae.config import TrainConfig
+from imgvae.config import LossConfig, TrainConfig
 from imgvae.optim import build_optimizer, step_where
 from imgvae.runtime import RunError
 from imgvae.train import Trainer, train
@@ -340,31 +342,60 @@ def test_a_skipped_step_changes_nothing(tmp_path, photos, monkeypatch, optimizer
     assert any(not torch.equal(states[2][k], states[1][k]) for k in states[0])  # step 3 was not
 
 
-@pytest.mark.parametrize("optimizer, syncs_per_step", [("adam", 0), ("rmsprop", 1)])
-def test_steps_wait_for_the_device_only_when_they_log(tmp_path, photos, monkeypatch, optimizer, syncs_per_step):
-    """Reading a tensor's value on the host (.item(), bool(), float(), .tolist()) waits for the
-    GPU; between log points a step does none (fused Adam) or one (the skip decision of others)."""
-    inside_step = {"run", "training_step", "optimizer_step", "after_step", "model_input", "steps_of_epoch"}
-    syncs = []
+class HostReads(TorchDispatchMode):
+    """Every op called from inside a training step that reads a tensor's value on the host:
+    .item(), bool(), float(), .tolist(), and a tensor passed where torch wants a number all end in
+    _local_scalar_dense; nonzero, masked_select and equal read values too. On a GPU, each one
+    makes the host wait for the device."""
 
-    def counting(name):
-        real = getattr(torch.Tensor, name)
+    READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+             "aten.equal.default"}
+    INSIDE_STEP = {"run", "training_step", "optimizer_step", "after_step", "model_input", "steps_of_epoch"}
 
-        def wrapper(self, *args, **kwargs):
-            stack = traceback.extract_stack(limit=12)[:-1]
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.READS:
+            stack = traceback.extract_stack()
             frames = [f for f in stack if f.filename.endswith("imgvae/train.py")]
             loading = any("torch/utils/data" in f.filename for f in stack)  # the loader's own CPU tensors
-            if frames and frames[-1].name in inside_step and not loading:
-                syncs.append(f"{name} in {frames[-1].name}, line {frames[-1].lineno}")
-            return real(self, *args, **kwargs)
-        return wrapper
+            if frames and frames[-1].name in self.INSIDE_STEP and not loading:
+                caller = next(f for f in reversed(stack[:-1]) if "torch/" not in f.filename)  # ours, not torch's
+                self.reads.append(f"{func} in {frames[-1].name}: {caller.filename}:{caller.lineno} {caller.line}")
+        return func(*args, **(kwargs or {}))
 
-    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    summary = train(tiny_config([photos], [], "train.epochs=2", f"train.optimizer={optimizer}", "train.ema=0.9",
-                                "train.log_every=100", "train.ckpt_every=0"), tmp_path / "run", progress=False)
+
+GAN = ["loss.adversarial=0.1", "loss.adversarial_start=0"]
+
+
+@pytest.mark.parametrize("optimizer, extra, reads_per_step", [("adam", [], 0), ("adam", GAN, 0), ("rmsprop", [], 1)])
+def test_steps_wait_for_the_device_only_when_they_log(tmp_path, photos, optimizer, extra, reads_per_step):
+    """Between log points a step reads nothing on the host (fused Adam, the discriminator's too)
+    or one flag (the skip decision of other optimisers, on a CPU only), with the EMA on."""
+    with HostReads() as host:
+        summary = train(tiny_config([photos], [], "train.epochs=2", f"train.optimizer={optimizer}", "train.ema=0.9",
+                                    "train.log_every=100", "train.ckpt_every=0", *extra), tmp_path / "run",
+                        progress=False)
     assert summary["steps"] == 6
-    assert len(syncs) == 6 * syncs_per_step, syncs
+    assert len(host.reads) == 6 * reads_per_step, host.reads
+
+
+def test_the_discriminator_skips_a_non_finite_step_and_takes_the_next():
+    torch.manual_seed(0)
+    adversary = Adversary(LossConfig(adversarial=0.1), "fp32", torch.device("cpu"))
+    real, fake = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    params = list(adversary.discriminator.parameters())
+    before = [p.detach().clone() for p in params]
+    adversary.accumulate(real, fake, 1.0)
+    params[0].grad.view(-1)[0] = float("nan")
+    adversary.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(state["step"] == 0 and not state["exp_avg"].any() for state in adversary.optimizer.state.values())
+    adversary.accumulate(real, fake, 1.0)
+    adversary.step()
+    assert all(torch.isfinite(p).all() for p in params) and not torch.equal(params[0], before[0])
 
 
 @pytest.mark.parametrize("applied", [True, False])

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from .config import LossConfig
 from .losses import adaptive_gan_weight, hinge_discriminator_loss
 from .models import PatchDiscriminator
+from .optim import step_if
 from .runtime import autocast
 
 
@@ -28,7 +29,8 @@ class Adversary:
         if world_size > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         self.discriminator = discriminator
-        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.9))
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.discriminator_lr, betas=(0.5, 0.9),
+                                          fused=True)  # skips a non-finite step on the device
 
     def active(self, step: int) -> bool:
         return step >= self.cfg.adversarial_start
@@ -60,6 +62,7 @@ class Adversary:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
-        if all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-            self.optimizer.step()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            step_if(self.optimizer, torch.stack([torch.isfinite(g).all() for g in grads]).all())
         self.optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.optim.swa_utils import AveragedModel
 
@@ -29,6 +31,21 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether optimizer.step honours a `found_inf` flag (GradScaler's protocol) on the device:
     fused Adam, unless a checkpoint from before fused Adam loaded its unfused settings."""
     return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def step_if(optimizer: torch.optim.Optimizer, applied: torch.Tensor, step: Callable[[], object] | None = None) -> None:
+    """step() (default: optimizer.step) where the bool tensor `applied` is true; else parameters and
+    state stay as they were. Fused Adam skips on the device (found_inf; a GradScaler that is on passes
+    its own); other optimisers step and are undone on CUDA (step_where); a CPU asks the host, which
+    waits for nothing there and is cheaper than copying the state."""
+    step = step or optimizer.step
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~applied).float()
+        step()
+    elif applied.device.type == "cuda":
+        step_where(optimizer, step, applied)
+    elif applied.item():
+        step()
 
 
 @torch.no_grad()
@@ -62,8 +79,9 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, applied
     averaged = list(ema.module.parameters()) + list(ema.module.buffers())
     current = list(model.parameters()) + list(model.buffers())
     floating = [i for i, t in enumerate(averaged) if torch.is_floating_point(t)]
-    if floating:
-        torch._foreach_lerp_([averaged[i] for i in floating], [current[i].detach() for i in floating], weight)
+    if floating:  # one weight per tensor: a lone tensor would be read on the host, as a Scalar
+        torch._foreach_lerp_([averaged[i] for i in floating], [current[i].detach() for i in floating],
+                             [weight] * len(floating))
     for a, c in zip(averaged, current):
         if not torch.is_floating_point(a):  # e.g. BatchNorm's batch counter: the latest
             a.copy_(torch.where(applied, c, a))

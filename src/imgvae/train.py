@@ -44,7 +44,7 @@ from .evaluate import eval_loss
 from .features import PerceptualDistance
 from .losses import kl_weight, vae_loss
 from .models import VAE, build_vae, check_model
-from .optim import build_optimizer, skips_on_device, step_where, update_ema
+from .optim import build_optimizer, step_if, update_ema
 from .prior import check_size
 from .runlog import RunLog
 from .runtime import (
@@ -397,8 +397,8 @@ class Trainer:
     def optimizer_step(self, loss_finite: torch.Tensor, saved_buffers: list[torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, clip, and step unless the gradient norm is not finite (then skip, and put
-        the buffers saved before the forward passes back): on the device for fused optimisers,
-        with one host sync for the others; then the EMA update.
+        the buffers saved before the forward passes back) without waiting for a GPU (step_if);
+        then the EMA update.
         -> (gradient norm, whether the step was applied) as device tensors."""
         tc = self.cfg.train
         self.scaler.unscale_(self.optimizer)
@@ -406,14 +406,7 @@ class Trainer:
         # Gradients are already averaged over processes, so every process takes the same decision.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         applied = torch.isfinite(grad_norm)
-        if skips_on_device(self.optimizer):
-            if not self.scaler.is_enabled():  # an enabled scaler passes its own found_inf
-                self.optimizer.found_inf = (~applied).float()
-            self.scaler.step(self.optimizer)
-        elif self.device.type == "cuda":  # RMSprop: step, then undo it on the device where it was bad
-            step_where(self.optimizer, lambda: self.scaler.step(self.optimizer), applied)
-        elif applied.item():  # a CPU waits for nothing: cheaper than copying the state
-            self.scaler.step(self.optimizer)
+        step_if(self.optimizer, applied, lambda: self.scaler.step(self.optimizer))
         with torch.no_grad():
             for buffer, saved in zip(self.model.buffers(), saved_buffers):
                 buffer.copy_(torch.where(applied, buffer, saved))
