@@ -370,16 +370,20 @@ class HostReads(TorchDispatchMode):
 GAN = ["loss.adversarial=0.1", "loss.adversarial_start=0"]
 
 
-@pytest.mark.parametrize("optimizer, extra, reads_per_step", [("adam", [], 0), ("adam", GAN, 0), ("rmsprop", [], 1)])
+@pytest.mark.parametrize("optimizer, extra, reads_per_step", [
+    ("adam", [], 0), ("adam", GAN, 0), ("rmsprop", [], 1),
+    ("adam", [*RESNET, "train.epochs=1", "train.precision=fp16", "train.grad_accum=2", "train.grad_clip=1"], 0),
+    ("adam", ["train.epochs=1", "model.name=kl-f8", "loss.perceptual=0.1", "train.precision=bf16"], 0)])
 def test_steps_wait_for_the_device_only_when_they_log(tmp_path, photos, optimizer, extra, reads_per_step):
-    """Between log points a step reads nothing on the host (fused Adam, the discriminator's too)
-    or one flag (the skip decision of other optimisers, on a CPU only), with the EMA on."""
+    """Between log points a step reads nothing on the host with fused Adam (with the EMA, the GAN's
+    discriminator, fp16's GradScaler, accumulation, clipping, a perceptual loss), or one flag with
+    other optimisers (the skip decision, on a CPU only)."""
     with HostReads() as host:
         summary = train(tiny_config([photos], [], "train.epochs=2", f"train.optimizer={optimizer}", "train.ema=0.9",
                                     "train.log_every=100", "train.ckpt_every=0", *extra), tmp_path / "run",
                         progress=False)
-    assert summary["steps"] == 6
-    assert len(host.reads) == 6 * reads_per_step, host.reads
+    assert summary["steps"] >= 2
+    assert len(host.reads) == summary["steps"] * reads_per_step, host.reads
 
 
 def test_the_discriminator_skips_a_non_finite_step_and_takes_the_next():
