@@ -199,10 +199,11 @@ class Trainer:
             raise RunError(f"the training set has {len(self.train_set)} images, fewer than one global batch "
                            f"(train.batch_size={tc.batch_size} x {procs.world_size} processes)")
         workers = loader_workers(self.train_set, cfg.data.num_workers, self.device)
-        # The budget is per machine: torchrun's processes on it keep a copy each.
-        memory_budget = cfg.data.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        self.in_memory = self.train_set.keep_in_memory(memory_budget, shared=workers > 0)
-        self.train_set.keep_decoded(memory_budget, processes=workers)
+        # RAM for views and decoded images, per split. The budget is per machine: torchrun's
+        # processes on it keep a copy each.
+        self.memory_budget = cfg.data.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.in_memory = self.train_set.keep_in_memory(self.memory_budget, shared=workers > 0)
+        self.train_set.keep_decoded(self.memory_budget, processes=workers)
         self.loader, self.sampler = make_loader(self.train_set, tc.batch_size, True, tc.seed, workers,
                                                 self.device.type == "cuda", procs.rank, procs.world_size)
         self.resident = resident_images(self.train_set, self.device, self.device_budget())
@@ -214,7 +215,7 @@ class Trainer:
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
             workers = loader_workers(self.eval_set, cfg.data.num_workers, self.device)
-            self.eval_set.keep_in_memory(memory_budget, shared=workers > 0)
+            self.eval_set.keep_in_memory(self.memory_budget, shared=workers > 0)
             count = min(cfg.data.eval_limit or len(self.eval_set), len(self.eval_set))
             self.eval_loader = eval_loader(self.eval_set, tc.batch_size, self.device, workers, list(range(count)))
 
@@ -225,7 +226,7 @@ class Trainer:
             return cfg.device_cache_gb * 2**30
         if self.device.type == "cuda":
             return torch.cuda.mem_get_info(self.device)[0] / 2
-        return cfg.memory_cache_gb * 2**30 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # it stays in RAM
+        return self.memory_budget  # it stays in RAM
 
     def _build_model(self, fresh: bool) -> None:
         cfg, tc = self.cfg, self.cfg.train
