@@ -16,7 +16,7 @@ if [ "${VARIANT:-b}" != demo ] && [ ! -d "$corpus" ]; then
   (cd "$new/bench" && "$python" -c "from data import write_corpus; from pathlib import Path; write_corpus(Path('$corpus'), 1280)")
 fi
 if [ "${VARIANT:-b}" = c ] && [ ! -d "$corpus-cache" ]; then  # as bench/train_speed.py prepares it
-  PYTHONPATH="$new/src" "$python" -c "from imgvae.cache import prepare; from imgvae.config import DataConfig
+  PYTHONPATH="$new/src" "$python" -c "from imgvae.data.cache import prepare; from imgvae.config import DataConfig
 prepare(['$corpus'], DataConfig(), '$corpus-cache', progress=False)"
 fi
 for round in $(seq "${ROUNDS:-2}"); do

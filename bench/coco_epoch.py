@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from imgvae.config import DataConfig, load_config
-from imgvae.sources import CACHE_FORMAT, CACHE_VERSION, IMAGES, KEYS, MANIFEST, VALID, preprocessing_signature
-from imgvae.train import train
+from imgvae.data.sources import CACHE_FORMAT, CACHE_VERSION, IMAGES, KEYS, MANIFEST, VALID, preprocessing_signature
+from imgvae.train.engine import train
 
 
 def write_synthetic_cache(out: Path, n: int, size: int = 64, chunk: int = 8192) -> None:

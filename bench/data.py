@@ -30,13 +30,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from imgvae.cache import prepare
-from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig
-from imgvae.datasets import build_dataset, make_loader
-from imgvae.decode import load_view, to_model_input
-from imgvae.losses import vae_loss
-from imgvae.models import build_model
-from imgvae.optim import build_optimizer
+from imgvae.config import DataConfig, LossConfig, TrainConfig, model_config
+from imgvae.data.cache import prepare
+from imgvae.data.datasets import build_dataset
+from imgvae.data.decode import load_view, to_model_input
+from imgvae.data.loading import make_loader
+from imgvae.models.losses import vae_loss
+from imgvae.models.registry import build_model
+from imgvae.train.optim import build_optimizer
 
 SIZES = [(640, 480)] * 6 + [(480, 640), (640, 427), (500, 375), (612, 612)]
 
@@ -107,7 +108,7 @@ def wait_share(batches, steps: int) -> tuple[float, float]:
     """(share of step time spent waiting for data, training img/s) over `steps`
     seed-model steps after one warm-up step."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), 64)
+    model = build_model(model_config(), 64)
     opt = build_optimizer(model, TrainConfig())
     waited = total = 0.0
     seen = 0

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgvae.cache import prepare
 from imgvae.config import DataConfig
+from imgvae.data.cache import prepare
 
 from data import write_corpus  # noqa: E402  (bench/data.py)
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from imgvae.checkpoint import load_model
+from imgvae.commands.verbs import evaluate_checkpoint, fit_checkpoint_prior
+from imgvae.commands.workflow import train_and_evaluate
 from imgvae.config import load_config
-from imgvae.datasets import build_dataset
-from imgvae.decode import normalize
-from imgvae.evaluate import evaluate_checkpoint
-from imgvae.prior import fit_checkpoint_prior, load_prior
-from imgvae.sample import reconstruct, sample, save_labelled_rows
-from imgvae.workflow import train_and_evaluate
+from imgvae.data.datasets import build_dataset
+from imgvae.data.decode import normalize
+from imgvae.io.paths import load_model, load_prior
+from imgvae.io.pictures import save_labelled_rows
+from imgvae.models.generate import reconstruct, sample
 
 # demo = the seed model and recipe; NAME+key=value+... adds overrides to a preset.
 PRESETS = ["demo", "demo+loss.sigma=scalar", "resnet", "kl-f8", "kl-f4", "sharp"]

@@ -38,12 +38,12 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from imgvae.cache import prepare  # noqa: E402
-from imgvae.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
-from imgvae.losses import vae_loss  # noqa: E402
-from imgvae.models import build_model, build_vae  # noqa: E402
-from imgvae.optim import build_optimizer  # noqa: E402
-from imgvae.train import train  # noqa: E402
+from imgvae.config import DataConfig, LossConfig, TrainConfig, load_config, model_config  # noqa: E402
+from imgvae.data.cache import prepare  # noqa: E402
+from imgvae.models.losses import vae_loss  # noqa: E402
+from imgvae.models.registry import build_model, build_vae  # noqa: E402
+from imgvae.train.engine import train  # noqa: E402
+from imgvae.train.optim import build_optimizer  # noqa: E402
 
 from data import SeedDataset, write_corpus  # noqa: E402  (bench/data.py)
 
@@ -55,7 +55,7 @@ PRESETS = {"seed": None, "kl-f4": "kl-f4", "kl-f8": "kl-f8", "sharp": "sharp"}  
 def seed_loop(corpus: Path, batch: int, device: torch.device, workers: int) -> dict:
     """The seed's training loop; -> img/s of its two epochs."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), 64).to(device)
+    model = build_model(model_config(), 64).to(device)
     opt = build_optimizer(model, TrainConfig())
     loader = DataLoader(SeedDataset(sorted(corpus.glob("*.jpg"))), batch_size=batch, shuffle=True,
                         num_workers=workers, drop_last=True)

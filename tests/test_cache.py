@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imgvae import cache
-from imgvae.cache import prepare
-from imgvae.cli import main
+from imgvae.commands.cli import main
 from imgvae.config import ConfigError, DataConfig, load_config
-from imgvae.datasets import DeviceBatches, build_dataset, loader_workers, make_loader, resident_images
-from imgvae.decode import load_view
-from imgvae.sources import SourceError, open_source
-from imgvae.train import train
+from imgvae.data.cache import prepare
+from imgvae.data.datasets import build_dataset
+from imgvae.data.decode import load_view
+from imgvae.data.loading import DeviceBatches, loader_workers, make_loader, resident_images
+from imgvae.data.sources import SourceError, open_source
+from imgvae.train.engine import train
 
 from conftest import decode_rgb, preprocess, smooth_image, tiny_config, write_jpegs
 
@@ -46,38 +46,37 @@ def test_cache_round_trip_equals_on_the_fly(tmp_path, image_folder, coco_zips, e
     assert [cached.key(i) for i in range(30)] == [direct.key(i) for i in range(30)]
 
 
-def test_interrupted_prepare_resumes_without_redoing_chunks(tmp_path, image_folder, monkeypatch):
+def test_interrupted_prepare_resumes_without_redoing_chunks(tmp_path, image_folder):
     cfg = DataConfig(image_size=16, crop_size=64)
-    real, calls = cache._prepare_chunk, []
+    calls = []
 
     def dies_after_two(c):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(c)
-        return real(c)
 
-    monkeypatch.setattr(cache, "_prepare_chunk", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(image_folder)], cfg, tmp_path / "c", workers=1, chunk=5, progress=False)
+        prepare([str(image_folder)], cfg, tmp_path / "c", workers=1, chunk=5, progress=False, on_chunk=dies_after_two)
     assert not (tmp_path / "c").exists() and (tmp_path / "c.partial").is_dir()
     with pytest.raises(SourceError, match="unfinished cache"):
         open_source(str(tmp_path / "c.partial"))
 
-    monkeypatch.setattr(cache, "_prepare_chunk", lambda c: calls.append(c) or real(c))
-    manifest = prepare([str(image_folder)], cfg, tmp_path / "c", workers=1, chunk=5, progress=False)
+    manifest = prepare([str(image_folder)], cfg, tmp_path / "c", workers=1, chunk=5, progress=False,
+                       on_chunk=calls.append)
     assert sorted(calls) == [0, 1, 2, 3, 4] and calls[:2] == [0, 1]  # chunks 0, 1 not redone
     assert manifest["count"] == 24 and not (tmp_path / "c.partial").exists()
     prepare([str(image_folder)], cfg, tmp_path / "straight", workers=1, chunk=5, progress=False)
     assert np.array_equal(np.load(tmp_path / "c" / "images.npy"), np.load(tmp_path / "straight" / "images.npy"))
 
 
-def test_changed_settings_restart_a_partial_cache(tmp_path, image_folder, monkeypatch, capsys):
-    real = cache._prepare_chunk
-    monkeypatch.setattr(cache, "_prepare_chunk",
-                        lambda c: (_ for _ in ()).throw(KeyboardInterrupt) if c == 1 else real(c))
+def test_changed_settings_restart_a_partial_cache(tmp_path, image_folder, capsys):
+    def interrupt_at_1(c):
+        if c == 1:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, chunk=5, progress=False)
-    monkeypatch.setattr(cache, "_prepare_chunk", real)
+        prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, chunk=5, progress=False,
+                on_chunk=interrupt_at_1)
     manifest = prepare([str(image_folder)], DataConfig(image_size=8), tmp_path / "c", workers=1, chunk=5,
                        progress=False)
     assert "starting over" in capsys.readouterr().out
@@ -196,7 +195,7 @@ def test_resident_rows_follow_the_sampler_across_ranks_and_caches(tmp_path, imag
             assert torch.equal(i, j) and torch.equal(x, y) and bad == []
 
 
-@pytest.mark.filterwarnings("ignore::imgvae.datasets.SkippedFile")
+@pytest.mark.filterwarnings("ignore::imgvae.data.datasets.SkippedFile")
 def test_views_kept_in_ram_go_to_the_device_and_train_bit_identical(tmp_path, image_folder, capsys):
     """After the first epoch fills the RAM view cache, batches come from it by index (an
     unreadable file left out of its batch, as the loader does): the same batches and weights."""

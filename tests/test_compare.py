@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-import imgvae.evaluate as evaluate_module
-from imgvae.cli import main
-from imgvae.report import compare_rows
+import imgvae.evaluation.evaluate as evaluate_module
+from imgvae.commands.cli import main
+from imgvae.evaluation.compare_page import compare_rows
 
 from conftest import train_tiny_run, write_jpegs
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imgvae.checkpoint import load_checkpoint, load_model
-from imgvae.cli import main
-from imgvae.prior import load_prior
+from imgvae.commands.cli import main
+from imgvae.io.checkpoint import load_checkpoint
+from imgvae.io.paths import load_model, load_prior
 
 from conftest import write_jpegs
 

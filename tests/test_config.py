@@ -107,3 +107,29 @@ def test_keys_that_moved_section_are_read_from_their_old_place(tmp_path):
     with pytest.raises(ConfigError, match="train.grid_size is now eval.grid_size: give only the new key"):
         load_config(tmp_path / "both.yaml")
     assert "grid_size" not in to_dict(cfg)["train"]  # saved under the new names
+
+
+def test_a_key_the_chosen_model_does_not_use_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"model.levels is not a key of model 'kl-f8'; its keys: \['name', "):
+        load_config("kl-f8", ["model.levels=3"])
+    with pytest.raises(ConfigError, match="model.latent_dim is not a key of model 'autoencoder-kl'"):
+        load_config(None, ["model.name=autoencoder-kl", "model.latent_dim=16"])
+    assert load_config("resnet", ["model.levels=4"]).model.levels == 4  # resnet has it
+    from imgvae.commands.cli import main
+
+    assert main(["train", "-o", str(tmp_path / "run"), "--config", "kl-f8", "model.levels=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgvae: error: model.levels is not a key of model 'kl-f8'") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_each_architecture_saves_only_its_own_keys_and_old_flat_sections_still_load():
+    for name, keys in [("seed", {"latent_dim", "bn_momentum"}), ("resnet", {"latent_dim", "base_channels", "levels",
+                       "blocks"}), ("kl-f4", {"base_channels", "blocks", "latent_channels"})]:
+        saved = to_dict(load_config(None, [f"model.name={name}"]))["model"]
+        assert set(saved) == {"name", "pretrained"} | keys
+    flat = {"name": "kl-f8", "latent_dim": 128, "bn_momentum": 0.1, "base_channels": 16, "levels": 3, "blocks": 2,
+            "latent_channels": 8, "block_out_channels": [32, 64], "pretrained": None}  # as runs before 2026-12-01 saved
+    model = from_dict({"model": flat}).model
+    assert (model.name, model.base_channels, model.blocks, model.latent_channels) == ("kl-f8", 16, 2, 8)
+    assert not hasattr(model, "levels")

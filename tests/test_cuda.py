@@ -13,15 +13,16 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
-from imgvae.adversarial import Adversary
-from imgvae.cache import prepare
-from imgvae.checkpoint import load_checkpoint
-from imgvae.cli import main
+from imgvae.commands.cli import main
 from imgvae.config import DataConfig, load_config
-from imgvae.datasets import Prefetched, build_dataset, make_loader
+from imgvae.data.cache import prepare
+from imgvae.data.datasets import build_dataset
+from imgvae.data.loading import Prefetched, make_loader
+from imgvae.io.checkpoint import load_checkpoint
 from imgvae.rundir import read_jsonl
-from imgvae.train import Trainer, train
-from test_robust import GAN, RESNET, assert_same_weights, weights
+from imgvae.train.engine import train
+from imgvae.train.task import Callback
+from test_robust import GAN, RESNET, Poison, assert_same_weights, weights
 
 from conftest import TINY, tiny_config, write_jpegs
 
@@ -69,37 +70,34 @@ def test_resume_on_cuda_equals_a_straight_run(tmp_path, photos):
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
-def test_a_non_finite_step_is_skipped_on_cuda(tmp_path, photos, monkeypatch, optimizer):
-    real, calls = Trainer.model_input, {"n": 0}
-
-    def poisoned(self, images, flips):
-        calls["n"] += 1
-        x = real(self, images, flips)
-        return torch.full_like(x, float("nan")) if calls["n"] == 2 else x
-
-    monkeypatch.setattr(Trainer, "model_input", poisoned)
+def test_a_non_finite_step_is_skipped_on_cuda(tmp_path, photos, optimizer):
     summary = train(tiny_config([photos], [], *CUDA, "train.epochs=1", f"train.optimizer={optimizer}",
-                                "train.ema=0.9"), tmp_path / "run", progress=False)
+                                "train.ema=0.9"), tmp_path / "run", progress=False,
+                    callbacks=[Poison(lambda n: n == 2)])
     assert summary["skipped_steps"] == 1
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
 
 
-@pytest.mark.parametrize("extra", [[], GAN])
-def test_the_step_never_waits_for_the_gpu_between_log_points(tmp_path, photos, monkeypatch, extra):
-    """CUDA's sync debug mode raises on any host sync inside a step (fused Adam; logging off)."""
-    for owner, name in ((Trainer, "training_step"), (Trainer, "optimizer_step"), (Adversary, "step")):
-        real = getattr(owner, name)
+class Strict(Callback):
+    """CUDA's sync debug mode on for the whole of each optimiser step (its micro-batches, the
+    optimiser, the EMA and the discriminator's step)."""
 
-        def strict(self, *args, _real=real, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return _real(self, *args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        monkeypatch.setattr(owner, name, strict)
-    summary = train(tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=1", "train.ema=0.9",
-                                "train.log_every=100", "train.ckpt_every=0", *extra), tmp_path / "run",
-                    progress=False)
+    def on_step_start(self, state):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def on_step_end(self, state):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("extra", [[], GAN])
+def test_the_step_never_waits_for_the_gpu_between_log_points(tmp_path, photos, extra):
+    """CUDA's sync debug mode raises on any host sync inside a step (fused Adam; logging off)."""
+    try:
+        summary = train(tiny_config([photos], [], *CUDA, *RESNET, "train.epochs=1", "train.ema=0.9",
+                                    "train.log_every=100", "train.ckpt_every=0", *extra), tmp_path / "run",
+                        progress=False, callbacks=[Strict()])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert summary["steps"] == 3
 
 
@@ -197,7 +195,7 @@ def test_prepare_with_nvjpeg_is_close_to_pil_and_skips_the_same_files(tmp_path, 
     assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 35
 
 
-def test_the_step_copies_nothing_from_pageable_host_memory(tmp_path, photos, monkeypatch):
+def test_the_step_copies_nothing_from_pageable_host_memory(tmp_path, photos):
     """A copy from pageable host memory makes the host wait for the GPU (CUDA stages it), which
     sync debug mode does not report; the CUDA profiler names such copies."""
     with profile(activities=[ProfilerActivity.CUDA]) as calibration:
@@ -205,19 +203,19 @@ def test_the_step_copies_nothing_from_pageable_host_memory(tmp_path, photos, mon
         torch.cuda.synchronize()
     assert any("Pageable" in e.name for e in calibration.events()), [e.name for e in calibration.events()]
     names = []
-    for name in ("training_step", "optimizer_step"):
-        real = getattr(Trainer, name)
 
-        def profiled(self, *args, _real=real, **kwargs):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                result = _real(self, *args, **kwargs)
-                torch.cuda.synchronize()
-            names.extend(e.name for e in prof.events())
-            return result
-        monkeypatch.setattr(Trainer, name, profiled)
+    class Profiled(Callback):
+        def on_step_start(self, state):
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+        def on_step_end(self, state):
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            names.extend(e.name for e in self.prof.events())
     assert main(["prepare", "-o", str(tmp_path / "cache"), "--no-progress", "--device", "cpu",
                  f"data.train=[{photos}]", "data.image_size=32", "data.crop_size=64"]) == 0
     summary = train(tiny_config([tmp_path / "cache"], [], *CUDA, *RESNET, "train.epochs=1", "train.ema=0.9",
-                                "train.log_every=100"), tmp_path / "run", progress=False)
+                                "train.log_every=100"), tmp_path / "run", progress=False, callbacks=[Profiled()])
     assert summary["steps"] == 3 and names
     assert not [n for n in names if "Pageable" in n]

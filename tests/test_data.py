@@ -8,9 +8,10 @@ from PIL import Image
 from torchvision import transforms as T
 
 from imgvae.config import DataConfig
-from imgvae.datasets import BadFiles, build_dataset, collate, make_loader
-from imgvae.decode import normalize, to_model_input
-from imgvae.sources import SourceError, open_source, open_sources
+from imgvae.data.datasets import BadFiles, build_dataset, collate
+from imgvae.data.decode import normalize, to_model_input
+from imgvae.data.loading import make_loader
+from imgvae.data.sources import SourceError, open_source, open_sources
 
 from conftest import decode_rgb, preprocess, smooth_image, write_jpegs
 

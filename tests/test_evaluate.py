@@ -8,12 +8,12 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from imgvae.evaluate import evaluate, image_metrics
-from imgvae.features import EffNetFeatures, GaussianStats, frechet_distance
-from imgvae.losses import bits_per_dim, discretized_log_likelihood
-from imgvae.models import VAE, DiagonalGaussian
-from imgvae.report import metric_rows
-from imgvae.sample import lerp, slerp
+from imgvae.evaluation.evaluate import evaluate, image_metrics
+from imgvae.evaluation.report import metric_rows
+from imgvae.models.base import VAE, DiagonalGaussian
+from imgvae.models.features import EffNetFeatures, GaussianStats, frechet_distance
+from imgvae.models.generate import lerp, slerp
+from imgvae.models.losses import bits_per_dim, discretized_log_likelihood
 
 from conftest import tiny_config, write_jpegs
 

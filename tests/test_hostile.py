@@ -23,13 +23,14 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-import imgvae.sample as sample_module
-import imgvae.sources as sources_module
-from imgvae.checkpoint import load_checkpoint, open_model
-from imgvae.cli import main
+import imgvae.data.sources as sources_module
+import imgvae.io.pictures as pictures_module
+from imgvae.commands.cli import main
 from imgvae.config import DataConfig, load_config, save_config
-from imgvae.datasets import SkippedFile, build_dataset
-from imgvae.decode import load_view
+from imgvae.data.datasets import SkippedFile, build_dataset
+from imgvae.data.decode import load_view
+from imgvae.io.checkpoint import load_checkpoint
+from imgvae.io.paths import open_model
 from imgvae.rundir import read_jsonl, write_text_atomic
 
 from conftest import TINY, decode_rgb, preprocess, smooth_image, train_tiny_run, write_coco_zip, write_jpegs
@@ -97,7 +98,7 @@ def peak_rss_mb_of_training(out: Path, sources: list[Path]) -> float:
     """Train a tiny run in a fresh process -> its peak RSS in MiB."""
     script = f"""
 import resource
-from imgvae.cli import main
+from imgvae.commands.cli import main
 args = ["train", "-o", {str(out)!r}, "--no-progress", *{TINY!r}, "train.epochs=1", "data.eval=[]",
         "data.train=[{",".join(map(str, sources))}]"]
 assert main(args) == 0
@@ -170,14 +171,14 @@ def test_a_checkpoint_that_cannot_be_written_stops_cleanly_and_resume_continues(
 
 def test_a_grid_that_cannot_be_written_stops_with_one_line(tmp_path, monkeypatch, capsys):
     write_jpegs(tmp_path / "photos", 24, seed=1)
-    real_save = sample_module.save_image
+    real_save = pictures_module.save_image
 
     def disk_full_in_epoch_2(image, path, *a, **k):
         if "epoch_002" in str(path):
             raise no_space(path)
         return real_save(image, path, *a, **k)
 
-    monkeypatch.setattr(sample_module, "save_image", disk_full_in_epoch_2)
+    monkeypatch.setattr(pictures_module, "save_image", disk_full_in_epoch_2)
     assert main(["train", "-o", str(tmp_path / "run"), "--no-progress", *TINY, f"data.train=[{tmp_path / 'photos'}]",
                  "data.eval=[]", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
@@ -291,9 +292,9 @@ def test_torchrun_processes_stop_together_on_sigterm_and_resume(tmp_path):
 WRITER = """
 import sys, torch
 from pathlib import Path
-from imgvae.checkpoint import prune_checkpoints, save_checkpoint
+from imgvae.io.checkpoint import prune_checkpoints, save_checkpoint
 from imgvae.config import load_config, to_dict
-from imgvae.models import build_vae
+from imgvae.models.registry import build_vae
 cfg = load_config(None, {overrides!r})
 model = build_vae(cfg)
 root = Path(sys.argv[1])

@@ -24,7 +24,7 @@ def normalized(name: str) -> str:
 
 def imported_modules() -> set[str]:
     found = set()
-    for path in Path(imgvae.__file__).parent.glob("*.py"):
+    for path in Path(imgvae.__file__).parent.rglob("*.py"):  # every sub-package too
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names}

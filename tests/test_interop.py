@@ -10,15 +10,15 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from safetensors.torch import load_file
 
-from imgvae import cache
-from imgvae.checkpoint import load_model, open_model
-from imgvae.cli import main
+from imgvae.commands.cli import main
+from imgvae.commands.verbs import encode_latents
 from imgvae.config import DataConfig
-from imgvae.datasets import build_dataset
-from imgvae.decode import normalize
-from imgvae.features import LPIPS
-from imgvae.latents import encode_latents
-from imgvae.models import AutoencoderKL
+from imgvae.data import cache
+from imgvae.data.datasets import build_dataset
+from imgvae.data.decode import normalize
+from imgvae.io.paths import load_model, open_model
+from imgvae.models.autoencoder_kl import AutoencoderKL
+from imgvae.models.features import LPIPS
 
 from conftest import train_tiny_run, write_jpegs
 

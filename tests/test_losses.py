@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
-from imgvae.checkpoint import load_model
 from imgvae.config import LossConfig, load_config
-from imgvae.features import PerceptualDistance
-from imgvae.losses import (
+from imgvae.io.paths import load_model
+from imgvae.models.base import DiagonalGaussian, VAEOutput
+from imgvae.models.features import PerceptualDistance
+from imgvae.models.losses import (
     adaptive_gan_weight,
     discretized_log_likelihood,
     hinge_discriminator_loss,
@@ -18,9 +19,9 @@ from imgvae.losses import (
     reconstruction_nll,
     vae_loss,
 )
-from imgvae.models import DiagonalGaussian, VAEOutput, build_model, decoder_scale
-from imgvae.optim import update_ema
-from imgvae.train import train
+from imgvae.models.registry import build_model, decoder_scale
+from imgvae.train.engine import train
+from imgvae.train.optim import update_ema
 
 from conftest import tiny_config, write_jpegs
 

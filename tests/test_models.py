@@ -1,10 +1,24 @@
+import dataclasses
+
 import pytest
 import torch
 
-from imgvae.config import LossConfig, ModelConfig, TrainConfig
-from imgvae.losses import vae_loss
-from imgvae.models import MODELS, SCALES, DiagonalGaussian, VAEOutput, build_model
-from imgvae.optim import build_optimizer
+from imgvae.config import MODEL_CONFIGS, LossConfig, TrainConfig, model_config
+from imgvae.models.base import MODELS, SCALES, DiagonalGaussian, VAEOutput
+from imgvae.models.losses import vae_loss
+from imgvae.models.registry import build_model
+from imgvae.train.optim import build_optimizer
+
+
+def small_model(name, **keys):
+    """The model section of architecture `name` with those of the keys (default: latent 16, 8 base
+    channels) that it has."""
+    has = {f.name for f in dataclasses.fields(MODEL_CONFIGS[name])}
+    return model_config(name, **{k: v for k, v in (keys or {"latent_dim": 16, "base_channels": 8}).items() if k in has})
+
+
+def test_every_registered_model_has_its_config_section():
+    assert set(MODELS) == set(MODEL_CONFIGS)
 
 
 def count(module):
@@ -12,7 +26,7 @@ def count(module):
 
 
 def test_seed_parameter_count_matches_the_original():
-    model = build_model(ModelConfig(), image_size=64)
+    model = build_model(model_config(), image_size=64)
     encoder = count(model.encoder) + count(model.to_mean) + count(model.to_logvar)
     decoder = count(model.decoder_fc) + count(model.decoder)
     assert (encoder, decoder, count(model)) == (18_071_360, 4_693_155, 22_764_515)
@@ -25,7 +39,7 @@ SIZES = [(name, size) for name in sorted(MODELS) for size in ((32, 64, 128) if n
 @pytest.mark.parametrize("name, size", SIZES)
 @pytest.mark.parametrize("scale", SCALES)
 def test_shapes_at_several_sizes(name, size, scale):
-    model = build_model(ModelConfig(name=name, latent_dim=16, base_channels=8), image_size=size, scale=scale)
+    model = build_model(small_model(name), image_size=size, scale=scale)
     x = torch.rand(2, 3, size, size) * 2 - 1
     out = model(x)
     factor = {"kl-f4": 4, "kl-f8": 8, "autoencoder-kl": 8}.get(name)  # autoencoder-kl: 4 levels by default
@@ -45,17 +59,17 @@ def test_shapes_at_several_sizes(name, size, scale):
 def test_registry_rejects_unknown_names_and_bad_sizes():
     with pytest.raises(ValueError, match=r"unknown model 'vqvae'; available: \['autoencoder-kl', 'kl-f4', 'kl-f8', "
                                          r"'resnet', 'seed'\]"):
-        build_model(ModelConfig(name="vqvae"), 64)
+        build_model(model_config("vqvae"), 64)
     with pytest.raises(ValueError, match="divisible by 8"):
-        build_model(ModelConfig(), 60)
+        build_model(model_config(), 60)
     with pytest.raises(ValueError, match="divisible by 2\\*\\*levels = 16"):
-        build_model(ModelConfig(name="resnet", levels=4), 72)
+        build_model(model_config("resnet", levels=4), 72)
     with pytest.raises(ValueError, match="'kl-f8' needs image_size divisible by 8"):
-        build_model(ModelConfig(name="kl-f8"), 36)
+        build_model(model_config("kl-f8"), 36)
 
 
 def test_seed_init_and_batchnorm_settings():
-    model = build_model(ModelConfig(), 64)
+    model = build_model(model_config(), 64)
     bns = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
     assert len(bns) == 8 and all(bn.momentum == 0.1 for bn in bns)
     weighted = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
@@ -91,7 +105,7 @@ def test_reparametrisation_statistics():
 def test_loss_decreases_on_a_fixed_batch(name, train_cfg):
     torch.manual_seed(0)
     # autoencoder-kl: an f4 (its default is an f8 of 4 levels).
-    model = build_model(ModelConfig(name=name, latent_dim=16, base_channels=16, block_out_channels=[32, 64, 128]), 32)
+    model = build_model(small_model(name, latent_dim=16, base_channels=16, block_out_channels=[32, 64, 128]), 32)
     opt = build_optimizer(model, train_cfg)
     # Smooth photo-like images (4x4 colour fields upsampled), which a VAE can compress.
     x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4) * 2 - 1, size=32, mode="bilinear")

@@ -8,15 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from imgvae.checkpoint import CheckpointError
-from imgvae.cli import main
+from imgvae.commands.cli import main
 from imgvae.config import ConfigError
-from imgvae.datasets import build_dataset
-from imgvae.decode import normalize
-from imgvae.models import VAE, DiagonalGaussian
-from imgvae.prior import LatentPrior, fit_prior, load_prior
-from imgvae.sample import prior_noise
-from imgvae.sources import SourceError
+from imgvae.data.datasets import build_dataset
+from imgvae.data.decode import normalize
+from imgvae.data.sources import SourceError
+from imgvae.io.checkpoint import CheckpointError
+from imgvae.io.paths import load_prior
+from imgvae.models.base import VAE, DiagonalGaussian
+from imgvae.models.generate import prior_noise
+from imgvae.models.prior import LatentPrior, fit_prior
 
 from conftest import tiny_config, train_tiny_run, write_jpegs
 
@@ -156,7 +157,7 @@ def test_fit_prior_verb_then_sample_and_evaluate_use_it(run, tmp_path, capsys):
 
 
 def test_prior_noise_through_a_fitted_prior_keeps_the_seed(run):
-    from imgvae.checkpoint import load_model
+    from imgvae.io.paths import load_model
 
     model, _ = load_model(run)
     prior = LatentPrior(torch.ones(1), torch.full((1, 16), 2.0), 3 * torch.eye(16)[None], images=1)

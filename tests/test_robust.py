@@ -11,19 +11,21 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from imgvae.adversarial import Adversary
-from imgvae.checkpoint import load_checkpoint
-from imgvae.cli import main
+from imgvae.commands.cli import main
 from imgvae.config import LossConfig, TrainConfig
-from imgvae.optim import build_optimizer, step_where
+from imgvae.io.checkpoint import load_checkpoint
 from imgvae.runtime import RunError
-from imgvae.train import Trainer, train
+from imgvae.train.adversary import Adversary
+from imgvae.train.engine import train
+from imgvae.train.optim import build_optimizer, step_where
+from imgvae.train.task import Callback
 
 from conftest import TINY, tiny_config, write_jpegs
 
@@ -52,21 +54,37 @@ def photos(tmp_path):
     return tmp_path / "photos"
 
 
-def test_mid_epoch_resume_equals_a_straight_run(tmp_path, photos, monkeypatch):
-    cfg = tiny_config([photos], [], "train.epochs=2", "train.ckpt_every_steps=1")
-    train(cfg, tmp_path / "straight", progress=False)
+class Poison(Callback):
+    """NaN model inputs for the micro-batches whose number (1, 2, ...) `when` picks."""
 
-    original = Trainer.save_checkpoint
+    def __init__(self, when):
+        self.when, self.calls = when, 0
 
-    def crash_after_step_4(self, name):
-        original(self, name)
-        if name == "step_00000004":
+    def on_inputs(self, inputs, step):
+        self.calls += 1
+        return replace(inputs, x=torch.full_like(inputs.x, float("nan"))) if self.when(self.calls) else inputs
+
+
+class CrashAt(Callback):
+    """A crash (KeyboardInterrupt) right after checkpoint `after` was written, or before any is."""
+
+    def __init__(self, after=None):
+        self.after = after
+
+    def before_checkpoint(self, name):
+        if self.after is None:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_step_4)
+    def on_checkpoint(self, name):
+        if name == self.after:
+            raise KeyboardInterrupt
+
+
+def test_mid_epoch_resume_equals_a_straight_run(tmp_path, photos):
+    cfg = tiny_config([photos], [], "train.epochs=2", "train.ckpt_every_steps=1")
+    train(cfg, tmp_path / "straight", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.undo()
+        train(cfg, tmp_path / "resumed", progress=False, callbacks=[CrashAt("step_00000004")])
     state = load_checkpoint(tmp_path / "resumed")[1]
     assert (state["epoch"], state["step"], state["batches_done"]) == (1, 4, 1)  # 3 steps per epoch
     summary = train(cfg, tmp_path / "resumed", resume=True, progress=False)
@@ -111,16 +129,10 @@ def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
     assert_same_weights(out, straight)
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tmp_path, photos, monkeypatch):
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, photos):
     cfg = tiny_config([photos], [], "train.epochs=1")
-
-    def killed(self, name):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.undo()
+        train(cfg, tmp_path / "run", progress=False, callbacks=[CrashAt()])
     assert not (tmp_path / "run" / "checkpoints").exists() and (tmp_path / "run" / "steps.jsonl").exists()
     summary = train(cfg, tmp_path / "run", resume=True, progress=False)
     train(cfg, tmp_path / "straight", progress=False)
@@ -140,37 +152,20 @@ def test_leftover_temp_checkpoint_from_a_crash_is_ignored(tmp_path, photos):
     assert summary["epochs"] == 2 and not partial.exists()
 
 
-def test_nan_batches_are_skipped_and_weights_stay_finite(tmp_path, photos, monkeypatch):
-    calls = {"n": 0}
-    real = Trainer.model_input
-
-    def poisoned(self, images, flips):
-        calls["n"] += 1
-        x = real(self, images, flips)
-        return torch.full_like(x, float("nan")) if calls["n"] in (2, 3) else x
-
-    monkeypatch.setattr(Trainer, "model_input", poisoned)
-    summary = train(tiny_config([photos], [], "train.epochs=2"), tmp_path / "run", progress=False)
+def test_nan_batches_are_skipped_and_weights_stay_finite(tmp_path, photos):
+    summary = train(tiny_config([photos], [], "train.epochs=2"), tmp_path / "run", progress=False,
+                    callbacks=[Poison(lambda n: n in (2, 3))])
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert all(r["train/loss"] == r["train/loss"] for r in history)  # no NaN in the epoch means
 
 
-def test_too_many_nan_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(tmp_path, photos, monkeypatch):
-    real = Trainer.model_input
-    calls = {"n": 0}
-
-    def poisoned(self, images, flips):
-        calls["n"] += 1
-        x = real(self, images, flips)
-        return torch.full_like(x, float("nan")) if calls["n"] >= 3 else x
-
-    monkeypatch.setattr(Trainer, "model_input", poisoned)
+def test_too_many_nan_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(tmp_path, photos):
     cfg = tiny_config([photos], [], "train.epochs=2", "train.max_bad_steps=2", "train.ckpt_every_steps=1")
     message = "2 steps in a row had a non-finite loss or gradient .step 4.; stopped, last good checkpoint kept"
     with pytest.raises(RunError, match=message):
-        train(cfg, tmp_path / "run", progress=False)
+        train(cfg, tmp_path / "run", progress=False, callbacks=[Poison(lambda n: n >= 3)])
     state = load_checkpoint(tmp_path / "run")[1]
     assert state["step"] == 3  # steps 1, 2 applied; step 3 skipped and saved; step 4 stops
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "run").values())
@@ -306,34 +301,30 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults["default"] > 150_000 and faults["keep"] < faults["default"] / 2, faults
 
 
-def _run_state(trainer):
+def _run_state(state):
     """Every tensor a step may change: weights, BatchNorm buffers, optimiser state, EMA."""
-    tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    for i, state in enumerate(trainer.optimizer.state.values()):
-        tensors |= {f"opt.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)}
-    if trainer.ema is not None:
-        tensors |= {f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    for i, opt_state in enumerate(state.optimizer.state.values()):
+        tensors |= {f"opt.{i}.{k}": v for k, v in opt_state.items() if torch.is_tensor(v)}
+    if state.ema is not None:
+        tensors |= {f"ema.{k}": v for k, v in state.ema.state_dict().items()}
     return {k: v.detach().clone() for k, v in tensors.items()}
 
 
+class RecordStates(Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_step_end(self, state):
+        self.states.append(_run_state(state))
+
+
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])  # host decision / fused Adam's skip on the device
-def test_a_skipped_step_changes_nothing(tmp_path, photos, monkeypatch, optimizer):
-    real_input, real_after = Trainer.model_input, Trainer.after_step
-    calls, states = {"n": 0}, []
-
-    def poisoned(self, images, flips):
-        calls["n"] += 1
-        x = real_input(self, images, flips)
-        return torch.full_like(x, float("nan")) if calls["n"] == 2 else x
-
-    def record(self, step_stats, grad_norm):
-        states.append(_run_state(self))
-        real_after(self, step_stats, grad_norm)
-
-    monkeypatch.setattr(Trainer, "model_input", poisoned)
-    monkeypatch.setattr(Trainer, "after_step", record)
+def test_a_skipped_step_changes_nothing(tmp_path, photos, optimizer):
+    recorder = RecordStates()
+    states = recorder.states
     summary = train(tiny_config([photos], [], "train.epochs=1", f"train.optimizer={optimizer}", "train.ema=0.9"),
-                    tmp_path / "run", progress=False)
+                    tmp_path / "run", progress=False, callbacks=[Poison(lambda n: n == 2), recorder])
     assert summary["skipped_steps"] == 1 and len(states) == 3
     assert any(k.startswith("model.") and "running_mean" in k for k in states[0])  # BatchNorm is there
     assert states[1].keys() == states[0].keys()
@@ -350,7 +341,11 @@ class HostReads(TorchDispatchMode):
 
     READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
              "aten.equal.default"}
-    INSIDE_STEP = {"run", "training_step", "optimizer_step", "after_step", "model_input", "steps_of_epoch"}
+    # Innermost frames of the engine's files (train/engine.py, state.py, vae.py, batches.py) that run
+    # inside a step; settle, stop votes and logging are the sync points, outside.
+    FILES = ("/imgvae/train/engine.py", "/imgvae/train/state.py", "/imgvae/train/vae.py", "/imgvae/train/batches.py")
+    INSIDE_STEP = {"run", "step", "_micro_step", "_apply", "inputs", "forward", "loss", "adversary_pair", "steps",
+                   "__iter__", "step_randomness", "advance"}
 
     def __init__(self):
         super().__init__()
@@ -359,7 +354,7 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func) in self.READS:
             stack = traceback.extract_stack()
-            frames = [f for f in stack if f.filename.endswith("imgvae/train.py")]
+            frames = [f for f in stack if f.filename.endswith(self.FILES)]
             loading = any("torch/utils/data" in f.filename for f in stack)  # the loader's own CPU tensors
             if frames and frames[-1].name in self.INSIDE_STEP and not loading:
                 caller = next(f for f in reversed(stack[:-1]) if "torch/" not in f.filename)  # ours, not torch's

@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from imgvae.checkpoint import CheckpointError, load_checkpoint, load_weights
-from imgvae.cli import main
+from imgvae.commands.cli import main
 from imgvae.config import load_config
-from imgvae.datasets import build_dataset
-from imgvae.decode import to_model_input
-from imgvae.losses import vae_loss
-from imgvae.models import build_model
-from imgvae.train import RunError, lock_run, train
+from imgvae.data.datasets import build_dataset
+from imgvae.data.decode import to_model_input
+from imgvae.io.checkpoint import CheckpointError, load_checkpoint, load_weights
+from imgvae.models.losses import vae_loss
+from imgvae.models.registry import build_model
+from imgvae.train.engine import RunError, lock_run, train
 
 from conftest import TINY, tiny_config, write_jpegs
 

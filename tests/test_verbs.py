@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgvae.cli import main
-from imgvae.features import FeatureError, InceptionFeatures
-from imgvae.report import build_report
+from imgvae.commands.cli import main
+from imgvae.evaluation.report import build_report
+from imgvae.models.features import FeatureError, InceptionFeatures
 
 from conftest import train_tiny_run, write_jpegs
 

@@ -19,6 +19,11 @@ GRID_KINDS = ("ground_truth", "reconstructions", "samples")
 FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # samples of the prior fitted after training
 
 
+class CheckpointError(ValueError):
+    """A checkpoint, or a file kept with one (a fitted prior), that is missing, truncated,
+    foreign or from another format."""
+
+
 def epoch_grid(run: Path, epoch: int, kind: str) -> Path:
     return Path(run) / GRIDS / f"epoch_{epoch:03d}_{kind}.png"
 

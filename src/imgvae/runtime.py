@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 import threading
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,24 @@ class StopSignals:
                   "(once more to stop at once)", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def one_line_warnings(category: type[Warning]):
+    """While active, warnings of `category` print as one line, "imgvae: MESSAGE" (the command
+    line's skipped files); others as Python prints them. Nothing changes on import."""
+    previous = warnings.formatwarning
+
+    def one_line(message, cat, filename, lineno, line=None) -> str:
+        if issubclass(cat, category):
+            return f"imgvae: {message}\n"
+        return previous(message, cat, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def pick_device(name: str) -> torch.device:
     """"auto" -> CUDA when available, else CPU; otherwise the named device, which must exist."""
     if name == "auto":
@@ -107,9 +126,14 @@ class Processes:
         return values.cpu()
 
 
+def process_rank() -> int:
+    """This process's rank in a torchrun job (0 alone): the one place it is read from."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
     """Rank 0 of a torchrun job, or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_rank() == 0
 
 
 class RunningMean:
@@ -154,7 +178,7 @@ def start_processes(device_name: str, backend: str = "auto") -> Processes:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun
         return Processes(0, 1, pick_device(device_name))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = process_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

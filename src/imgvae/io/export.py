@@ -1,0 +1,102 @@
+"""`imgvae export`: a trained model as a folder other tools read. --format diffusers writes a
+diffusers AutoencoderKL folder (`AutoencoderKL.from_pretrained(DIR)` loads it) for
+autoencoder-kl models, with the latent scaling computed from training latents; --format
+safetensors writes the weights and the imgvae config of any model (the seed's flat 128-d latent
+fits no diffusers class). Both add a README.md model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from safetensors.torch import save_file
+
+from imgvae.config import Config, ConfigError, to_dict
+from imgvae.io.interop import diffusers_network
+from imgvae.io.paths import EXPORT_FORMAT, run_dir_of
+from imgvae.models.autoencoder_kl import AutoencoderKL
+from imgvae.models.base import VAE
+from imgvae.rundir import METRICS, read_json, write_text_atomic
+
+FORMATS = ("diffusers", "safetensors")
+
+
+def export_format(model: VAE, cfg: Config, fmt: str | None) -> str:
+    """The format to write the model as (default: diffusers for autoencoder-kl models, else
+    safetensors); refused in one line when the model cannot go there."""
+    if fmt not in (None, *FORMATS):
+        raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+    fmt = fmt or ("diffusers" if isinstance(model, AutoencoderKL) else "safetensors")
+    if fmt == "diffusers" and not isinstance(model, AutoencoderKL):
+        latent = "x".join(map(str, model.latent_shape))
+        raise ConfigError(f"--format diffusers takes autoencoder-kl models; no diffusers class fits model "
+                          f"{cfg.model.name!r} (latent {latent}): use --format safetensors")
+    return fmt
+
+
+def write_export(model: VAE, cfg: Config, source: Path, out: Path, fmt: str, stats: dict, images: int) -> Path:
+    """Write `model` (from the folder `source`) into the new folder `out` as `fmt` (see
+    export_format), with its latent statistics `stats` (over `images` training images) and a
+    model card; whole or not at all (written under a temp name, then renamed). -> out."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if fmt == "diffusers":
+            diffusers_network(model, cfg, stats["scaling_factor"], stats["shift_factor"]).save_pretrained(
+                tmp, safe_serialization=True)
+        else:
+            _save_plain(model, cfg, stats, tmp)
+        write_text_atomic(tmp / "README.md", model_card(model, cfg, source, fmt, stats, images))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_plain(model: VAE, cfg: Config, stats: dict, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    config = {"format": EXPORT_FORMAT, "version": 1, "config": to_dict(cfg), "latent_statistics": stats}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def model_card(model: VAE, cfg: Config, checkpoint: Path, fmt: str, stats: dict, images: int) -> str:
+    """README.md of an export: what the model is, what it was trained on and how, how it scores."""
+    run = run_dir_of(checkpoint)
+    metrics = read_json(run / METRICS) if run else None
+    latent = "x".join(map(str, model.latent_shape))
+    use = ('from diffusers import AutoencoderKL\nvae = AutoencoderKL.from_pretrained("THIS_FOLDER")\n'
+           "z = (vae.encode(x).latent_dist.sample() - vae.config.shift_factor) * vae.config.scaling_factor"
+           if fmt == "diffusers" else
+           "imgvae evaluate THIS_FOLDER --data PHOTOS   # or: from imgvae.checkpoint import load_model")
+    lines = [
+        f"# {cfg.model.name} exported by imgvae", "",
+        f"A VAE for {cfg.data.image_size}x{cfg.data.image_size} RGB images on [-1, 1], latent {latent} "
+        f"({sum(p.numel() for p in model.parameters()):,} parameters), from the checkpoint `{checkpoint}`.", "",
+        "## Use", "", "```python" if fmt == "diffusers" else "```bash", use, "```", "",
+        "## Training", "",
+        f"- data: {', '.join(cfg.data.train)}; held out: {', '.join(cfg.data.eval) or 'none'}",
+        "- command: `imgvae train --config config.yaml -o RUN` with the run's config.yaml (below)", "",
+        "## Latent scaling", "",
+        f"From {images:,} training images (the aggregate posterior's exact moments, Var = Var[mu] + E[sigma^2]):",
+        f"scaling_factor {stats['scaling_factor']:.6g}, shift_factor {stats['shift_factor']:.6g}; per channel, "
+        f"mean {[round(v, 4) for v in stats['channel_mean']]}, std {[round(v, 4) for v in stats['channel_std']]}.",
+        "", "## Metrics", "",
+    ]
+    if metrics:
+        rec, lik = metrics["reconstruction"], metrics["likelihood"]
+        lines.append(f"`imgvae evaluate` on {metrics['images']} held-out images ({', '.join(metrics['sources'])}): "
+                     f"PSNR {rec['psnr']['mean']:.2f} dB, SSIM {rec['ssim']['mean']:.3f}, "
+                     f"-ELBO {lik['neg_elbo_bpd']:.3f} bits/dim, "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in metrics["distribution"].items() if k != "note") + ".")
+    else:
+        lines.append("Not evaluated yet: `imgvae evaluate RUN` writes metrics.json.")
+    if cfg.loss.sigma != "fixed" or cfg.loss.likelihood != "gaussian":
+        lines += ["", f"Trained with a {cfg.loss.likelihood} likelihood, decoder noise {cfg.loss.sigma}; "
+                  + ("a diffusers model keeps the decoder's mean only." if fmt == "diffusers" else "")]
+    lines += ["", "## config.yaml", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)

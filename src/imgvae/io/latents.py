@@ -1,0 +1,137 @@
+"""Latents for a second-stage model (`imgvae encode`): every image's posterior mean (and, when
+asked, log-variance) in one memory-mapped array, the source of each row, and the statistics a
+diffusion model scales its inputs with; resumable like `imgvae prepare`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from imgvae.data.cache import ChunkedOutput
+from imgvae.data.datasets import ImageDataset, preprocessing
+from imgvae.data.decode import normalize
+from imgvae.data.loading import eval_loader, loader_workers
+from imgvae.data.sources import SourceError
+from imgvae.models.base import VAE, inference
+
+LATENTS_FORMAT, LATENTS_VERSION = "imgvae-latents", 1
+
+
+class LatentMoments:
+    """Per-channel moments of the aggregate posterior, accumulated in float64 over images:
+    channel c of a latent (C, ...) pools its positions; a flat latent (D,) has D channels."""
+
+    def __init__(self):
+        self.count = 0
+        self.sum = self.sum_sq = self.var_sum = None
+
+    def add(self, mean: np.ndarray | torch.Tensor, posterior_var: np.ndarray | torch.Tensor) -> None:
+        """mean (B, C, ...) posterior means; posterior_var (B, C): each image's mean of
+        exp(logvar) over channel c's positions."""
+        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float64)
+        mean = mean.flatten(2) if mean.dim() > 2 else mean[:, :, None]  # (B, C, positions)
+        var = torch.as_tensor(np.asarray(posterior_var), dtype=torch.float64)
+        if self.sum is None:
+            self.sum, self.sum_sq, self.var_sum = (torch.zeros(mean.shape[1], dtype=torch.float64) for _ in range(3))
+        self.sum += mean.sum((0, 2))
+        self.sum_sq += mean.pow(2).sum((0, 2))
+        self.var_sum += var.sum(0) * mean.shape[2]
+        self.count += mean.shape[0] * mean.shape[2]
+
+    def statistics(self) -> dict:
+        """channel_mean / channel_std of the posterior means; shift_factor and scaling_factor
+        such that (z - shift_factor) * scaling_factor has mean 0 and variance 1 for z ~ q(z|x)
+        over all the images and latent elements (Var = Var[mu] + E[sigma^2])."""
+        n = self.count
+        channel_mean = self.sum / n
+        channel_var = (self.sum_sq / n - channel_mean.pow(2)).clamp(min=0)
+        mean = float(channel_mean.mean())
+        total_var = float((self.sum_sq.sum() + self.var_sum.sum()) / (n * len(self.sum)) - mean**2)
+        return {"channel_mean": channel_mean.tolist(), "channel_std": channel_var.sqrt().tolist(),
+                "posterior_var_mean": (self.var_sum / n).tolist(), "shift_factor": mean,
+                "scaling_factor": 1.0 / max(total_var, 1e-12) ** 0.5}
+
+
+def _posterior_var(logvar: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) log-variances -> (B, C) means of the variances over each channel's positions."""
+    var = logvar.double().exp()
+    return var.flatten(2).mean(2) if var.dim() > 2 else var
+
+
+def latent_moments(model: VAE, dataset, batch_size: int, limit: int = 0, progress: bool = False) -> dict:
+    """LatentMoments.statistics of `limit` images spread evenly over the dataset (0: all)."""
+    count = min(limit, len(dataset)) if limit else len(dataset)
+    indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
+    moments = LatentMoments()
+    with inference(model) as device:
+        for images, _, _ in tqdm(eval_loader(dataset, batch_size, device, indices=indices), desc="latent statistics",
+                                 disable=not progress, dynamic_ncols=True):
+            if len(images):
+                posterior = model.encode(normalize(images.to(device)))
+                moments.add(posterior.mean.double().cpu(), _posterior_var(posterior.logvar).cpu())
+    if moments.count == 0:
+        raise SourceError("no readable image to compute latent statistics on")
+    return moments.statistics()
+
+
+def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: list[str], checkpoint: Path, *,
+                   batch: int, num_workers, logvar: bool = False, chunk: int = 1024, progress: bool = True) -> dict:
+    """Encode every view of `dataset` (made from the sources `specs`) into the folder `out`:
+      latents.npy        (N, *latent_shape) float32 posterior means, memory-mapped when read
+      logvar.npy         the same shape, the log-variances (with logvar=True)
+      posterior_var.npy  (N, C) each image's mean posterior variance per latent channel
+      keys.txt, valid.npy  the source of each row; the rows that decoded
+      manifest.json      the checkpoint, preprocessing, counts, skipped files and statistics
+    An interrupted run of the same command resumes. -> the manifest."""
+    chunk = max(batch, chunk // batch * batch)  # whole batches per chunk
+    plan = {"checkpoint": str(checkpoint), "sources": [s.name for s in dataset.source.sources], "rows": len(dataset),
+            "chunk": chunk, "preprocessing": preprocessing(dataset.cfg), "logvar": logvar}
+    shape, channels = (len(dataset), *model.latent_shape), model.latent_shape[0]
+    arrays = {"latents": (shape, np.float32), "posterior_var": ((len(dataset), channels), np.float32)}
+    output = ChunkedOutput(Path(out), plan, arrays | ({"logvar": (shape, np.float32)} if logvar else {}))
+    started = time.time()
+    _encode_pending(model, dataset, output, batch, num_workers, progress, f"encode {Path(out).name}")
+    valid, skipped = output.index(dataset, specs)
+    moments = LatentMoments()
+    for start in range(0, len(valid), chunk):
+        rows = valid[start : start + chunk]
+        moments.add(output.arrays["latents"][rows], output.arrays["posterior_var"][rows])
+    return output.complete({
+        "format": LATENTS_FORMAT, "version": LATENTS_VERSION, "checkpoint": plan["checkpoint"],
+        "preprocessing": plan["preprocessing"], "sources": plan["sources"], "latent_shape": list(model.latent_shape),
+        "rows": len(dataset), "count": int(len(valid)), "skipped": skipped, "statistics": moments.statistics(),
+        "seconds_last_run": round(time.time() - started, 2),
+    })
+
+
+def _encode_pending(model: VAE, dataset: ImageDataset, output: ChunkedOutput, batch: int, num_workers,
+                    progress: bool, desc: str) -> None:
+    """Encode the chunks not written yet, in one pass of a loader over their rows (each batch
+    lies in one chunk: chunks are whole batches)."""
+    rows = [r for c in output.pending() for r in output.rows_of(c)]
+    bar = output.progress_bar(progress, desc)
+    current = None
+    with inference(model) as device:
+        loader = eval_loader(dataset, batch, device, loader_workers(dataset, num_workers, device), indices=rows)
+        for first, (images, indices, bad) in zip(rows[::batch], loader):
+            if current != first // output.chunk:  # a new chunk starts here
+                current = first // output.chunk
+                span = output.rows_of(current)
+                values = {name: np.zeros((len(span), *a.shape[1:]), a.dtype) for name, a in output.arrays.items()}
+                skipped = []
+            skipped += [{"row": i, "key": dataset.key(i), "reason": reason} for i, reason in bad]
+            if len(images):
+                posterior = model.encode(normalize(images.to(device)))
+                at = (indices - span.start).numpy()
+                values["latents"][at] = posterior.mean.float().cpu().numpy()
+                values["posterior_var"][at] = _posterior_var(posterior.logvar).float().cpu().numpy()
+                if "logvar" in values:
+                    values["logvar"][at] = posterior.logvar.float().cpu().numpy()
+            bar.update(len(images) + len(bad))
+            if first + batch >= span.stop:  # the chunk's last batch
+                output.write(current, values, skipped)
+    bar.close()

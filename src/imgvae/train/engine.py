@@ -1,0 +1,286 @@
+"""The engine: trains any Task (train/task.py) with the same loop, checkpoints, resume,
+preemption, time limit, precision, compile, DDP, non-finite skipping, EMA, records and
+progress. `train` runs it for a VAE config; a second-stage model calls `fit` with its task.
+
+The loop (`Engine.run`) owns only the order of calls; the parts own their state: the train
+state (model, optimiser, ...), the batches, the recorder and the stop policy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from imgvae import rundir
+from imgvae.config import Config, ConfigError, TrainConfig
+from imgvae.io import checkpoint as ckpt
+from imgvae.io.paths import with_pretrained_architecture
+from imgvae.models.prior import check_size
+from imgvae.models.registry import check_model
+from imgvae.runtime import (
+    Processes,
+    RunError,
+    Stopped,
+    StopSignals,
+    allow_tf32,
+    keep_freed_memory,
+    run_precision,
+    start_processes,
+    stop_processes,
+)
+from imgvae.train.records import Recorder
+from imgvae.train.state import TooManyBadSteps, TrainState
+from imgvae.train.stop import StopPolicy
+from imgvae.train.task import Callback, Callbacks, Task
+from imgvae.train.vae import VAETask
+
+
+def lock_run(out: Path):
+    """Hold out/.lock for the life of the run: a second run on the same folder fails."""
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(f"another imgvae run is writing to {out} (lock file {out / '.lock'})") from None
+    return handle
+
+
+def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, resume: bool = False,
+          progress: bool = True, callbacks: list[Callback] = ()) -> dict:
+    """Train cfg's VAE; write checkpoints, grids, history and TensorBoard logs.
+
+    out_dir: results folder (config.yaml, checkpoints/, grids/, history.jsonl, steps.jsonl,
+    summary.json). log_dir: TensorBoard folder (default out_dir/logs).
+    resume: continue the run in out_dir from its newest checkpoint (mid-epoch ones too).
+    Under torchrun every process calls this; only rank 0 writes, and returns the run
+    summary (also written to out_dir/summary.json); the others return {}.
+    commands.workflow.train_and_evaluate adds the prior, the evaluation and the report.
+    """
+    cfg = checked_config(cfg, resume)
+
+    def make_task(tc: TrainConfig, procs: Processes) -> VAETask:
+        return VAETask(replace(cfg, train=tc), procs)  # config.yaml records the precision used
+
+    return fit(make_task, cfg.train, out_dir, log_dir, resume, progress, callbacks)
+
+
+def checked_config(cfg: Config, resume: bool) -> Config:
+    """cfg as the run will use it (a pretrained diffusers folder sets the architecture), refused
+    before any data is read when it cannot work: a model the config cannot build, a prior too
+    large to fit, a missing FID weights file."""
+    if cfg.model.pretrained and not resume:
+        cfg = with_pretrained_architecture(cfg)
+    latent_shape = check_model(cfg)
+    if cfg.prior.after_training:
+        check_size(cfg.prior.components, math.prod(latent_shape))
+    for key in ("fid_weights", "lpips_weights"):
+        path = getattr(cfg.eval, key)
+        if cfg.eval.after_training and path and not Path(path).is_file():
+            raise ConfigError(f"eval.{key}: no such file {path!r}")
+    return cfg
+
+
+def fit(make_task: Callable[[TrainConfig, Processes], Task], tc: TrainConfig, out_dir: str | Path,
+        log_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+        callbacks: list[Callback] = ()) -> dict:
+    """Train the task that make_task(train config with its precision decided, processes) builds,
+    under tc's recipe, into out_dir -> the run summary (rank 0; {} elsewhere)."""
+    procs = start_processes(tc.device, tc.dist_backend)
+    tc = replace(tc, precision=run_precision(tc.precision, procs.device))
+    out, lock = Path(out_dir), None
+    try:
+        if procs.main:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = lock_run(out)
+        with StopSignals() as signals:
+            engine = Engine(make_task(tc, procs), tc, out, log_dir, resume, progress, procs, signals, callbacks)
+            try:
+                return engine.run()
+            except (OSError, ckpt.CheckpointError) as e:  # a full disk, a read-only or vanished folder
+                what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+                raise RunError(f"stopped, {what}; the last good checkpoint is {engine.last_checkpoint()}: make room "
+                               f"or fix the folder, then continue with imgvae train --resume {out}") from None
+    finally:
+        if lock is not None:
+            lock.close()
+        stop_processes(procs)
+
+
+class Engine:
+    """One run of one task: builds the parts, restores them on resume, and runs the loop."""
+
+    def __init__(self, task: Task, tc: TrainConfig, out: Path, log_dir, resume: bool, progress: bool,
+                 procs: Processes, signals: StopSignals | None = None, callbacks: list[Callback] = ()):
+        self.task, self.tc, self.out, self.procs = task, tc, out, procs
+        self.callback, self.ckpt_dir = Callbacks(callbacks), out / rundir.CHECKPOINTS
+        if not resume and self.ckpt_dir.exists():
+            raise RunError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
+        weights, state = None, None
+        if resume and (self.ckpt_dir / ckpt.LAST).exists():
+            weights, state = ckpt.load_checkpoint(out)
+        elif resume and procs.main:  # stopped before its first checkpoint: nothing to lose by starting over
+            print(f"imgvae: {out} has no checkpoint yet; starting it from the beginning")
+        self.logs = Path(log_dir or (state and state["log_dir"]) or out / rundir.LOGS)
+        if procs.device.type == "cpu" and tc.keep_freed_memory:
+            keep_freed_memory()
+        if procs.device.type == "cuda":
+            allow_tf32(tc.tf32)
+        torch.manual_seed(tc.seed)
+        self.batches = task.batches()
+        model = task.build_model(fresh=state is None)
+        total_steps = tc.epochs * math.ceil(self.batches.per_epoch / tc.grad_accum)
+        self.state = TrainState(model, tc, procs, total_steps, task.adversary)
+        if state is not None:
+            self.state.load_state_dict(state, lambda module, key: self._load(module, key, weights))
+        self.state.wrap()
+        self.recorder = Recorder(out, self.logs, procs.main, progress)
+        self.stop = StopPolicy(tc.time_limit, tc.log_every, procs, signals)
+
+    def _load(self, module: torch.nn.Module, key: str, weights: dict) -> None:
+        tensors = weights if key == "model" else ckpt.load_extra(self.out, key, self.procs.device)
+        ckpt.load_weights(module, {k: v.to(self.procs.device) for k, v in tensors.items()}, self.out)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train up to train.epochs (or train.time_limit) -> the run summary."""
+        tc, task, state, pos = self.tc, self.task, self.state, self.state.position
+        self.begin()
+        stopped = None
+        while pos.epoch < tc.epochs and stopped is None:
+            self.say(self.batches.start_epoch(pos.epoch, pos.batches_done))
+            task.train_mode(state.train_model)
+            self.recorder.start_bar(pos.epoch, tc.epochs, pos.batches_done, len(self.batches))
+            for micro_batches in steps(self.batches, tc.grad_accum, self.batches.per_epoch - pos.batches_done):
+                pos.batches_done += len(micro_batches)
+                self.callback.on_step_start(state)
+                result = state.step(task, micro_batches, self.callback)
+                self.recorder.advance(len(micro_batches), result[0].count if result else 0)
+                if result is None:  # every micro-batch was too small to train on
+                    continue
+                self.callback.on_step_end(state)
+                if pos.step % tc.log_every == 0:
+                    self.settle()
+                    self.recorder.step(pos.step, pos.epoch + pos.batches_done / self.batches.per_epoch,
+                                       result[0].means(self.procs) | {"grad_norm": result[1].item()},
+                                       self.procs.world_size)
+                stopped = self.stop.reason(pos.step, pos.batches_done == self.batches.per_epoch)
+                if stopped or (tc.ckpt_every_steps and pos.step % tc.ckpt_every_steps == 0):
+                    self.save_checkpoint(f"step_{pos.step:08d}")
+                if stopped:
+                    break
+            self.recorder.close_bar()
+            self.images_seen += self.recorder.epoch_images
+            # Stopped mid-epoch, or by a signal: a resume ends the epoch (a preempted job must exit fast).
+            if pos.batches_done == self.batches.per_epoch and stopped in (None, "time limit"):
+                self.end_epoch(time.time() - self.recorder.epoch_start)
+        return self.finish(stopped)
+
+    def begin(self) -> None:
+        """Before the first step: the run's records (rank 0), the task's fixed pictures, the banner."""
+        tc, procs, pos = self.tc, self.procs, self.state.position
+        self.recorder.begin(self.task.config_dict(), pos.epoch, pos.step)
+        if procs.main:
+            self.task.begin()
+        self.started, self.images_seen = time.time(), 0
+        self.n_params = sum(p.numel() for p in self.state.model.parameters())
+        self.say(f"imgvae: model {self.task.name} ({self.n_params:,} parameters) on {procs.device}"
+                 f"{f' x {procs.world_size} processes' if procs.distributed else ''} in {tc.precision}; "
+                 f"{self.task.describe()}; epochs {pos.epoch + 1}..{tc.epochs}")
+        if pos.epoch >= tc.epochs:
+            self.say(f"imgvae: {self.out} already finished {pos.epoch} epochs; raise train.epochs to continue")
+
+    def end_epoch(self, seconds: float) -> None:
+        """After the epoch's last step: history, held-out statistics, pictures, learning-rate step, checkpoint."""
+        self.settle()
+        train_stats, lr = self.state.end_epoch()
+        pos = self.state.position
+        if self.procs.main:
+            eval_stats, pictures = self.task.end_epoch(self.state.eval_model(), pos.epoch)
+            self.recorder.pictures(pos.epoch, pictures, self.task.picture_columns)
+            rate = self.recorder.epoch_images * self.procs.world_size / seconds
+            self.recorder.epoch({"epoch": pos.epoch, "step": pos.step, "lr": lr, "seconds": seconds,
+                                 "img_per_s": rate, "data_wait": self.batches.wait / seconds,
+                                 "skipped_steps": pos.skipped_steps,
+                                 **{f"train/{k}": v for k, v in train_stats.items()},
+                                 **{f"eval/{k}": v for k, v in eval_stats.items()}})
+        self.save_checkpoint(f"epoch_{pos.epoch:03d}")
+
+    def finish(self, stopped: str | None) -> dict:
+        pos = self.state.position
+        self.recorder.close()
+        self.settle()
+        summary = self.summary()
+        if stopped == "time limit":
+            self.say(f"imgvae: train.time_limit of {self.tc.time_limit} min reached at step {pos.step}; "
+                     f"continue with --resume {self.out}")
+        elif stopped:
+            raise Stopped(f"stopped by {stopped} at step {pos.step}, checkpoint {self.last_checkpoint()}; "
+                          f"continue with imgvae train --resume {self.out}", signal.Signals[stopped])
+        return summary
+
+    def settle(self) -> None:
+        try:
+            self.state.settle()
+        except TooManyBadSteps as e:
+            raise RunError(f"{e}; stopped, last good checkpoint kept: {self.last_checkpoint()}. "
+                           "Try a lower train.lr or train.grad_clip") from None
+
+    def save_checkpoint(self, name: str) -> None:
+        """Rank 0 writes everything needed to resume from exactly here; the others wait."""
+        self.settle()
+        self.callback.before_checkpoint(name)
+        if self.procs.main:
+            state = {**self.state.state_dict(), "config": self.task.config_dict(), "log_dir": str(self.logs)}
+            modules = self.state.modules()
+            ckpt.save_checkpoint(self.ckpt_dir, name, modules.pop("model"), state, modules)
+            every, epoch = self.tc.ckpt_every, self.state.position.epoch
+            keep = {f"epoch_{e:03d}" for e in range(1, epoch + 1) if every and e % every == 0}
+            ckpt.prune_checkpoints(self.ckpt_dir, keep)  # older step_* ones go; `last` always stays
+        self.procs.barrier()
+        self.callback.on_checkpoint(name)
+
+    def summary(self) -> dict:
+        """Rank 0: summary.json of the run so far -> its dict; {} on other ranks."""
+        if not self.procs.main:
+            return {}
+        pos = self.state.position
+        history = rundir.read_jsonl(self.out / rundir.HISTORY)
+        last = history[-1] if history else {}
+        summary = {
+            "epochs": last.get("epoch", pos.epoch), "steps": pos.step, "skipped_steps": pos.skipped_steps,
+            "images_seen_this_run": self.images_seen * self.procs.world_size,
+            "seconds_this_run": time.time() - self.started, "parameters": self.n_params,
+            "device": str(self.procs.device), "processes": self.procs.world_size,
+            "final": {k: v for k, v in last.items() if "/" in k},
+            **self.task.summary(self.out),
+            "checkpoint": str(self.ckpt_dir / ckpt.LAST), "logs": str(self.logs),
+        }
+        self.recorder.summary(summary)
+        return summary
+
+    def last_checkpoint(self) -> Path | None:
+        last = self.ckpt_dir / ckpt.LAST
+        return last.resolve() if last.exists() else None
+
+    def say(self, message: str | None) -> None:
+        if message and self.procs.main:
+            print(message)
+
+
+def steps(batches, accum: int, left: int):
+    """The rest of an epoch's batches as optimiser steps: lists of up to `accum` micro-batches
+    (the epoch's last step may be short); `left` is how many batches the epoch has left."""
+    micro_batches = []
+    for i, batch in enumerate(batches):
+        micro_batches.append(batch)
+        if len(micro_batches) == accum or i + 1 == left:
+            yield micro_batches
+            micro_batches = []
