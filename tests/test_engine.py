@@ -91,6 +91,9 @@ class Regression:
     def summary(self, out):
         return {}
 
+    def likely_keys(self):
+        return f"lr={self.tc.lr}"
+
 
 class CrashAfter(Callback):
     def __init__(self, name):

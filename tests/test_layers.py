@@ -13,7 +13,7 @@ import imgvae
 PACKAGE = Path(imgvae.__file__).parent
 README = PACKAGE.parent.parent / "README.md"
 MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 400, 300, 60
-FOUNDATION = {"config", "runtime", "rundir"}  # the top of the package: everything may use them
+FOUNDATION = {"config", "runtime", "rundir", "errors"}  # the top of the package: everything may use them
 
 
 def modules() -> dict[str, Path]:

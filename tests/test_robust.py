@@ -99,20 +99,23 @@ def _train_cmd(out, photos, *extra):
             f"data.train=[{photos}]", "data.eval=[]", *extra]
 
 
-def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
+def kill_and_resume(tmp_path, photos, attempts: int, seed: int, most_wait: float) -> None:
+    """SIGKILL a training process `attempts` times in a row at random moments, resuming each time,
+    then finish: at most one checkpoint interval is lost each time, and the weights equal a
+    straight run's."""
     every = 2
     args = ["train.epochs=4", f"train.ckpt_every_steps={every}"]  # 12 steps
     out = tmp_path / "killed"
-    rng = random.Random(0)
+    rng = random.Random(seed)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for attempt in range(3):
+    for attempt in range(attempts):
         resume = [sys.executable, "-m", "imgvae", "train", "--resume", str(out), "--no-progress"]
         cmd = _train_cmd(out, photos, *args) if attempt == 0 else resume
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 60
         while not (out / "steps.jsonl").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.8))  # mid-step, mid-epoch or mid-checkpoint-write
+        time.sleep(rng.uniform(0.0, most_wait))  # mid-step, mid-epoch, mid-checkpoint-write, mid-switch to RAM views
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if not (out / "checkpoints" / "last").exists():
@@ -127,6 +130,16 @@ def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
     straight = tmp_path / "straight"
     subprocess.run(_train_cmd(straight, photos, *args), check=True, capture_output=True)
     assert_same_weights(out, straight)
+
+
+def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
+    kill_and_resume(tmp_path, photos, attempts=3, seed=0, most_wait=0.8)
+
+
+def test_chaos_ten_kills_in_a_row_end_with_the_weights_of_a_straight_run(tmp_path, photos):
+    """Ten kills in a row, each at a random moment of the resumed run: its first steps, a checkpoint
+    being written (every 2 steps), the switch to views batched on the device (epoch 2)."""
+    kill_and_resume(tmp_path, photos, attempts=10, seed=1, most_wait=1.5)
 
 
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path, photos):

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,7 +64,10 @@ def test_reconstruct_sample_interpolate(run, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         assert main(["sample", str(run), "-n", "5", "--temperature", "0.7", "--seed", str(seed),
                      "-o", str(tmp_path / name)]) == 0
-    assert len(list((tmp_path / "a").glob("sample_*.png"))) == 5
+    assert len(list((tmp_path / "a" / "samples").glob("sample_*.png"))) == 5
+    from torch_fidelity.utils import glob_samples_paths  # the folder reader `fidelity --input1 DIR` uses
+
+    assert len(glob_samples_paths(str(tmp_path / "a" / "samples"), False, "png", verbose=False)) == 5
     read = lambda name: (tmp_path / name / "samples.png").read_bytes()  # noqa: E731
     assert read("a") == read("b") and read("a") != read("c")
 
@@ -135,3 +140,20 @@ def test_fid_weights_are_used_and_unsafe_files_refused(run, tmp_path, monkeypatc
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(FeatureError, match="not a plain PyTorch state dict"):
         InceptionFeatures(tmp_path / "evil.pth")
+
+
+def test_version_and_the_export_formats_the_parser_offers(capsys):
+    from imgvae import __version__
+    from imgvae.commands.parser import EXPORT_FORMATS
+    from imgvae.io.export import FORMATS
+
+    assert EXPORT_FORMATS == FORMATS
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"imgvae {__version__}"
+
+
+def test_the_command_line_parses_without_importing_torch():
+    script = "import sys, imgvae.commands.cli as c; c.parse_args(['train', '-o', 'x']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]

@@ -11,15 +11,18 @@ import json
 import os
 from pathlib import Path
 
+from imgvae.errors import ImgvaeError
+
 CONFIG, HISTORY, STEPS = "config.yaml", "history.jsonl", "steps.jsonl"
 SUMMARY, METRICS, REPORT = "summary.json", "metrics.json", "report.html"
 CHECKPOINTS, GRIDS, LOGS = "checkpoints", "grids", "logs"
 # The seed's three pictures, written every epoch as grids/epoch_NNN_<kind>.png.
 GRID_KINDS = ("ground_truth", "reconstructions", "samples")
 FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # samples of the prior fitted after training
+FLOW_PRIOR_GRID = "flow_prior_samples.png"  # samples of the flow prior trained on the final weights
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ImgvaeError, ValueError):
     """A checkpoint, or a file kept with one (a fitted prior), that is missing, truncated,
     foreign or from another format."""
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from imgvae.errors import ImgvaeError
 
-class RunError(RuntimeError):
+
+class RunError(ImgvaeError, RuntimeError):
     """A run that cannot start or go on (occupied output folder, bad resume, no device, ...)."""
 
 

@@ -7,8 +7,10 @@ import argparse
 import dataclasses
 import re
 
+from imgvae import __version__
 from imgvae.config import PRESET_DIR, Config, merge_overrides
-from imgvae.io.export import FORMATS
+
+EXPORT_FORMATS = ("diffusers", "safetensors")  # io.export.FORMATS (a test checks), named here: importing it takes torch
 
 PRESETS = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))  # every shipped preset
 RAW = argparse.RawDescriptionHelpFormatter
@@ -126,16 +128,26 @@ def _add_generation(sub) -> None:
     r.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
     _common(r)
 
-    s = sub.add_parser("sample", help="images from the prior", description="Decode latents from the prior: "
-                       "sample_NNN.png and a samples.png grid. The prior is N(0, T^2 I), or the Gaussian (mixture) "
-                       "`imgvae fit-prior` fitted to the training latents when the checkpoint has one.")
+    s = sub.add_parser("sample", help="images from the prior", description="Decode latents from a prior: "
+                       "sample_NNN.png and a samples.png grid, seeded and deterministic. The prior is the flow prior "
+                       "`imgvae train-prior` trained (the ODE solved in --steps steps), the Gaussian (mixture) "
+                       "`imgvae fit-prior` fitted, or N(0, T^2 I).",
+                       epilog="examples:\n  imgvae sample runs/sharp -n 64 -o samples/          # its best prior\n"
+                       "  imgvae sample runs/sharp --prior flow --steps 16 --solver euler -o fast/\n"
+                       "  imgvae sample runs/sharp --prior gmm -o gmm/", formatter_class=RAW)
     s.add_argument("checkpoint", metavar="CKPT")
     _use_overrides(s)
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="noise scale: N(0, T^2 I), or T times the fitted prior's spread around its means (default 1)")
-    s.add_argument("--prior", choices=["auto", "standard", "fitted"], default="auto",
-                   help="auto (default): the fitted prior if the checkpoint has one, else N(0, I)")
+                   help="noise scale: N(0, T^2 I), T times the fitted prior's spread around its means, or T times "
+                   "the flow's starting noise (default 1)")
+    s.add_argument("--prior", choices=["auto", "flow", "gmm", "standard", "fitted"], default="auto",
+                   help="auto (default): the flow prior if the model has one, else the fitted one, else N(0, I); "
+                   "fitted is gmm")
+    s.add_argument("--steps", type=int, metavar="N", help="flow: ODE steps (default: the prior's prior.steps)")
+    s.add_argument("--solver", choices=["euler", "heun"], help="flow: ODE solver (default: the prior's prior.solver)")
+    s.add_argument("--prior-run", metavar="DIR", help="flow: the prior's run folder (default: prior-flow/ beside "
+                   "the model)")
     s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
     _common(s)
 
@@ -174,6 +186,30 @@ def _add_fit_prior(sub) -> None:
     _device_args(f)
 
 
+def _add_train_prior(sub) -> None:
+    t = sub.add_parser(
+        "train-prior", help="train a flow prior in a model's latent space, for samples that are scenes",
+        description="Encode the model's training views once (PRIOR/latents: means and log-variances), then train "
+        "a flow-matching prior on them with the training engine (checkpoints, --resume, SIGTERM, time limit, bf16, "
+        "EMA): a UNet for spatial latents, an MLP for flat ones. It lives in PRIOR (default: prior-flow/ beside "
+        "the model) and records the model's weights by their SHA-256; `sample` and `evaluate` then use it.",
+        epilog="examples:\n  imgvae train-prior runs/sharp\n"
+        "  imgvae train-prior runs/sharp prior.epochs=400 prior.width=96 train.time_limit=10\n"
+        "  imgvae train-prior /models/sd-vae-ft-mse --data ~/photos -o priors/sd data.image_size=256\n"
+        "  imgvae train-prior runs/sharp --resume",
+        formatter_class=RAW)
+    t.add_argument("checkpoint", metavar="RUN_OR_MODEL")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the model's data and prior keys (prior.epochs, prior.width, ...) and the prior run's train "
+                   "keys (train.time_limit, train.precision, ...)")
+    t.add_argument("-o", "--out", metavar="PRIOR",
+                   help="the prior's run folder (default: prior-flow/ beside the model)")
+    t.add_argument("--data", nargs="+", metavar="SOURCE",
+                   help="images to learn (one centre view each; default: the run's data.train, its training views)")
+    t.add_argument("--resume", action="store_true", help="continue the prior's run in PRIOR")
+    _device_args(t)
+
+
 def _add_interop(sub) -> None:
     x = sub.add_parser(
         "export", help="write a model as a diffusers AutoencoderKL folder (or safetensors + config)",
@@ -189,7 +225,7 @@ def _add_interop(sub) -> None:
     x.add_argument("checkpoint", metavar="CKPT")
     _use_overrides(x)
     x.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
-    x.add_argument("--format", choices=FORMATS, help="diffusers (autoencoder-kl models) or safetensors")
+    x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (autoencoder-kl models) or safetensors")
     x.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images for the latent scaling (default: the run's data.train, its training crops)")
     x.add_argument("--images", type=int, default=10_000, metavar="N", dest="scaling_images",
@@ -240,12 +276,14 @@ def _add_compare(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgvae",
                                      description="Train, inspect and compare VAEs on natural-scene images.")
+    parser.add_argument("--version", action="version", version=f"imgvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_prepare(sub)
     _add_evaluate(sub)
     _add_generation(sub)
     _add_fit_prior(sub)
+    _add_train_prior(sub)
     _add_interop(sub)
     _add_compare(sub)
     rep = sub.add_parser("report", help="write RUN_DIR/report.html",

@@ -10,20 +10,32 @@ from pathlib import Path
 
 import torch
 
-from imgvae.config import ConfigError, DataConfig, merge_overrides
-from imgvae.data.datasets import ONE_CENTRE_VIEW, build_dataset, load_image_file
+from imgvae import rundir
+from imgvae.config import ConfigError, DataConfig, TrainConfig, from_dict, merge_overrides
+from imgvae.data.datasets import ONE_CENTRE_VIEW, EpochViews, build_dataset, load_image_file
 from imgvae.data.decode import normalize
 from imgvae.data.sources import SourceError
 from imgvae.evaluation.evaluate import evaluate
+from imgvae.evaluation.generation import score_priors
 from imgvae.io.export import FORMATS, export_format, write_export
 from imgvae.io.latents import encode_dataset, latent_moments
 from imgvae.io.paths import load_prior, open_model, run_dir_of
 from imgvae.io.pictures import save_grid
+from imgvae.io.priors import (
+    default_prior_run,
+    prior_sampler,
+    read_prior_run,
+    weights_digest,
+    weights_file,
+)
 from imgvae.models.base import VAE
+from imgvae.models.flow import backbone_of
 from imgvae.models.generate import interpolate, reconstruct, sample
 from imgvae.models.prior import PRIOR_FILE, LatentPrior, fit_prior
 from imgvae.rundir import METRICS, write_text_atomic
 from imgvae.runtime import pick_device
+from imgvae.train.engine import fit
+from imgvae.train.flow import FlowTask, prior_recipe, to_dict_section
 
 
 def open_for(checkpoint: str | Path, sources: list[str] | None, overrides, device: str, one_view: bool = False):
@@ -40,13 +52,20 @@ def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None
     """Evaluate a model as its config's `eval` section says (overrides of the data, eval and prior
     sections such as "eval.iw_samples=64" change it; its fitted prior when it has one) on `sources`,
     one centre view per image, or by default on its data.eval as the run saw it, and write
-    metrics.json (default: into its run folder). -> (metrics, path)."""
+    metrics.json (default: into its run folder; a model without one writes nothing unless `out`
+    is given). -> (metrics, path or None)."""
     model, cfg, folder = open_for(checkpoint, sources, overrides, device)
     sources = sources or cfg.data.eval
     if not sources:
         raise ConfigError("no evaluation data: pass --data SOURCE (the run's config has no data.eval)")
     metrics = {"checkpoint": str(folder), **evaluate(model, cfg, sources, prior=load_prior(folder), progress=progress)}
-    path = Path(out) if out else (run_dir_of(folder) or Path(".")) / METRICS
+    if cfg.eval.generation_images:
+        if (generation := score_priors(folder, model, cfg, sources, progress)) is not None:
+            metrics["generation"] = generation
+    run = run_dir_of(folder)
+    path = Path(out) if out else (run / METRICS if run is not None else None)
+    if path is None:  # a model without a run folder: nothing is written unless asked (-o)
+        return metrics, None
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(metrics, indent=2))
     return metrics, path
@@ -80,6 +99,46 @@ def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] |
     dataset = build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
     return encode_dataset(model, dataset, out, specs, folder, batch=cfg.eval_batch_size,
                           num_workers=cfg.data.num_workers, logvar=logvar, chunk=chunk, progress=progress)
+
+
+def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sources: list[str] | None = None,
+                     overrides: list[str] | dict | None = None, *, resume: bool = False, device: str = "auto",
+                     progress: bool = True, callbacks=()) -> dict:
+    """Train the flow prior of a model (its EMA weights when kept) into `out` (default:
+    prior-flow/ beside it) with the engine: the training views of its data.train (or `sources`,
+    one centre view each) encoded once into out/latents, then prior.epochs of the rectified-flow
+    objective. Overrides: the model's data / prior keys, and train.* keys of the prior's own run
+    (device, precision, time_limit, ...). resume: continue the run in `out`. -> its summary."""
+    values = merge_overrides(overrides)
+    run_keys = values.pop("train", {})
+    out = Path(out) if out else default_prior_run(checkpoint)
+    if resume:
+        saved, _ = read_prior_run(out)
+        values = merge_overrides({"prior": saved["prior"]}, values)
+        run_keys = {**saved["train"], **run_keys}
+    model, cfg, folder = open_for(checkpoint, sources, values, device)
+    backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
+    tc = from_dict({"train": to_dict_section(prior_recipe(cfg.train, cfg.prior)) | {"device": device} | run_keys})
+    source = {"path": str(checkpoint), "weights": str(weights_file(checkpoint)),
+              "weights_sha256": weights_digest(checkpoint), "model": cfg.model.name}
+    latents = out / "latents"
+    if not (latents / "manifest.json").is_file():
+        specs = sources or cfg.data.train
+        views = EpochViews(build_dataset(specs, cfg.data, train=True, seed=cfg.train.seed), cfg.prior.view_epochs,
+                           mirror=cfg.data.hflip)
+        encode_dataset(model, views, latents, specs, folder, batch=cfg.eval_batch_size,
+                       num_workers=cfg.data.num_workers, logvar=True, progress=progress)
+
+    def make_task(run: TrainConfig, procs) -> FlowTask:
+        return FlowTask(cfg.prior, run, procs, latents, source, model.to(procs.device) if procs.main else None)
+
+    summary = fit(make_task, tc.train, out, resume=resume, progress=progress, callbacks=callbacks)
+    run = run_dir_of(checkpoint)
+    if summary and run is not None:  # its samples beside the run's other pictures, for the report
+        _, draw = prior_sampler(checkpoint, model, "flow", prior_run=out)
+        n = cfg.eval.grid_size
+        save_grid(draw(n * n, cfg.train.seed), n, run / rundir.GRIDS / rundir.FLOW_PRIOR_GRID)
+    return summary
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = None, sources: list[str] | None = None,
@@ -120,13 +179,15 @@ def reconstruct_files(model: VAE, cfg: DataConfig, paths: list[str | Path], out_
 
 
 def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, temperature: float = 1.0,
-                 prior: LatentPrior | None = None) -> list[Path]:
-    """n prior samples: out_dir/sample_NNN.png each, and samples.png as one grid."""
+                 prior: LatentPrior | None = None, draw=None) -> list[Path]:
+    """n prior samples (from draw(n, seed), default N(0, T^2 I) or the fitted prior):
+    out_dir/samples/sample_NNN.png each (a folder of exactly n images, as folder-based FID tools
+    read them) and out_dir/samples.png, the grid, beside it."""
     out = Path(out_dir)
-    images = sample(model, n, seed, temperature, prior)
+    images = draw(n, seed) if draw is not None else sample(model, n, seed, temperature, prior)
     written = []
     for i, image in enumerate(images):
-        written.append(out / f"sample_{i:03d}.png")
+        written.append(out / "samples" / f"sample_{i:03d}.png")
         save_grid(image[None], 1, written[-1])
     save_grid(images, math.ceil(math.sqrt(n)), out / "samples.png")
     return written + [out / "samples.png"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,14 +24,16 @@ from imgvae.config.sections import (
     EvalConfig,
     LossConfig,
     ModelConfig,
+    PriorConfig,
     TrainConfig,
 )
+from imgvae.errors import ImgvaeError
 from imgvae.rundir import write_text_atomic
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(ImgvaeError, ValueError):
     """A config file, key or value that cannot be used."""
 
 
@@ -143,19 +146,62 @@ POSITIVE = {
               "norm_num_groups"],
     "TrainConfig": ["epochs", "batch_size", "lr", "log_every", "grad_accum", "max_bad_steps"],
     "EvalConfig": ["grid_size"],
-    "PriorConfig": ["components"],
+    "PriorConfig": ["components", "width", "depth", "view_epochs", "epochs", "batch_size", "lr", "steps"],
 }
 NON_NEGATIVE = {
     "DataConfig": ["eval_limit", "num_workers", "memory_cache_gb"],
     "LossConfig": ["beta", "kl_warmup", "free_bits", "perceptual", "adversarial", "adversarial_start"],
-    "TrainConfig": ["weight_decay", "ckpt_every", "ckpt_every_steps", "grad_clip", "ema", "time_limit"],
-    "EvalConfig": ["batch_size", "limit"],
+    "TrainConfig": ["weight_decay", "ckpt_every", "ckpt_every_steps", "grad_clip", "ema", "time_limit",
+                    "divergence_factor"],
+    "EvalConfig": ["batch_size", "limit", "generation_images"],
     "PriorConfig": ["images"],
 }
 
 
+# Upper bounds of the numeric keys: beyond them a value is a typo, or would exhaust memory or time
+# before the first step (an image size of 10^9, 10^12 loader processes).
+MAXIMUM = {
+    "DataConfig": {"image_size": 4096, "crop_size": 2**16, "views_per_image": 10**5, "eval_views_per_image": 10**5,
+                   "eval_limit": 10**12, "num_workers": 256, "memory_cache_gb": 2**20, "device_cache_gb": 2**20,
+                   "max_file_mb": 2**20},
+    "model": {"latent_dim": 2**16, "bn_momentum": 1, "base_channels": 4096, "levels": 12, "blocks": 64,
+              "latent_channels": 1024, "layers_per_block": 64, "norm_num_groups": 1024},
+    "LossConfig": {"beta": 1e6, "free_bits": 1e3, "perceptual": 1e6, "adversarial": 1e6, "adversarial_start": 10**12,
+                   "discriminator_lr": 10},
+    "TrainConfig": {"epochs": 10**6, "batch_size": 2**16, "lr": 10, "weight_decay": 10, "rmsprop_alpha": 1,
+                    "eps": 1, "lr_gamma": 10, "seed": 2**31 - 1, "log_every": 10**9, "ckpt_every": 10**6,
+                    "ckpt_every_steps": 10**12, "grad_accum": 4096, "grad_clip": 1e9, "max_bad_steps": 10**6,
+                    "time_limit": 10**7},
+    "EvalConfig": {"grid_size": 64, "iw_samples": 10**4, "batch_size": 2**16, "limit": 10**12, "seed": 2**31 - 1,
+                   "generation_images": 10**5},
+    "PriorConfig": {"images": 10**9, "components": 1000, "depth": 16, "view_epochs": 1000, "epochs": 10**6,
+                    "batch_size": 2**16, "lr": 10, "steps": 10**4},
+}
+ABOVE_ZERO = {"LossConfig": ["discriminator_lr"], "TrainConfig": ["eps", "lr_gamma"]}
+NON_NEGATIVE_TOO = {"DataConfig": ["device_cache_gb"], "model": ["bn_momentum"],
+                    "TrainConfig": ["seed", "rmsprop_alpha"], "EvalConfig": ["seed"]}
+DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _bounds(cfg, prefix: str, section: str) -> None:
+    """Every numeric key within its MAXIMUM; the few that must be > 0 or >= 0 besides POSITIVE and
+    NON_NEGATIVE's."""
+    for name in ABOVE_ZERO.get(section, []):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{prefix}{name} must be > 0, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE_TOO.get(section, []):
+        value = getattr(cfg, name, None)
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"{prefix}{name} must be >= 0, got {value}")
+    for name, high in MAXIMUM.get(section, {}).items():
+        value = getattr(cfg, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > high:
+            raise ConfigError(f"{prefix}{name} must be <= {high:,}, got {value:,}")
+
+
 def _validate(cfg, prefix: str) -> None:
     section = "model" if isinstance(cfg, ModelConfig) else type(cfg).__name__
+    _bounds(cfg, prefix, section)
     for name in POSITIVE.get(section, []):
         value = getattr(cfg, name, None)
         if isinstance(value, (int, float)) and value <= 0:  # views may be "auto"
@@ -178,10 +224,27 @@ def _validate(cfg, prefix: str) -> None:
     if isinstance(cfg, AutoencoderKLConfig) and (not cfg.block_out_channels or min(cfg.block_out_channels) <= 0):
         raise ConfigError(f"{prefix}block_out_channels needs at least one level, each > 0, "
                           f"got {cfg.block_out_channels}")
-    if isinstance(cfg, TrainConfig) and not 0 <= cfg.ema < 1:
+    if isinstance(cfg, (TrainConfig, PriorConfig)) and not 0 <= cfg.ema < 1:
         raise ConfigError(f"{prefix}ema is a decay in [0, 1), got {cfg.ema}")
+    if isinstance(cfg, TrainConfig):
+        _check_train(cfg, prefix)
+    if isinstance(cfg, AutoencoderKLConfig) and (len(cfg.block_out_channels) > 12
+                                                 or max(cfg.block_out_channels) > 8192):
+        raise ConfigError(f"{prefix}block_out_channels: at most 12 levels of at most 8192 channels, "
+                          f"got {cfg.block_out_channels}")
+    if isinstance(cfg, PriorConfig) and cfg.width not in [2**i for i in range(3, 11)]:
+        raise ConfigError(f"{prefix}width must be a power of 2 from 8 to 1024, got {cfg.width}")
     if isinstance(cfg, EvalConfig) and cfg.iw_samples < 1:
         raise ConfigError(f"{prefix}iw_samples must be >= 1, got {cfg.iw_samples}")
+
+
+def _check_train(cfg: TrainConfig, prefix: str) -> None:
+    if not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"{prefix}betas are decays in [0, 1), got {list(cfg.betas)}")
+    if 0 < cfg.divergence_factor < 2:
+        raise ConfigError(f"{prefix}divergence_factor is 0 (off) or a factor >= 2, got {cfg.divergence_factor}")
+    if not DEVICE.match(cfg.device):
+        raise ConfigError(f"{prefix}device: {cfg.device!r} is not auto, cpu, cuda, cuda:N, mps or xpu")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -199,6 +199,11 @@ class TrainConfig:
     grad_clip: float = 0.0
     # A step whose gradient norm is not finite is skipped; this many in a row stop the run.
     max_bad_steps: int = 10
+    # Finite divergence: a loss or KL over this many times its running median (log points and
+    # epoch ends) stops the run before the diverged weights are saved (0 = off). The seed recipe's
+    # small runs spike (their KL up to 1.8e6x the first epoch's) and settle; issue 26's run that
+    # diverged for good reached 1.8e10x (README "Checkpoints and crashes").
+    divergence_factor: float = 1e8
     # Stop after this many minutes of training (0 = no limit), at a step boundary, with a
     # resumable checkpoint; the final evaluation and report still run.
     time_limit: float = 0.0
@@ -234,18 +239,42 @@ class EvalConfig:
     # Score samples against these sources instead of the held-out images (for held-out
     # images from other scenes than the training ones); [] = the held-out images.
     sample_reference: list[str] = field(default_factory=list)
+    # Generation: each prior's samples scored against this many training views (or the
+    # sample_reference's) in fd_effnet, precision / recall and memorised share, with the
+    # reconstruction floor (0 = off).
+    generation_images: int = 256
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """The Gaussian (mixture) fitted to the training latents (`imgvae fit-prior`)."""
+    """The prior samples are drawn from besides N(0, I): the Gaussian (mixture) fitted to the
+    training latents (kind gmm, `imgvae fit-prior`), or a flow-matching model trained on them by
+    the engine (kind flow, `imgvae train-prior`)."""
 
-    # Fit it after the last epoch (before the evaluation, which then scores its samples too).
+    # Make it after the last epoch (before the evaluation, which then scores its samples too).
     after_training: bool = False
-    # Training images to encode, spread evenly over data.train (0 = all).
+    kind: Literal["gmm", "flow"] = "gmm"
+    # gmm: training images to encode, spread evenly over data.train (0 = all); Gaussians in the
+    # mixture (1 = one Gaussian with the exact aggregate moments).
     images: int = 10_000
-    # Gaussians in the mixture (1 = one Gaussian with the exact aggregate moments).
     components: int = 1
+    # flow: the velocity network ("auto": a UNet for spatial latents, an MLP for flat ones), its
+    # width (channels of the UNet's first level, or the MLP's) and depth (UNet levels, MLP blocks).
+    backbone: Literal["auto", "unet", "mlp"] = "auto"
+    width: int = 64
+    depth: int = 2
+    # flow: times drawn in training (logit-normal: most weight mid-path, as SD3), epochs of the
+    # training views encoded once (random crops differ each epoch; mirrored too when data.hflip).
+    time_sampling: Literal["logit-normal", "uniform"] = "logit-normal"
+    view_epochs: int = 1
+    # flow: its training recipe (the engine's; the rest of its train section follows the run's).
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema: float = 0.999
+    # flow: ODE steps and solver when sampling (Heun: second order, 2 evaluations a step).
+    steps: int = 32
+    solver: Literal["euler", "heun"] = "heun"
 
 
 @dataclass(frozen=True)

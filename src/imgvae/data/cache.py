@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from imgvae.config import ConfigError, DataConfig
+from imgvae.data.datasets import SkippedFile
 from imgvae.data.decode import device_decodable, device_views, load_view, skip_reason
 from imgvae.data.sources import (
     CACHE_FORMAT,
@@ -126,6 +128,8 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
         if pool:
             pool.terminate()
     valid, skipped = output.index(source, specs)
+    for key, reason in skipped.items():  # one line each, as training says them; the manifest keeps them
+        warnings.warn(f"skipping unreadable image {key} ({reason})", SkippedFile)
     return output.complete({
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": plan["preprocessing"],
         "sources": plan["sources"], "rows": plan["rows"], "count": int(len(valid)), "skipped": skipped,

@@ -46,6 +46,9 @@ class ImageDataset(Dataset):
         self.views = cfg.views_per_image if train else cfg.eval_views_per_image
         self.epoch = 0
         self.memory = self.filled = self.failed = None  # see keep_in_memory
+        # Why each view read in this process failed: a view tried outside the loader (the grids' first
+        # images, the views read before batching on the device) is reported from here.
+        self.failures: dict[int, str] = {}
         self.decoded: DecodedImages | None = None  # see keep_decoded
 
     @property
@@ -81,7 +84,8 @@ class ImageDataset(Dataset):
     def views_in_memory(self, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(every view (N, 3, S, S), which of them were readable) once keep_in_memory's cache
         has tried them all, else None. When at most `fill` views are left untried (those that an
-        epoch's drop_last left out), they are read now."""
+        epoch's drop_last left out), they are read now. The unreadable ones' reasons are in
+        self.failures when they were read in this process (else the loader reported them)."""
         if self.memory is None:
             return None
         untried = (~(self.filled | self.failed)).nonzero().flatten().tolist()
@@ -140,7 +144,40 @@ class ImageDataset(Dataset):
         except Exception as e:  # any broken file must not stop a long run
             if self.failed is not None:
                 self.failed[index] = True
-            return None, index, skip_reason(e)
+            self.failures[index] = skip_reason(e)
+            return None, index, self.failures[index]
+
+
+class EpochViews(Dataset):
+    """The training views of `epochs` epochs of a dataset (random crops differ per epoch), each
+    followed by its mirror image when `mirror`: what a second-stage model learns the latents of.
+    Item ((e * N) + i) * M + f is view i of epoch e, mirrored when f = 1 (M = 2 with mirror)."""
+
+    def __init__(self, dataset: ImageDataset, epochs: int, mirror: bool):
+        self.dataset, self.epochs, self.copies = dataset, epochs, 2 if mirror else 1
+        self.source, self.cfg = dataset.source, dataset.cfg
+
+    @property
+    def from_prepared_cache(self) -> bool:
+        return self.dataset.from_prepared_cache
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.epochs * self.copies
+
+    def locate(self, index: int) -> tuple[int, int, bool]:
+        """-> (epoch, the dataset's index, mirrored)."""
+        view, flip = divmod(index, self.copies)
+        epoch, i = divmod(view, len(self.dataset))
+        return epoch, i, bool(flip)
+
+    def key(self, index: int) -> str:
+        return self.dataset.key(self.locate(index)[1])
+
+    def __getitem__(self, index: int):
+        epoch, i, flip = self.locate(index)
+        self.dataset.set_epoch(epoch)
+        x, _, reason = self.dataset[i]
+        return (x.flip(-1) if flip and x is not None else x), index, reason
 
 
 def collate(items):
@@ -171,6 +208,15 @@ class BadFiles:
             if key not in self.reasons:
                 self.reasons[key] = reason
                 warnings.warn(f"skipping unreadable image {key} ({reason})", SkippedFile)
+
+    def add_cached(self, dataset: ImageDataset) -> None:
+        """The files the dataset's prepared caches left out, with the reasons they recorded."""
+        for source in dataset.source.sources:
+            for key, reason in getattr(source, "skipped", {}).items():
+                if key not in self.reasons:
+                    self.reasons[key] = reason
+                    warnings.warn(f"skipping unreadable image {key} ({reason}; left out when {source.name} was "
+                                  "prepared)", SkippedFile)
 
     def __len__(self) -> int:
         return len(self.reasons)

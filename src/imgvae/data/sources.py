@@ -18,6 +18,7 @@ import numpy as np
 
 from imgvae.config import DataConfig
 from imgvae.data.decode import UnusableFile
+from imgvae.errors import ImgvaeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -31,7 +32,7 @@ MANIFEST, IMAGES, KEYS, VALID = "manifest.json", "images.npy", "keys.txt", "vali
 PARTIAL_SUFFIX = ".partial"  # a cache being built; renamed when complete
 
 
-class SourceError(ValueError):
+class SourceError(ImgvaeError, ValueError):
     """A source that cannot be used (missing path, no images, unreadable)."""
 
 
@@ -43,8 +44,12 @@ def max_file_bytes(cfg: DataConfig) -> int:
     return int(cfg.max_file_mb * 2**20)
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB" if size >= 2**20 else f"{size / 2**10:,.1f} KB"
+
+
 def _too_large(size: int, limit: int) -> UnusableFile:
-    return UnusableFile(f"too large: {size / 2**20:,.1f} MB (data.max_file_mb is {limit / 2**20:g})")
+    return UnusableFile(f"too large: {_megabytes(size)} (data.max_file_mb is {limit / 2**20:.4g})")
 
 
 def read_file(path: Path, limit: int) -> bytes:
@@ -210,6 +215,7 @@ class CacheSource:
         if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
             raise SourceError(f"{root}: not an imgvae cache of version {CACHE_VERSION}")
         self.preprocessing = manifest["preprocessing"]
+        self.skipped: dict[str, str] = manifest.get("skipped", {})  # {key: reason} left out when it was prepared
         self.valid = np.load(self.root / VALID)
         self.keys = (self.root / KEYS).read_text().splitlines()
         self._images, self._pid = None, None

@@ -18,10 +18,12 @@ from imgvae.data.datasets import ONE_CENTRE_VIEW, ImageDataset, build_dataset, f
 from imgvae.data.decode import normalize
 from imgvae.evaluation.compare_page import write_compare_page
 from imgvae.evaluation.evaluate import evaluate
+from imgvae.evaluation.generation import score_priors
 from imgvae.io.paths import load_prior, model_source, open_model
 from imgvae.io.pictures import save_labelled_rows
+from imgvae.io.priors import available_priors, prior_sampler
 from imgvae.models.base import VAE, inference
-from imgvae.models.generate import reconstruct, sample
+from imgvae.models.generate import reconstruct
 from imgvae.models.prior import LatentPrior
 from imgvae.rundir import write_text_atomic
 from imgvae.runtime import pick_device
@@ -39,6 +41,7 @@ class Candidate:
     model: VAE
     cfg: Config
     prior: LatentPrior | None
+    folder: Path  # the folder read: where its priors are found
 
 
 def parse_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -70,7 +73,7 @@ def open_candidates(pairs: list[tuple[str, str]], size: int | None, overrides: d
             model, cfg, folder = open_model(path, device, overrides=settings)
         except ConfigError as e:
             raise ConfigError(f"{name} ({path}): {e}") from None
-        candidates.append(Candidate(name, path, kind, native, model, cfg, load_prior(folder)))
+        candidates.append(Candidate(name, path, kind, native, model, cfg, load_prior(folder), folder))
     return candidates
 
 
@@ -114,6 +117,9 @@ def compare(specs: list[str], sources: list[str], out_dir: str | Path, *, image_
     results = []
     for c in tqdm(candidates, desc="models", disable=not progress, dynamic_ncols=True):
         metrics = evaluate(c.model, c.cfg, sources, prior=c.prior, progress=progress, held_out=views, per_image=True)
+        if c.cfg.eval.generation_images:  # every prior it has, against the training distribution
+            if (generation := score_priors(c.folder, c.model, c.cfg, sources, progress)) is not None:
+                metrics["generation"] = generation
         batch = first_images(views, min(len(views), c.cfg.eval_batch_size))
         results.append(_model_entry(c, metrics, speed(c.model, batch)))
     data = {"image_size": size, "sources": list(sources), "images": results[0]["metrics"]["images"],
@@ -138,7 +144,7 @@ def _model_entry(c: Candidate, metrics: dict, images_per_second: float) -> dict:
 def _pictures(candidates: list[Candidate], views: ImageDataset, data: dict, out: Path, k: int) -> dict:
     """reconstructions.png: the k images where the models differ most (per-image PSNR spread)
     and every model's reconstruction of them; worst_<i>.png: model i's k worst images;
-    samples.png: k samples per model (its fitted prior when it has one). -> their file names."""
+    samples.png: k samples of every prior of every model. -> their file names."""
     psnr = torch.tensor([m["per_image"]["psnr"] for m in data["models"]])  # (models, images)
     index = {key: i for i, key in enumerate(data["models"][0]["per_image"]["keys"])}
     keys = data["models"][0]["per_image"]["keys"]
@@ -161,8 +167,9 @@ def _pictures(candidates: list[Candidate], views: ImageDataset, data: dict, out:
         save_labelled_rows([("images", images.float() / 255), (c.name, reconstruct(c.model, normalize(images)))],
                            out / f"worst_{i}.png", label_width=120)
         files["worst"][c.name] = {"file": f"worst_{i}.png", "keys": worst}
-    samples = [(f"{c.name}, {'fitted prior' if c.prior is not None else 'N(0, I)'}",
-                sample(c.model, k, seed=0, prior=c.prior)) for c in candidates]
+    names = {"standard": "N(0, I)", "gmm": "fitted prior", "flow": "flow prior"}
+    samples = [(f"{c.name}, {names[kind]}", prior_sampler(c.folder, c.model, kind)[1](k, 0))
+               for c in candidates for kind in available_priors(c.folder)]
     save_labelled_rows(samples, out / "samples.png")
     files["samples"] = "samples.png"
     return files

@@ -29,10 +29,27 @@ COMPARE_ROWS = [
 ]
 
 
+def _generation_rows() -> list:
+    """Each prior's generation scores (metrics.generation), then the reconstruction floor's."""
+    priors = {"standard": "N(0, I)", "gmm": "fitted prior", "flow": "flow prior"}
+    scores = {"fd_effnet": ("fd_effnet vs training", "low"), "precision": ("precision", "high"),
+              "recall": ("recall", "high"), "memorised": ("memorised share", "low")}
+    rows = [(f"{label} samples: {what}", lambda m, p=prior, k=key: _generation(m, p, k), better)
+            for prior, label in priors.items() for key, (what, better) in scores.items()]
+    return rows + [("reconstruction floor: fd_effnet vs training", lambda m: _generation(m, None, "fd_effnet"), "low")]
+
+
+def _generation(model: dict, prior: str | None, key: str) -> float | None:
+    """A prior's generation score (metrics.generation), the reconstruction floor's with prior None."""
+    gen = model["metrics"].get("generation") or {}
+    scores = gen.get("floor") if prior is None else gen.get("priors", {}).get(prior)
+    return None if scores is None else scores[key]
+
+
 def compare_rows(models: list[dict]) -> list[tuple[str, list[float | None], set[int]]]:
     """(label, each model's value, the columns holding the best value); rows no model has are left out."""
-    rows = []
-    for label, value, better in COMPARE_ROWS:
+    rows, table = [], COMPARE_ROWS[:-4] + _generation_rows() + COMPARE_ROWS[-4:]  # after the samples' rows
+    for label, value, better in table:
         values = [value(m) for m in models]
         present = [v for v in values if v is not None]
         if not present:

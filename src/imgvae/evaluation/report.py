@@ -35,7 +35,27 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
          f"{lik['neg_iw_bpd']:.4f} ({lik['neg_iw_nats']:.1f} nats/image)"),
         ("active units", f"{lat['active_units']} / {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
     ]
-    return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"]
+    return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"] + generation_rows(metrics)
+
+
+def generation_rows(metrics: dict) -> list[tuple[str, str]]:
+    """Each prior's sample scores against the training distribution, the reconstruction floor
+    and (when scored) real held-out images."""
+    gen = metrics.get("generation")
+    if not gen:
+        return []
+
+    def line(s: dict) -> str:
+        return (f"fd_effnet {s['fd_effnet']:.1f}, precision {s['precision']:.2f}, recall {s['recall']:.2f}, "
+                f"memorised {s['memorised']:.0%}")
+
+    rows = [("generation", f"against {gen['images']} training views of {', '.join(gen.get('reference', []))}; "
+                           f"k = {gen['k']} nearest neighbours")]
+    rows += [(f"  samples, {name} prior", line(s)) for name, s in gen["priors"].items()]
+    rows.append(("  floor: reconstructions", line(gen["floor"])))
+    if "held_out" in gen:
+        rows.append(("  real held-out images", line(gen["held_out"])))
+    return rows
 
 
 def describe_views(p: dict) -> str:
@@ -223,10 +243,10 @@ def _grids(run: Path, history: list[dict]) -> str:
             rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
     head = "<tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>"
     grids = f'<table class="grids">{head}{"".join(rows)}</table>' if rows else "<p>No picture grids yet.</p>"
-    if (run / rundir.GRIDS / rundir.FITTED_PRIOR_GRID).is_file():
-        grids += ('<h3>Samples from the fitted prior (final weights)</h3><table class="grids"><tr><td>'
-                  f'<img src="{rundir.GRIDS}/{rundir.FITTED_PRIOR_GRID}" alt="samples from the fitted prior"></td></tr>'
-                  '</table>')
+    for name, what in ((rundir.FITTED_PRIOR_GRID, "fitted prior"), (rundir.FLOW_PRIOR_GRID, "flow prior")):
+        if (run / rundir.GRIDS / name).is_file():
+            grids += (f'<h3>Samples from the {what} (final weights)</h3><table class="grids"><tr><td>'
+                      f'<img src="{rundir.GRIDS}/{name}" alt="samples from the {what}"></td></tr></table>')
     return grids
 
 

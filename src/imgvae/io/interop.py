@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from imgvae.config import Config, ConfigError, from_dict, to_dict
+from imgvae.errors import ImgvaeError
 from imgvae.models.autoencoder_kl import AutoencoderKL, autoencoder_kl_arguments
 from imgvae.models.registry import build_vae
 
@@ -21,7 +22,7 @@ ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels"
                      "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv")
 
 
-class FolderError(ValueError):
+class FolderError(ImgvaeError, ValueError):
     """A diffusers folder that is missing, malformed or holds a model imgvae cannot use."""
 
 
@@ -88,7 +89,8 @@ def load_folder_network(folder: Path):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     try:
-        return DiffusersAutoencoderKL.from_pretrained(folder, local_files_only=True).float()
+        # low_cpu_mem_usage=False: without accelerate, diffusers would say so in five lines on every load
+        return DiffusersAutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False).float()
     except Exception as e:  # OSError for missing weights, ValueError / RuntimeError for broken ones
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FolderError(f"{folder}: not a readable diffusers {CLASS_NAME} folder ({first})") from None

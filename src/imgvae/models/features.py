@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgvae.errors import ImgvaeError
 
-class FeatureError(ValueError):
+
+class FeatureError(ImgvaeError, ValueError):
     """A feature network that cannot be loaded (missing package, bad weights file)."""
 
 

@@ -39,6 +39,19 @@ def sample(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: Laten
     return decode(model, prior_noise(model, n, seed, temperature, prior))
 
 
+def sample_flow(model: VAE, prior, n: int, seed: int, steps: int, solver: str = "heun", temperature: float = 1.0,
+                batch_size: int = 64) -> torch.Tensor:
+    """n images from a flow prior (models.flow.FlowPrior on the model's device): noise drawn on the
+    CPU from `seed` (the same images on any device), scaled by T, carried to latents by the ODE
+    in `steps` steps, decoded. -> [0, 1] (n, 3, S, S)."""
+    if not temperature > 0:
+        raise ConfigError(f"the temperature must be > 0, got {temperature}")
+    noise = temperature * torch.randn(n, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
+    with inference(model) as device:
+        images = [decode(model, prior.sample(chunk.to(device), steps, solver)) for chunk in noise.split(batch_size)]
+    return torch.cat(images)
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between latents a, b (same shape) at fractions t (K,)
     -> (K, *a.shape); falls back to linear when a and b are (anti)parallel."""

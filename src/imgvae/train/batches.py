@@ -48,6 +48,7 @@ class ImageBatches:
             self.loader = Prefetched(loader, device)
         self.per_epoch = len(self.sampler.base) // tc.batch_size
         self.bad_files, self.wait = BadFiles(), 0.0
+        self.bad_files.add_cached(self.train_set)  # files a prepared cache left out, with its reasons
         self.eval_loader = None
         if self.eval_set is not None and procs.main:
             workers = loader_workers(self.eval_set, cfg.data.num_workers, device)
@@ -78,6 +79,10 @@ class ImageBatches:
         held = self.train_set.views_in_memory(fill=self.batch_size * self.procs.world_size)
         if held is None or held[0].numel() > self.device_budget():
             return None
+        # Views read outside the loader (the grids' images, the ones just read) are reported here.
+        failed = (~held[1]).nonzero().flatten().tolist()
+        self.bad_files.add(self.train_set, [(i, self.train_set.failures[i]) for i in failed
+                                            if i in self.train_set.failures])
         self.resident = held[0].to(self.device)  # on a CPU, the very same tensor
         self.loader = DeviceBatches(self.resident, self.sampler, self.batch_size, readable=held[1])
         return f"imgvae: every training view is in memory; batching them on {self.device} from now on"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from imgvae import rundir
-from imgvae.config import Config, ConfigError, TrainConfig
+from imgvae.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from imgvae.io import checkpoint as ckpt
 from imgvae.io.paths import with_pretrained_architecture
 from imgvae.models.prior import check_size
@@ -40,6 +41,7 @@ from imgvae.train.state import TooManyBadSteps, TrainState
 from imgvae.train.stop import StopPolicy
 from imgvae.train.task import Callback, Callbacks, Task
 from imgvae.train.vae import VAETask
+from imgvae.train.watch import Diverged, DivergenceWatch
 
 
 def lock_run(out: Path):
@@ -65,11 +67,53 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     commands.workflow.train_and_evaluate adds the prior, the evaluation and the report.
     """
     cfg = checked_config(cfg, resume)
+    if resume and (Path(out_dir) / rundir.CONFIG).is_file():
+        refuse_changes(load_config(Path(out_dir) / rundir.CONFIG), cfg)
 
     def make_task(tc: TrainConfig, procs: Processes) -> VAETask:
         return VAETask(replace(cfg, train=tc), procs)  # config.yaml records the precision used
 
     return fit(make_task, cfg.train, out_dir, log_dir, resume, progress, callbacks)
+
+
+# What a resumed run cannot change: its architecture, its likelihood, its preprocessing, the
+# optimiser and the positions of its steps (everything else may: epochs, learning rate, ...).
+FIXED_ON_RESUME = ("loss.likelihood", "loss.sigma", "data.image_size", "data.crop", "data.crop_size",
+                   "data.crop_scale", "data.exact_decode", "data.exif_transpose", "data.views_per_image",
+                   "train.optimizer", "train.batch_size", "train.grad_accum", "train.seed")
+ON_OR_OFF_ON_RESUME = ("train.ema", "loss.adversarial")  # their weights files exist or not
+
+
+def refuse_changes(saved: Config, cfg: Config) -> None:
+    """Refuse, in one line naming each key with both values, a resume that changes what the run's
+    checkpoints were made with (FIXED_ON_RESUME, every model key, the EMA and GAN being on)."""
+    before, after = flat(to_dict(saved)), flat(to_dict(cfg))
+    keys = [k for k in sorted(set(before) | set(after)) if k.startswith("model.") and k != "model.pretrained"]
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in [*keys, *FIXED_ON_RESUME]
+               if before.get(k) != after.get(k)]
+    changed += [f"{k}: {before[k]!r} -> {after[k]!r}" for k in ON_OR_OFF_ON_RESUME if (before[k] > 0) != (after[k] > 0)]
+    if changed:
+        raise ConfigError(f"--resume cannot change what the run was made with ({'; '.join(changed)}); "
+                          "start a new run with -o, or resume with the run's values")
+
+
+def refuse_changed_overrides(saved: Config, overrides: dict) -> None:
+    """The same refusal for KEY=VALUE overrides of a resume, before they are applied (a model key
+    of another architecture would otherwise be refused as unknown, not as a change)."""
+    before, asked = flat(to_dict(saved)), flat(overrides)
+    fixed = [k for k in asked if k.startswith("model.") and k != "model.pretrained" or k in FIXED_ON_RESUME]
+    changed = [f"{k}: {before.get(k)!r} -> {asked[k]!r}" for k in fixed if before.get(k) != asked[k]]
+    if changed:
+        raise ConfigError(f"--resume cannot change what the run was made with ({'; '.join(changed)}); "
+                          "start a new run with -o, or resume with the run's values")
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    """{"model": {"name": "seed"}} -> {"model.name": "seed"}."""
+    out = {}
+    for k, v in values.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def checked_config(cfg: Config, resume: bool) -> Config:
@@ -96,6 +140,7 @@ def fit(make_task: Callable[[TrainConfig, Processes], Task], tc: TrainConfig, ou
     procs = start_processes(tc.device, tc.dist_backend)
     tc = replace(tc, precision=run_precision(tc.precision, procs.device))
     out, lock = Path(out_dir), None
+    created = not out.exists()
     try:
         if procs.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -106,10 +151,16 @@ def fit(make_task: Callable[[TrainConfig, Processes], Task], tc: TrainConfig, ou
                 return engine.run()
             except (OSError, ckpt.CheckpointError) as e:  # a full disk, a read-only or vanished folder
                 what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
-                raise RunError(f"stopped, {what}; the last good checkpoint is {engine.last_checkpoint()}: make room "
+                raise RunError(f"stopped, {what}; the last good checkpoint is {engine.last_good()}: make room "
                                f"or fix the folder, then continue with imgvae train --resume {out}") from None
+    except BaseException:
+        if lock is not None and created and {p.name for p in out.iterdir()} <= {".lock"}:
+            lock.close()  # a start that failed: the folder goes as it came
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
-        if lock is not None:
+        if lock is not None and not lock.closed:
+            (out / ".lock").unlink(missing_ok=True)  # still ours: no other run can hold it
             lock.close()
         stop_processes(procs)
 
@@ -143,6 +194,9 @@ class Engine:
         self.state.wrap()
         self.recorder = Recorder(out, self.logs, procs.main, progress)
         self.stop = StopPolicy(tc.time_limit, tc.log_every, procs, signals)
+        self.watch = DivergenceWatch(tc.divergence_factor)
+        if state is not None:
+            self.watch.load_state_dict(state)
 
     def _load(self, module: torch.nn.Module, key: str, weights: dict) -> None:
         tensors = weights if key == "model" else ckpt.load_extra(self.out, key, self.procs.device)
@@ -168,8 +222,9 @@ class Engine:
                 self.callback.on_step_end(state)
                 if pos.step % tc.log_every == 0:
                     self.settle()
-                    self.recorder.step(pos.step, pos.epoch + pos.batches_done / self.batches.per_epoch,
-                                       result[0].means(self.procs) | {"grad_norm": result[1].item()},
+                    values = result[0].means(self.procs) | {"grad_norm": result[1].item()}
+                    self.check(f"step {pos.step}", values)
+                    self.recorder.step(pos.step, pos.epoch + pos.batches_done / self.batches.per_epoch, values,
                                        self.procs.world_size)
                 stopped = self.stop.reason(pos.step, pos.batches_done == self.batches.per_epoch)
                 if stopped or (tc.ckpt_every_steps and pos.step % tc.ckpt_every_steps == 0):
@@ -202,12 +257,14 @@ class Engine:
         self.settle()
         train_stats, lr = self.state.end_epoch()
         pos = self.state.position
+        self.check(f"epoch {pos.epoch} (step {pos.step})", train_stats, epoch=True)
         if self.procs.main:
             eval_stats, pictures = self.task.end_epoch(self.state.eval_model(), pos.epoch)
             self.recorder.pictures(pos.epoch, pictures, self.task.picture_columns)
             rate = self.recorder.epoch_images * self.procs.world_size / seconds
             self.recorder.epoch({"epoch": pos.epoch, "step": pos.step, "lr": lr, "seconds": seconds,
                                  "img_per_s": rate, "data_wait": self.batches.wait / seconds,
+                                 "views": self.recorder.epoch_images * self.procs.world_size,
                                  "skipped_steps": pos.skipped_steps,
                                  **{f"train/{k}": v for k, v in train_stats.items()},
                                  **{f"eval/{k}": v for k, v in eval_stats.items()}})
@@ -230,15 +287,28 @@ class Engine:
         try:
             self.state.settle()
         except TooManyBadSteps as e:
-            raise RunError(f"{e}; stopped, last good checkpoint kept: {self.last_checkpoint()}. "
-                           "Try a lower train.lr or train.grad_clip") from None
+            raise RunError(f"{e}; stopped, last good checkpoint kept: {self.last_good()}. "
+                           f"Likely keys: {self.task.likely_keys()}, train.grad_clip={self.tc.grad_clip}") from None
+
+    def check(self, where: str, stats: dict, epoch: bool = False) -> None:
+        """Stop on finite divergence, before the diverged weights are saved."""
+        try:
+            self.watch.observe(where, stats, epoch)
+        except Diverged as e:
+            raise RunError(f"diverged at {e}; stopped without saving, last good checkpoint kept: "
+                           f"{self.last_good()}. Likely keys: {self.task.likely_keys()}") from None
+
+    def last_good(self) -> str:
+        last = self.last_checkpoint()
+        return str(last) if last is not None else "none (no checkpoint was written yet)"
 
     def save_checkpoint(self, name: str) -> None:
         """Rank 0 writes everything needed to resume from exactly here; the others wait."""
         self.settle()
         self.callback.before_checkpoint(name)
         if self.procs.main:
-            state = {**self.state.state_dict(), "config": self.task.config_dict(), "log_dir": str(self.logs)}
+            state = {**self.state.state_dict(), **self.watch.state_dict(), "config": self.task.config_dict(),
+                     "log_dir": str(self.logs)}
             modules = self.state.modules()
             ckpt.save_checkpoint(self.ckpt_dir, name, modules.pop("model"), state, modules)
             every, epoch = self.tc.ckpt_every, self.state.position.epoch

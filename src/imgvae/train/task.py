@@ -93,6 +93,9 @@ class Task(Protocol):
     def summary(self, out) -> dict:
         """Rank 0: what the run summary adds for this task (files left out, where pictures are)."""
 
+    def likely_keys(self) -> str:
+        """The config keys (with their values) most likely behind a diverging run, for its message."""
+
 
 class Callback:
     """Hooks into the engine's loop. Tests inject faults with one (a NaN input, a crash after a

@@ -155,3 +155,8 @@ class VAETask:
 
     def summary(self, out) -> dict:
         return {**self.data.summary(), "grids": str(out / rundir.GRIDS)}
+
+    def likely_keys(self) -> str:
+        tc = self.cfg.train
+        return (f"train.lr={tc.lr:g}, train.optimizer={tc.optimizer}, loss.beta={self.cfg.loss.beta:g}, "
+                f"train.batch_size={tc.batch_size}")

@@ -1,0 +1,135 @@
+"""Generation at equal CPU budget: autoencoders trained on the embedded photos, each with
+its priors (N(0, I), a 10-Gaussian mixture, the flow prior), scored by one table against the
+training distribution: fd_effnet of samples, precision, recall, memorised share; the
+reconstruction floor; real held-out crops of the same photos (what a perfect prior scores);
+prior training time; sampling img/s by ODE step count. And the side-by-side picture.
+
+    python bench/generation.py                                  # seed and sharp, 5 + 4 minutes each
+    python bench/generation.py --models sharp --backbones unet mlp --prior-minutes 6
+    python bench/generation.py --score-only                     # re-score the runs in --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from imgvae.commands.verbs import fit_checkpoint_prior, train_flow_prior
+from imgvae.commands.workflow import train_and_evaluate
+from imgvae.config import load_config
+from imgvae.data.datasets import build_dataset
+from imgvae.evaluation.generation import generation_metrics
+from imgvae.io.paths import load_model
+from imgvae.io.pictures import save_labelled_rows
+from imgvae.io.priors import prior_sampler
+
+MODELS = {"seed": "demo", "sharp": "sharp", "kl-f8": "kl-f8"}  # name -> preset
+
+
+def train_model(name: str, args, run: Path) -> None:
+    overrides = ["data.train=[embedded:train]", "data.eval=[embedded:eval]", "data.image_size=64",
+                 "data.crop=random", "data.views_per_image=1024", "train.epochs=1000",
+                 f"train.time_limit={args.minutes}", "eval.after_training=false", "train.log_every=50",
+                 "train.ckpt_every=0", f"train.seed={args.seed}", "prior.after_training=false"]
+    train_and_evaluate(load_config(MODELS[name], overrides), run, progress=False)
+
+
+def make_priors(run: Path, args) -> dict[str, float]:
+    """gmm-10 and one flow prior per backbone -> {prior: training seconds}."""
+    seconds = {}
+    started = time.time()
+    fit_checkpoint_prior(run, overrides=["prior.components=10", "prior.images=10000"], progress=False)
+    seconds["gmm"] = time.time() - started
+    for backbone in args.backbones:
+        out = run / f"prior-flow-{backbone}"
+        if not (out / "summary.json").is_file():
+            train_flow_prior(run, out, overrides=[f"prior.backbone={backbone}", "prior.epochs=100000",
+                                                  f"train.time_limit={args.prior_minutes}", "prior.ema=0.999",
+                                                  f"prior.width={args.width}"], progress=False)
+        seconds[f"flow-{backbone}"] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
+    return seconds
+
+
+def samplers_of(run: Path, model, args) -> dict:
+    draws = {"N(0, I)": prior_sampler(run, model, "standard")[1], "gmm-10": prior_sampler(run, model, "gmm")[1]}
+    for backbone in args.backbones:
+        draws[f"flow ({backbone})"] = prior_sampler(run, model, "flow", prior_run=run / f"prior-flow-{backbone}",
+                                                    steps=args.steps[-1])[1]
+    return draws
+
+
+def sampling_speed(run: Path, model, args) -> dict:
+    """Flow samples per second (Heun) by step count, decoding included."""
+    speeds = {}
+    for backbone in args.backbones:
+        for steps in args.steps:
+            draw = prior_sampler(run, model, "flow", prior_run=run / f"prior-flow-{backbone}", steps=steps)[1]
+            started = time.perf_counter()
+            draw(64, 0)
+            speeds[f"flow ({backbone}), {steps} steps"] = 64 / (time.perf_counter() - started)
+    return speeds
+
+
+def score(name: str, run: Path, args) -> dict:
+    model, cfg = load_model(run)
+    train_views = build_dataset(cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
+    # Held-out crops of the same photos: other random crops (another seed), never trained on.
+    held_out = build_dataset(cfg.data.train, cfg.data, train=True, seed=cfg.train.seed + 12345)
+    held_out.set_epoch(10_000)
+    draws = samplers_of(run, model, args)
+    scores = generation_metrics(model, train_views, draws, images=args.images, batch_size=64, seed=args.seed,
+                                held_out=held_out)
+    scores["speed"] = sampling_speed(run, model, args)
+    scores["rows"] = [(f"{name}, {prior}", draw(8, 1)) for prior, draw in draws.items()]
+    return scores
+
+
+def table(results: dict, seconds: dict) -> str:
+    lines = ["| model | samples from | fd_effnet | precision | recall | memorised | prior training s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        rows = [(p, s, seconds[name].get(p.replace("gmm-10", "gmm").replace("flow (", "flow-").rstrip(")")))
+                for p, s in r["priors"].items()]
+        rows += [("reconstructions (floor)", r["floor"], None), ("real held-out crops", r["held_out"], None)]
+        for prior, s, sec in rows:
+            lines.append(f"| {name} | {prior} | {s['fd_effnet']:.1f} | {s['precision']:.2f} | {s['recall']:.2f} | "
+                         f"{s['memorised']:.0%} | {'' if sec is None else f'{sec:.0f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["seed", "sharp"], choices=sorted(MODELS))
+    parser.add_argument("--backbones", nargs="+", default=["auto"], help="flow backbones to train (auto, unet, mlp)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="autoencoder training per model")
+    parser.add_argument("--prior-minutes", type=float, default=4.0, help="flow prior training per backbone")
+    parser.add_argument("--width", type=int, default=64, help="prior.width")
+    parser.add_argument("--images", type=int, default=512, help="training views the samples are scored against")
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32], help="ODE step counts timed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/generation")
+    parser.add_argument("--picture", default="docs/generation_samples.png")
+    parser.add_argument("--score-only", action="store_true")
+    args = parser.parse_args()
+    results, seconds, rows = {}, {}, []
+    for name in args.models:
+        run = Path(args.out) / name
+        if not args.score_only and not (run / "summary.json").is_file():
+            train_model(name, args, run)
+        seconds[name] = make_priors(run, args) if not args.score_only else json.loads(
+            (run / "prior_seconds.json").read_text())
+        (run / "prior_seconds.json").write_text(json.dumps(seconds[name]))
+        results[name] = score(name, run, args)
+        rows += results[name].pop("rows")
+        print(json.dumps({name: {k: v for k, v in results[name].items()}}, indent=1), flush=True)
+    save_labelled_rows(rows, Path(args.picture))
+    print(table(results, seconds))
+    for name, r in results.items():
+        print(f"{name} sampling img/s:", ", ".join(f"{k} {v:.1f}" for k, v in r["speed"].items()))
+    Path(args.out, "generation.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
