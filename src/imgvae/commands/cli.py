@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from imgvae.commands.parser import build_parser, parse_args
+from imgvae.commands.parser import build_parser, config_overrides, parse_args
+from imgvae.config import load_config
 from imgvae.errors import ImgvaeError
 
 __all__ = ["build_parser", "main", "parse_args"]
@@ -13,6 +14,10 @@ __all__ = ["build_parser", "main", "parse_args"]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command in ("train", "prepare") and not getattr(args, "resume", None):
+            # A bad key or value: one line before the library (torch) is imported; the verb reads it again.
+            flags = {"seed": ("train", "seed"), "device": ("train", "device")} if args.command == "train" else {}
+            load_config(args.config, config_overrides(args, flags, flags_win=True))
         from imgvae.commands.handlers import COMMANDS  # the library: after parsing, so --help is quick
         from imgvae.data.datasets import SkippedFile
         from imgvae.runtime import one_line_warnings
