@@ -37,18 +37,18 @@ def train_model(name: str, args, run: Path) -> None:
 
 
 def make_priors(run: Path, args) -> dict[str, float]:
-    """gmm-10 and one flow prior per backbone -> {prior: training seconds}."""
+    """gmm-10 and one flow prior per backbone -> {prior, as samplers_of names it: training seconds}."""
     seconds = {}
     started = time.time()
     fit_checkpoint_prior(run, overrides=["prior.components=10", "prior.images=10000"], progress=False)
-    seconds["gmm"] = time.time() - started
+    seconds["gmm-10"] = time.time() - started
     for backbone in args.backbones:
         out = run / f"prior-flow-{backbone}"
         if not (out / "summary.json").is_file():
             train_flow_prior(run, out, overrides=[f"prior.backbone={backbone}", "prior.epochs=100000",
                                                   f"train.time_limit={args.prior_minutes}", "prior.ema=0.999",
                                                   f"prior.width={args.width}"], progress=False)
-        seconds[f"flow-{backbone}"] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
+        seconds[f"flow ({backbone})"] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
     return seconds
 
 
@@ -90,8 +90,7 @@ def table(results: dict, seconds: dict) -> str:
     lines = ["| model | samples from | fd_effnet | precision | recall | memorised | prior training s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        rows = [(p, s, seconds[name].get(p.replace("gmm-10", "gmm").replace("flow (", "flow-").rstrip(")")))
-                for p, s in r["priors"].items()]
+        rows = [(p, s, seconds[name].get(p)) for p, s in r["priors"].items()]
         rows += [("reconstructions (floor)", r["floor"], None), ("real held-out crops", r["held_out"], None)]
         for prior, s, sec in rows:
             lines.append(f"| {name} | {prior} | {s['fd_effnet']:.1f} | {s['precision']:.2f} | {s['recall']:.2f} | "

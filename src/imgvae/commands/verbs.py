@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from imgvae import rundir
-from imgvae.config import ConfigError, DataConfig, TrainConfig, from_dict, merge_overrides
+from imgvae.config import ConfigError, DataConfig, TrainConfig, from_dict, merge_overrides, to_dict
 from imgvae.data.datasets import ONE_CENTRE_VIEW, EpochViews, build_dataset, load_image_file
 from imgvae.data.decode import normalize
 from imgvae.data.sources import SourceError
@@ -35,7 +35,7 @@ from imgvae.models.prior import PRIOR_FILE, LatentPrior, fit_prior
 from imgvae.rundir import METRICS, write_text_atomic
 from imgvae.runtime import pick_device
 from imgvae.train.engine import fit
-from imgvae.train.flow import FlowTask, prior_recipe, to_dict_section
+from imgvae.train.flow import FlowTask, prior_recipe
 
 
 def open_for(checkpoint: str | Path, sources: list[str] | None, overrides, device: str, one_view: bool = False):
@@ -118,7 +118,7 @@ def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sour
         run_keys = {**saved["train"], **run_keys}
     model, cfg, folder = open_for(checkpoint, sources, values, device)
     backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
-    tc = from_dict({"train": to_dict_section(prior_recipe(cfg.train, cfg.prior)) | {"device": device} | run_keys})
+    tc = from_dict({"train": to_dict(prior_recipe(cfg.train, cfg.prior)) | {"device": device} | run_keys})
     source = {"path": str(checkpoint), "weights": str(weights_file(checkpoint)),
               "weights_sha256": weights_digest(checkpoint), "model": cfg.model.name}
     latents = out / "latents"

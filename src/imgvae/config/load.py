@@ -247,8 +247,9 @@ def _check_train(cfg: TrainConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}device: {cfg.device!r} is not auto, cpu, cuda, cuda:N, mps or xpu")
 
 
-def to_dict(cfg: Config) -> dict:
-    """Plain dict (tuples as lists) that round-trips through YAML and JSON."""
+def to_dict(cfg) -> dict:
+    """A Config, or one of its sections, as a plain dict (tuples as lists) that round-trips
+    through YAML and JSON."""
 
     def plain(v):
         if isinstance(v, dict):

@@ -89,12 +89,9 @@ def refuse_changes(saved: Config, cfg: Config) -> None:
     checkpoints were made with (FIXED_ON_RESUME, every model key, the EMA and GAN being on)."""
     before, after = flat(to_dict(saved)), flat(to_dict(cfg))
     keys = [k for k in sorted(set(before) | set(after)) if k.startswith("model.") and k != "model.pretrained"]
-    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in [*keys, *FIXED_ON_RESUME]
-               if before.get(k) != after.get(k)]
-    changed += [f"{k}: {before[k]!r} -> {after[k]!r}" for k in ON_OR_OFF_ON_RESUME if (before[k] > 0) != (after[k] > 0)]
-    if changed:
-        raise ConfigError(f"--resume cannot change what the run was made with ({'; '.join(changed)}); "
-                          "start a new run with -o, or resume with the run's values")
+    changed = [k for k in [*keys, *FIXED_ON_RESUME] if before.get(k) != after.get(k)]
+    changed += [k for k in ON_OR_OFF_ON_RESUME if (before[k] > 0) != (after[k] > 0)]
+    _refuse(changed, before, after)
 
 
 def refuse_changed_overrides(saved: Config, overrides: dict) -> None:
@@ -102,9 +99,13 @@ def refuse_changed_overrides(saved: Config, overrides: dict) -> None:
     of another architecture would otherwise be refused as unknown, not as a change)."""
     before, asked = flat(to_dict(saved)), flat(overrides)
     fixed = [k for k in asked if k.startswith("model.") and k != "model.pretrained" or k in FIXED_ON_RESUME]
-    changed = [f"{k}: {before.get(k)!r} -> {asked[k]!r}" for k in fixed if before.get(k) != asked[k]]
+    _refuse([k for k in fixed if before.get(k) != asked[k]], before, asked)
+
+
+def _refuse(changed: list[str], before: dict, after: dict) -> None:
     if changed:
-        raise ConfigError(f"--resume cannot change what the run was made with ({'; '.join(changed)}); "
+        said = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        raise ConfigError(f"--resume cannot change what the run was made with ({said}); "
                           "start a new run with -o, or resume with the run's values")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgvae.config import PriorConfig, TrainConfig
+from imgvae.config import PriorConfig, TrainConfig, to_dict
 from imgvae.models.base import VAE
 from imgvae.models.flow import FlowPrior, draw_times, flow_loss
 from imgvae.models.generate import decode
@@ -76,7 +76,7 @@ class FlowTask:
 
     def config_dict(self) -> dict:
         return {"source": self.source, "latents": str(self.latents), "latent_shape": list(self.latent_shape),
-                "prior": to_dict_section(self.cfg), "train": to_dict_section(self.tc)}
+                "prior": to_dict(self.cfg), "train": to_dict(self.tc)}
 
     def batches(self) -> LatentBatches:
         mean = np.load(self.latents / "latents.npy", mmap_mode="r")
@@ -150,8 +150,3 @@ class FlowTask:
 
     def likely_keys(self) -> str:
         return f"prior.lr={self.cfg.lr:g}, prior.batch_size={self.cfg.batch_size}, prior.width={self.cfg.width}"
-
-
-def to_dict_section(section) -> dict:
-    """One config section as plain values (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(section).items()}
