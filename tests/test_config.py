@@ -4,7 +4,8 @@ import pytest
 import torch
 import yaml
 
-from imgvae.config import PRESET_DIR, Config, ConfigError, from_dict, load_config, save_config, to_dict
+from imgvae.config import (PRESET_DIR, Config, ConfigError, center_crop_size, from_dict, load_config, save_config,
+                           to_dict)
 from imgvae.runtime import run_precision
 
 
@@ -12,6 +13,7 @@ def test_seed_preset_is_the_seed_recipe():
     cfg = load_config("seed")
     assert cfg.model.name == "seed" and cfg.model.latent_dim == 128 and cfg.data.image_size == 64
     assert (cfg.data.crop, cfg.data.crop_size, cfg.data.hflip) == ("center", 375, True)
+    assert center_crop_size(cfg.data) == 375  # the seed's
     assert cfg.data.train == ["coco/train2017.zip", "coco/test2017.zip"] and cfg.data.eval == ["coco/val2017.zip"]
     t = cfg.train
     assert (t.optimizer, t.lr, t.rmsprop_alpha, t.eps, t.weight_decay, t.lr_gamma, t.batch_size) == (

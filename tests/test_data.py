@@ -244,3 +244,16 @@ def test_random_crops_from_photos_kept_decoded_are_the_same_views(tmp_path, budg
             assert torch.equal(plain.load(i), kept.load(i)), (epoch, i)
     assert (kept.decoded.used > 0) == (budget > 1000) and kept.decoded.used <= budget
     assert not build_dataset(sources, DataConfig(image_size=32), train=True, seed=3).keep_decoded(2**30)  # centre
+
+
+@pytest.mark.parametrize("size, crop_size, side", [(64, "auto", 375), (256, "auto", 375), (512, "auto", 512),
+                                                   (512, 300, 300), (64, 1000, 600)])
+def test_the_default_centre_crop_is_never_upscaled(size, crop_size, side):
+    """"auto": the seed's 375 px, or the image size when larger (a diffusers folder at its
+    native 512 px); a set crop_size is kept; every crop is clipped to the shorter side."""
+    from imgvae.data.decode import crop_box
+
+    cfg = DataConfig(image_size=size, crop_size=crop_size, crop="center")
+    assert crop_box(800, 600, cfg, None) == ((800 - side) // 2, (600 - side) // 2, side)
+    x = preprocess(Image.new("RGB", (800, 600)), cfg)
+    assert x.shape == (3, size, size)

@@ -202,6 +202,43 @@ def test_lpips_from_a_local_backbone_file(kl_run, tmp_path, capsys):
     assert "not torchvision AlexNet or VGG16 weights" in capsys.readouterr().err
 
 
+def test_a_decoder_fine_tune_keeps_the_folders_latent_scale_and_fields(tmp_path, capsys):
+    """Stable Diffusion's case: a folder with scaling_factor 0.18215, its decoder fine-tuned at
+    another size; the export keeps the folder's scale, sample_size and fields unless asked to
+    recompute, and encode and the model card record the folder's and the measured scale."""
+    sd = tmp_path / "sd-vae"
+    write_folder(sd, scaling_factor=0.18215, force_upcast=False)  # sample_size 32
+    run = train_tiny_run(tmp_path, "model.name=autoencoder-kl", f"model.pretrained={sd}", "data.image_size=64",
+                         "train.epochs=1", "train.optimizer=adam", "train.lr=3e-3", "train.freeze_encoder=true")
+    kept, fresh = tmp_path / "kept", tmp_path / "fresh"
+    assert main(["export", str(run), "-o", str(kept), "--no-progress"]) == 0
+    assert main(["export", str(run), "-o", str(fresh), "--latent-scale", "recompute", "--no-progress"]) == 0
+    ours = DiffusersAutoencoderKL.from_pretrained(kept, local_files_only=True).config
+    assert (ours.scaling_factor, ours.shift_factor, ours.sample_size, ours.force_upcast) == (0.18215, None, 32, False)
+    measured = DiffusersAutoencoderKL.from_pretrained(fresh, local_files_only=True).config
+    assert measured.scaling_factor != pytest.approx(0.18215, rel=0.01) and measured.shift_factor is not None
+    assert measured.sample_size == 32  # the folder's, not the training size
+    card = (kept / "README.md").read_text()
+    assert "scaling_factor 0.18215, shift_factor none (the model's own, kept; measured: scaling_factor " \
+           f"{measured.scaling_factor:.5g}, shift_factor {measured.shift_factor:.5g})" in card, card
+    assert "its own was scaling_factor 0.18215" in (fresh / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["encode", str(sd), "--data", str(tmp_path / "train"), "-o", str(tmp_path / "z"),
+                 "--no-progress"]) == 0
+    assert "scaling_factor 0.18215, shift_factor none (the model's own, kept; measured" in capsys.readouterr().out
+    scale = json.loads((tmp_path / "z" / "manifest.json").read_text())["latent_scale"]
+    assert scale["choice"] == "keep" and scale["scaling_factor"] == 0.18215 and scale["own"]["scaling_factor"] == 0.18215
+    assert scale["measured"]["scaling_factor"] > 0 and scale["measured"]["shift_factor"] is not None
+
+
+def test_latent_scale_keep_is_refused_where_the_model_has_none(kl_run, tmp_path, capsys):
+    for verb in ("export", "encode"):
+        assert main([verb, str(kl_run), "-o", str(tmp_path / verb), "--latent-scale", "keep"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "has no latent scale of its own" in err and "recompute" in err, err
+        assert not (tmp_path / verb).exists()
+
+
 @pytest.mark.parametrize("make, args, message", [
     (None, ["evaluate", "{path}", "--data", "{photos}"], "checkpoint '{path}' does not exist"),
     (lambda p: p.mkdir() or (p / "config.json").write_text("{broken"), ["evaluate", "{path}"],

@@ -23,6 +23,7 @@ from imgvae.data.cache import prepare
 from imgvae.evaluation.compare import compare
 from imgvae.evaluation.report import format_table, write_report
 from imgvae.io.checkpoint import CheckpointError
+from imgvae.io.latents import describe_scale
 from imgvae.io.paths import open_model
 from imgvae.io.priors import prior_sampler
 from imgvae.runtime import pick_device
@@ -84,18 +85,17 @@ def _fit_prior(args) -> None:
 
 def _export(args) -> None:
     path = export_model(args.checkpoint, args.out, args.format, args.data, args.scaling_images, config_overrides(args),
-                        device=args.device, progress=not args.no_progress)
+                        device=args.device, scale=args.latent_scale, progress=not args.no_progress)
     print(f"imgvae: wrote {path} ({', '.join(sorted(p.name for p in path.iterdir()))})")
 
 
 def _encode(args) -> None:
     overrides = config_overrides(args, {"batch_size": ("eval", "batch_size")})
     manifest = encode_latents(args.checkpoint, args.out, args.data, logvar=args.logvar, overrides=overrides,
-                              device=args.device, progress=not args.no_progress)
-    stats = manifest["statistics"]
+                              device=args.device, scale=args.latent_scale, progress=not args.no_progress)
     print(f"imgvae: {args.out}: {manifest['count']:,} latents of shape {manifest['latent_shape']} "
-          f"({manifest['rows'] - manifest['count']} unreadable files skipped); scaling_factor "
-          f"{stats['scaling_factor']:.5g}, shift_factor {stats['shift_factor']:.5g}")
+          f"({manifest['rows'] - manifest['count']} unreadable files skipped); "
+          f"{describe_scale(manifest['latent_scale'])}")
 
 
 def _compare(args) -> None:

@@ -215,8 +215,10 @@ def _add_interop(sub) -> None:
         "export", help="write a model as a diffusers AutoencoderKL folder (or safetensors + config)",
         description="Write the model (its EMA weights when kept) into a new folder: --format diffusers (the "
         "default for autoencoder-kl models) writes config.json + diffusion_pytorch_model.safetensors, which "
-        "diffusers.AutoencoderKL.from_pretrained loads, with scaling_factor and shift_factor computed from "
-        "training latents; --format safetensors (any model; the seed's flat latent fits no diffusers class) "
+        "diffusers.AutoencoderKL.from_pretrained loads, with the latent scale (scaling_factor, shift_factor) "
+        "of the diffusers folder the model started from (--latent-scale keep, the default there: a pipeline's "
+        "UNet expects it) or computed from training latents (recompute, the default otherwise), sample_size and "
+        "the folder's other fields kept; --format safetensors (any model; the seed's flat latent fits no diffusers class) "
         "writes model.safetensors + config.json, which imgvae's verbs read. Both add a README.md model card.",
         epilog="examples:\n  imgvae export runs/kl-f8 -o export/kl-f8\n"
         "  imgvae export runs/demo --format safetensors -o export/demo\n"
@@ -230,6 +232,7 @@ def _add_interop(sub) -> None:
                    help="images for the latent scaling (default: the run's data.train, its training crops)")
     x.add_argument("--images", type=int, default=10_000, metavar="N", dest="scaling_images",
                    help="images for the latent scaling, spread over the data (default 10000; 0: all)")
+    _latent_scale_arg(x)
     _device_args(x)
 
     n = sub.add_parser(
@@ -247,7 +250,15 @@ def _add_interop(sub) -> None:
     n.add_argument("--data", nargs="+", metavar="SOURCE", help="images (default: the run's data.train)")
     n.add_argument("--logvar", action="store_true", help="also store the posterior log-variances")
     n.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's)")
+    _latent_scale_arg(n)
     _device_args(n)
+
+
+def _latent_scale_arg(p) -> None:
+    p.add_argument("--latent-scale", choices=("keep", "recompute"), dest="latent_scale",
+                   help="keep: the model's own scaling_factor / shift_factor (a diffusers folder's, or one it started "
+                   "from); recompute: from these images' latents. Default: keep when the model has one. Both are "
+                   "recorded")
 
 
 def _add_compare(sub) -> None:

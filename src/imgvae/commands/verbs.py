@@ -18,7 +18,7 @@ from imgvae.data.sources import SourceError
 from imgvae.evaluation.evaluate import evaluate
 from imgvae.evaluation.generation import score_priors
 from imgvae.io.export import FORMATS, export_format, write_export
-from imgvae.io.latents import encode_dataset, latent_moments
+from imgvae.io.latents import encode_dataset, latent_moments, latent_scale, scale_choice
 from imgvae.io.paths import load_prior, open_model, run_dir_of
 from imgvae.io.pictures import save_grid
 from imgvae.io.priors import (
@@ -90,15 +90,16 @@ def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = Non
 
 def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] | None = None, *,
                    logvar: bool = False, overrides: list[str] | dict | None = None, device: str = "auto",
-                   chunk: int = 1024, progress: bool = True) -> dict:
+                   chunk: int = 1024, scale: str | None = None, progress: bool = True) -> dict:
     """Encode every image of `sources` (default: the run's data.train), one centre view each
     unless overrides say otherwise, into the folder `out` (io.latents.encode_dataset says what
-    it holds). -> the manifest."""
+    it holds; scale: io.latents.scale_choice). -> the manifest."""
     model, cfg, folder = open_for(checkpoint, sources, overrides, device, one_view=True)
     specs = sources or cfg.data.train
     dataset = build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
     return encode_dataset(model, dataset, out, specs, folder, batch=cfg.eval_batch_size,
-                          num_workers=cfg.data.num_workers, logvar=logvar, chunk=chunk, progress=progress)
+                          num_workers=cfg.data.num_workers, logvar=logvar, chunk=chunk, progress=progress,
+                          model_cfg=cfg.model, scale=scale)
 
 
 def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sources: list[str] | None = None,
@@ -127,7 +128,7 @@ def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sour
         views = EpochViews(build_dataset(specs, cfg.data, train=True, seed=cfg.train.seed), cfg.prior.view_epochs,
                            mirror=cfg.data.hflip)
         encode_dataset(model, views, latents, specs, folder, batch=cfg.eval_batch_size,
-                       num_workers=cfg.data.num_workers, logvar=True, progress=progress)
+                       num_workers=cfg.data.num_workers, logvar=True, progress=progress, model_cfg=cfg.model)
 
     def make_task(run: TrainConfig, procs) -> FlowTask:
         return FlowTask(cfg.prior, run, procs, latents, source, model.to(procs.device) if procs.main else None)
@@ -143,21 +144,25 @@ def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sour
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = None, sources: list[str] | None = None,
                  images: int = 10_000, overrides: list[str] | dict | None = None, device: str = "auto",
-                 progress: bool = True) -> Path:
+                 scale: str | None = None, progress: bool = True) -> Path:
     """Write the model of `checkpoint` (its EMA weights when kept) into the new folder out_dir,
     as `fmt` (default: diffusers for autoencoder-kl models, else safetensors). The latent
     statistics come from `images` training images (default sources: its data.train, its
-    training crops, as `fit-prior` sees them). -> out_dir."""
+    training crops, as `fit-prior` sees them); the latent scale written is the model's own
+    (a diffusers folder's it started from) or those statistics' (scale: "keep" | "recompute",
+    io.latents.scale_choice); the model card records both. -> out_dir."""
     if fmt not in (None, *FORMATS):  # before the model is read
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     model, cfg, folder = open_model(checkpoint, pick_device(device), overrides=overrides)
     fmt = export_format(model, cfg, fmt)
+    scale_choice(cfg.model, scale)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise SourceError(f"{out} exists and is not empty")
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
     stats = latent_moments(model, dataset, cfg.eval_batch_size, images, progress)
-    return write_export(model, cfg, folder, out, fmt, stats, min(images or len(dataset), len(dataset)))
+    return write_export(model, cfg, folder, out, fmt, stats, min(images or len(dataset), len(dataset)),
+                        latent_scale(cfg.model, stats, scale))
 
 
 def reconstruct_files(model: VAE, cfg: DataConfig, paths: list[str | Path], out_dir: str | Path) -> list[Path]:

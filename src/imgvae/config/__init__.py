@@ -27,6 +27,7 @@ from imgvae.config.sections import (
     ResNetConfig,
     SeedConfig,
     TrainConfig,
+    center_crop_size,
     model_config,
 )
 
@@ -34,5 +35,5 @@ __all__ = [
     "PRESET_DIR", "ConfigError", "from_dict", "load_config", "merge_overrides", "parse_overrides", "read_yaml",
     "resolve_config_path", "save_config", "to_dict", "with_overrides", "MODEL_CONFIGS", "AutoencoderKLConfig",
     "Config", "DataConfig", "EvalConfig", "KLConfig", "LossConfig", "ModelConfig", "PriorConfig", "ResNetConfig",
-    "SeedConfig", "TrainConfig", "model_config",
+    "SeedConfig", "TrainConfig", "center_crop_size", "model_config",
 ]

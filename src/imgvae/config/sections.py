@@ -20,7 +20,9 @@ class DataConfig:
     # never zero-padded). "random": a square of side U(crop_scale) * shorter side.
     # "auto": random for the embedded photos (a few large photos), center for any other source.
     crop: Literal["auto", "center", "random"] = "auto"
-    crop_size: int = 375
+    # "auto": the seed's 375 px, or image_size when that is larger (a crop is never upscaled
+    # by default, e.g. for a diffusers folder at its native 512 px).
+    crop_size: int | Literal["auto"] = "auto"
     crop_scale: tuple[float, float] = (0.25, 1.0)
     # false: JPEGs decoded at reduced scale (libjpeg DCT scaling), faster and close to
     # exact (bench/RESULTS.md measures both); true: full decode, bit-identical to the seed.
@@ -52,6 +54,14 @@ class DataConfig:
     # Turn photos upright by their EXIF orientation before cropping (the seed did not: phone
     # photos taken sideways are then seen sideways).
     exif_transpose: bool = False
+
+
+SEED_CROP_SIZE = 375
+
+
+def center_crop_size(cfg: DataConfig) -> int:
+    """The side of the centre crop data.crop_size asks for ("auto": see DataConfig)."""
+    return max(SEED_CROP_SIZE, cfg.image_size) if cfg.crop_size == "auto" else cfg.crop_size
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,18 @@ class AutoencoderKLConfig(ModelConfig):
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    # The latent scale a second-stage model expects, z = (sample - shift_factor) * scaling_factor,
+    # and the size tiling starts at. null: none of its own (export measures the scale, the
+    # training size is the sample size). Set from a diffusers folder it starts from
+    # (model.pretrained): Stable Diffusion's 0.18215 stays, unless changed here.
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    sample_size: int | None = None
+    # The folder's other fields, kept on export: upcast to float32 in pipelines, and the
+    # per-channel latent statistics some pipelines scale with instead.
+    force_upcast: bool | None = None
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
 
 
 # model.name -> its section. models/conv.py and models/autoencoder_kl.py register a model under each name (a test

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from imgvae.config import DataConfig
+from imgvae.config import DataConfig, center_crop_size
 from imgvae.data.decode import DecodedImages, load_view, skip_reason
 from imgvae.data.sources import (
     CacheSource,
@@ -263,7 +263,8 @@ def build_dataset(specs: list[str], cfg: DataConfig, train: bool, seed: int) -> 
 def preprocessing(cfg: DataConfig) -> dict:
     """How images were turned into views (a split's settings), for metrics.json and manifests."""
     keys = ("image_size", "crop", "crop_size", "crop_scale", "eval_views_per_image", "exact_decode", "exif_transpose")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(cfg, k)) for k in keys)}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(cfg, k)) for k in keys)}
+    return values | {"crop_size": center_crop_size(cfg)}
 
 
 def load_image_file(path: str | Path, cfg: DataConfig) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from imgvae.config import DataConfig
+from imgvae.config import DataConfig, center_crop_size
 
 MEAN = STD = 0.5  # the seed's normalisation: [0, 1] -> [-1, 1]
 EXIF_ORIENTATION = 0x0112
@@ -74,13 +74,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def crop_box(width: int, height: int, cfg: DataConfig, rng: random.Random | None) -> tuple[int, int, int]:
     """(left, top, side) of the square to crop.
 
-    "center": side = min(crop_size, shorter side), placed as torchvision's
+    "center": side = min(crop_size, shorter side) (center_crop_size), placed as torchvision's
     CenterCrop places it; we never zero-pad small images as the seed did.
     "random": side = U(crop_scale) * shorter side at a uniform position.
     """
     short = min(width, height)
     if cfg.crop == "center" or rng is None:
-        side = min(cfg.crop_size, short)
+        side = min(center_crop_size(cfg), short)
         return int(round((width - side) / 2.0)), int(round((height - side) / 2.0)), side
     lo, hi = cfg.crop_scale
     side = max(1, min(short, int(round(rng.uniform(lo, hi) * short))))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgvae.config import DataConfig
+from imgvae.config import DataConfig, center_crop_size
 from imgvae.data.decode import UnusableFile
 from imgvae.errors import ImgvaeError
 
@@ -191,7 +191,7 @@ def resolve_auto(cfg: DataConfig, source: ConcatSource) -> DataConfig:
 
 def preprocessing_signature(cfg: DataConfig) -> dict:
     """What determines a cached view; a cache is only used with the same values."""
-    return {"image_size": cfg.image_size, "crop": cfg.crop, "crop_size": cfg.crop_size,
+    return {"image_size": cfg.image_size, "crop": cfg.crop, "crop_size": center_crop_size(cfg),
             "exact_decode": cfg.exact_decode}
 
 

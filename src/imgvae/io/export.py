@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from imgvae.config import Config, ConfigError, to_dict
 from imgvae.io.interop import diffusers_network
+from imgvae.io.latents import describe_scale
 from imgvae.io.paths import EXPORT_FORMAT, run_dir_of
 from imgvae.models.autoencoder_kl import AutoencoderKL
 from imgvae.models.base import VAE
@@ -36,19 +37,21 @@ def export_format(model: VAE, cfg: Config, fmt: str | None) -> str:
     return fmt
 
 
-def write_export(model: VAE, cfg: Config, source: Path, out: Path, fmt: str, stats: dict, images: int) -> Path:
+def write_export(model: VAE, cfg: Config, source: Path, out: Path, fmt: str, stats: dict, images: int,
+                 scale: dict) -> Path:
     """Write `model` (from the folder `source`) into the new folder `out` as `fmt` (see
-    export_format), with its latent statistics `stats` (over `images` training images) and a
-    model card; whole or not at all (written under a temp name, then renamed). -> out."""
+    export_format), with its latent statistics `stats` (over `images` training images), the
+    latent scale `scale` (io.latents.latent_scale) and a model card; whole or not at all
+    (written under a temp name, then renamed). -> out."""
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if fmt == "diffusers":
-            diffusers_network(model, cfg, stats["scaling_factor"], stats["shift_factor"]).save_pretrained(
+            diffusers_network(model, cfg, scale["scaling_factor"], scale["shift_factor"]).save_pretrained(
                 tmp, safe_serialization=True)
         else:
-            _save_plain(model, cfg, stats, tmp)
-        write_text_atomic(tmp / "README.md", model_card(model, cfg, source, fmt, stats, images))
+            _save_plain(model, cfg, stats, scale, tmp)
+        write_text_atomic(tmp / "README.md", model_card(model, cfg, source, fmt, stats, images, scale))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -57,14 +60,15 @@ def write_export(model: VAE, cfg: Config, source: Path, out: Path, fmt: str, sta
     return out
 
 
-def _save_plain(model: VAE, cfg: Config, stats: dict, folder: Path) -> None:
+def _save_plain(model: VAE, cfg: Config, stats: dict, scale: dict, folder: Path) -> None:
     folder.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    config = {"format": EXPORT_FORMAT, "version": 1, "config": to_dict(cfg), "latent_statistics": stats}
+    config = {"format": EXPORT_FORMAT, "version": 1, "config": to_dict(cfg), "latent_statistics": stats,
+              "latent_scale": scale}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def model_card(model: VAE, cfg: Config, checkpoint: Path, fmt: str, stats: dict, images: int) -> str:
+def model_card(model: VAE, cfg: Config, checkpoint: Path, fmt: str, stats: dict, images: int, scale: dict) -> str:
     """README.md of an export: what the model is, what it was trained on and how, how it scores."""
     run = run_dir_of(checkpoint)
     metrics = read_json(run / METRICS) if run else None
@@ -82,9 +86,13 @@ def model_card(model: VAE, cfg: Config, checkpoint: Path, fmt: str, stats: dict,
         f"- data: {', '.join(cfg.data.train)}; held out: {', '.join(cfg.data.eval) or 'none'}",
         "- command: `imgvae train --config config.yaml -o RUN` with the run's config.yaml (below)", "",
         "## Latent scaling", "",
-        f"From {images:,} training images (the aggregate posterior's exact moments, Var = Var[mu] + E[sigma^2]):",
-        f"scaling_factor {stats['scaling_factor']:.6g}, shift_factor {stats['shift_factor']:.6g}; per channel, "
-        f"mean {[round(v, 4) for v in stats['channel_mean']]}, std {[round(v, 4) for v in stats['channel_std']]}.",
+        f"Written: {describe_scale(scale)}; `imgvae export --latent-scale "
+        f"{'recompute' if scale['choice'] == 'keep' else 'keep'}` writes the other"
+        + ("." if scale["own"] else " (this model has no scale of its own)."), "",
+        f"Measured on {images:,} training images (the aggregate posterior's exact moments, Var = Var[mu] + "
+        f"E[sigma^2]): scaling_factor {stats['scaling_factor']:.6g}, shift_factor {stats['shift_factor']:.6g}; per "
+        f"channel, mean {[round(v, 4) for v in stats['channel_mean']]}, std "
+        f"{[round(v, 4) for v in stats['channel_std']]}.",
         "", "## Metrics", "",
     ]
     if metrics:

@@ -20,6 +20,9 @@ CONFIG_FILE, CLASS_NAME = "config.json", "AutoencoderKL"
 # imgvae's model keys that are diffusers AutoencoderKL arguments of the same name.
 ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
                      "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv")
+# The folder's other config fields: kept from the folder a model starts from unless the config sets
+# them, and written back on export (the latent scale a downstream model was trained against).
+CARRIED_KEYS = ("scaling_factor", "shift_factor", "sample_size", "force_upcast", "latents_mean", "latents_std")
 
 
 class FolderError(ImgvaeError, ValueError):
@@ -70,18 +73,20 @@ def folder_config(folder: Path, image_size: int | None = None) -> Config:
     images of image_size (default: the folder's sample_size), the decoder noise fixed at sigma 1
     (diffusers models have no learned one) and no held-out data (give --data)."""
     values = read_folder_config(folder)
-    model = {"name": "autoencoder-kl", **{k: values[k] for k in ARCHITECTURE_KEYS}}
-    model["block_out_channels"] = list(model["block_out_channels"])
+    model = {"name": "autoencoder-kl", **{k: values[k] for k in ARCHITECTURE_KEYS + CARRIED_KEYS}}
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in model.items()}
     return from_dict({"model": model, "data": {"image_size": image_size or values["sample_size"], "eval": []}})
 
 
 def with_folder_architecture(cfg: Config, folder: Path) -> Config:
-    """cfg with the architecture of the diffusers folder it is initialised from (model.pretrained)."""
+    """cfg with the architecture of the diffusers folder it is initialised from (model.pretrained),
+    and the folder's latent scale, sample size and other fields where cfg does not set them."""
     if cfg.model.name != "autoencoder-kl":
         raise ConfigError(f"model.pretrained: {folder} is a diffusers AutoencoderKL; set model.name=autoencoder-kl "
                           f"(not {cfg.model.name!r})")
-    architecture = to_dict(folder_config(folder))["model"]
-    return from_dict(to_dict(cfg) | {"model": to_dict(cfg)["model"] | {k: architecture[k] for k in ARCHITECTURE_KEYS}})
+    theirs, own = to_dict(folder_config(folder))["model"], to_dict(cfg)["model"]
+    carried = {k: theirs[k] for k in CARRIED_KEYS if own[k] is None}
+    return from_dict(to_dict(cfg) | {"model": own | {k: theirs[k] for k in ARCHITECTURE_KEYS} | carried})
 
 
 def load_folder_network(folder: Path):
@@ -122,13 +127,17 @@ def load_pretrained(model: AutoencoderKL, folder: Path) -> None:
         raise FolderError(f"{folder}: its weights do not fit this model ({str(e).splitlines()[0]})") from None
 
 
-def diffusers_network(model: AutoencoderKL, cfg: Config, scaling_factor: float, shift_factor: float):
-    """A plain diffusers AutoencoderKL with the model's weights (its mean outputs only) and the
-    latent scaling a second-stage model uses: z = (sample - shift_factor) * scaling_factor."""
+def diffusers_network(model: AutoencoderKL, cfg: Config, scaling_factor: float, shift_factor: float | None):
+    """A plain diffusers AutoencoderKL with the model's weights (its mean outputs only), the
+    latent scaling a second-stage model uses, z = (sample - shift_factor) * scaling_factor, and
+    the fields of the folder it started from (CARRIED_KEYS; sample_size: else the training size)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-    net = DiffusersAutoencoderKL(**autoencoder_kl_arguments(cfg.model, 3), sample_size=cfg.data.image_size,
-                                 scaling_factor=scaling_factor, shift_factor=shift_factor)
+    fields = {k: getattr(cfg.model, k) for k in ("force_upcast", "latents_mean", "latents_std")}
+    net = DiffusersAutoencoderKL(**autoencoder_kl_arguments(cfg.model, 3),
+                                 sample_size=cfg.model.sample_size or cfg.data.image_size,
+                                 scaling_factor=scaling_factor, shift_factor=shift_factor,
+                                 **{k: v for k, v in fields.items() if v is not None})
     weights = {k: v[:3] if k.startswith("decoder.conv_out.") else v for k, v in model.net.state_dict().items()}
     net.load_state_dict(weights, strict=True)
     return net.eval()

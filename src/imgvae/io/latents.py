@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from imgvae.config import ConfigError
 from imgvae.data.cache import ChunkedOutput
 from imgvae.data.datasets import ImageDataset, preprocessing
 from imgvae.data.decode import normalize
@@ -19,6 +20,45 @@ from imgvae.data.sources import SourceError
 from imgvae.models.base import VAE, inference
 
 LATENTS_FORMAT, LATENTS_VERSION = "imgvae-latents", 1
+LATENT_SCALES = ("keep", "recompute")
+
+
+def _own_scale(model_cfg) -> dict | None:
+    own = getattr(model_cfg, "scaling_factor", None)
+    return None if own is None else {"scaling_factor": own, "shift_factor": model_cfg.shift_factor}
+
+
+def scale_choice(model_cfg, choice: str | None = None) -> str:
+    """--latent-scale checked before any work: "keep" the model's own latent scale
+    (model.scaling_factor / shift_factor, e.g. a diffusers folder's) or "recompute" it from
+    the images (default: keep when the model has one)."""
+    if choice not in (None, *LATENT_SCALES):
+        raise ConfigError(f"--latent-scale {choice!r} is not one of {list(LATENT_SCALES)}")
+    if choice == "keep" and _own_scale(model_cfg) is None:
+        raise ConfigError(f"--latent-scale keep: model {model_cfg.name!r} has no latent scale of its own (it did not "
+                          "start from a diffusers folder and sets no model.scaling_factor); use --latent-scale "
+                          "recompute")
+    return choice or ("keep" if _own_scale(model_cfg) else "recompute")
+
+
+def latent_scale(model_cfg, stats: dict, choice: str | None = None) -> dict:
+    """The latent scale to give a second-stage model, z = (sample - shift_factor) * scaling_factor,
+    by scale_choice, with the model's own and the measured one (from `stats`) both on record.
+    -> {"choice", "scaling_factor", "shift_factor", "own", "measured"}."""
+    choice, own = scale_choice(model_cfg, choice), _own_scale(model_cfg)
+    measured = {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["shift_factor"]}
+    return {"choice": choice, **(own if choice == "keep" else measured), "own": own, "measured": measured}
+
+
+def describe_scale(scale: dict) -> str:
+    """latent_scale's record in one line."""
+    def pair(s):
+        shift = "none" if s["shift_factor"] is None else f"{s['shift_factor']:.5g}"
+        return f"scaling_factor {s['scaling_factor']:.5g}, shift_factor {shift}"
+    if scale["choice"] == "keep":
+        return f"{pair(scale)} (the model's own, kept; measured: {pair(scale['measured'])})"
+    own = f"; its own was {pair(scale['own'])}" if scale["own"] else ""
+    return f"{pair(scale)} (measured on these images{own})"
 
 
 class LatentMoments:
@@ -79,14 +119,17 @@ def latent_moments(model: VAE, dataset, batch_size: int, limit: int = 0, progres
 
 
 def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: list[str], checkpoint: Path, *,
-                   batch: int, num_workers, logvar: bool = False, chunk: int = 1024, progress: bool = True) -> dict:
+                   batch: int, num_workers, logvar: bool = False, chunk: int = 1024, progress: bool = True,
+                   model_cfg=None, scale: str | None = None) -> dict:
     """Encode every view of `dataset` (made from the sources `specs`) into the folder `out`:
       latents.npy        (N, *latent_shape) float32 posterior means, memory-mapped when read
       logvar.npy         the same shape, the log-variances (with logvar=True)
       posterior_var.npy  (N, C) each image's mean posterior variance per latent channel
       keys.txt, valid.npy  the source of each row; the rows that decoded
-      manifest.json      the checkpoint, preprocessing, counts, skipped files and statistics
+      manifest.json      the checkpoint, preprocessing, counts, skipped files, statistics and the
+                         latent scale (latent_scale of model_cfg: its own and the measured one)
     An interrupted run of the same command resumes. -> the manifest."""
+    scale_choice(model_cfg, scale)  # a refusal before any work
     chunk = max(batch, chunk // batch * batch)  # whole batches per chunk
     plan = {"checkpoint": str(checkpoint), "sources": [s.name for s in dataset.source.sources], "rows": len(dataset),
             "chunk": chunk, "preprocessing": preprocessing(dataset.cfg), "logvar": logvar}
@@ -100,11 +143,12 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
     for start in range(0, len(valid), chunk):
         rows = valid[start : start + chunk]
         moments.add(output.arrays["latents"][rows], output.arrays["posterior_var"][rows])
+    stats = moments.statistics()
     return output.complete({
         "format": LATENTS_FORMAT, "version": LATENTS_VERSION, "checkpoint": plan["checkpoint"],
         "preprocessing": plan["preprocessing"], "sources": plan["sources"], "latent_shape": list(model.latent_shape),
-        "rows": len(dataset), "count": int(len(valid)), "skipped": skipped, "statistics": moments.statistics(),
-        "seconds_last_run": round(time.time() - started, 2),
+        "rows": len(dataset), "count": int(len(valid)), "skipped": skipped, "statistics": stats,
+        "latent_scale": latent_scale(model_cfg, stats, scale), "seconds_last_run": round(time.time() - started, 2),
     })
 
 
