@@ -4,8 +4,16 @@ import pytest
 import torch
 import yaml
 
-from imgvae.config import (PRESET_DIR, Config, ConfigError, center_crop_size, from_dict, load_config, save_config,
-                           to_dict)
+from imgvae.config import (
+    PRESET_DIR,
+    Config,
+    ConfigError,
+    center_crop_size,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 from imgvae.runtime import run_precision
 
 

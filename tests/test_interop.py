@@ -227,7 +227,7 @@ def test_a_decoder_fine_tune_keeps_the_folders_latent_scale_and_fields(tmp_path,
                  "--no-progress"]) == 0
     assert "scaling_factor 0.18215, shift_factor none (the model's own, kept; measured" in capsys.readouterr().out
     scale = json.loads((tmp_path / "z" / "manifest.json").read_text())["latent_scale"]
-    assert scale["choice"] == "keep" and scale["scaling_factor"] == 0.18215 and scale["own"]["scaling_factor"] == 0.18215
+    assert scale["choice"] == "keep" and scale["scaling_factor"] == scale["own"]["scaling_factor"] == 0.18215
     assert scale["measured"]["scaling_factor"] > 0 and scale["measured"]["shift_factor"] is not None
 
 

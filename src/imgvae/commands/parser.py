@@ -218,8 +218,9 @@ def _add_interop(sub) -> None:
         "diffusers.AutoencoderKL.from_pretrained loads, with the latent scale (scaling_factor, shift_factor) "
         "of the diffusers folder the model started from (--latent-scale keep, the default there: a pipeline's "
         "UNet expects it) or computed from training latents (recompute, the default otherwise), sample_size and "
-        "the folder's other fields kept; --format safetensors (any model; the seed's flat latent fits no diffusers class) "
-        "writes model.safetensors + config.json, which imgvae's verbs read. Both add a README.md model card.",
+        "the folder's other fields kept; --format safetensors (any model; the seed's flat latent fits no "
+        "diffusers class) writes model.safetensors + config.json, which imgvae's verbs read. Both add a "
+        "README.md model card.",
         epilog="examples:\n  imgvae export runs/kl-f8 -o export/kl-f8\n"
         "  imgvae export runs/demo --format safetensors -o export/demo\n"
         "  python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('export/kl-f8')\"",
