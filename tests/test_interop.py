@@ -1,8 +1,10 @@
 """diffusers AutoencoderKL folders in and out, fine-tuning from them, latents for a second-stage
 model and LPIPS: on tiny random-init models written to a temp dir, nothing downloaded."""
 
+import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,13 +14,15 @@ from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
 from imgvae.commands.verbs import encode_latents
-from imgvae.config import DataConfig
+from imgvae.config import PRESET_DIR, DataConfig, load_config
 from imgvae.data import cache
 from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
+from imgvae.io.export import write_export
 from imgvae.io.paths import load_model, open_model
 from imgvae.models.autoencoder_kl import AutoencoderKL
 from imgvae.models.features import LPIPS
+from imgvae.models.registry import build_vae
 
 from conftest import train_tiny_run, write_jpegs
 
@@ -129,6 +133,44 @@ def test_export_diffusers_round_trip_with_scaling_from_training_latents(kl_run, 
         assert text in card, text
 
 
+KL_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")
+                    if load_config(p.stem).model.name in ("kl-f4", "kl-f8", "autoencoder-kl"))
+
+
+@pytest.mark.parametrize("preset", KL_PRESETS)
+def test_every_kl_preset_exports_to_a_diffusers_folder_with_the_same_reconstructions(preset, tmp_path):
+    """One KL architecture (diffusers' blocks): each preset's model, weights randomised, written
+    by export's write_export and read back by diffusers.AutoencoderKL.from_pretrained."""
+    assert {"kl-f4", "kl-f8", "sharp", "diffusers-f4", "sd-f8"} <= set(KL_PRESETS)
+    cfg = load_config(preset, ["data.image_size=64"])
+    torch.manual_seed(0)
+    model = build_vae(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # not the init: norms, zero-initialised parts and all
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    stats = {"scaling_factor": 0.5, "shift_factor": 0.1, "channel_mean": [0.0], "channel_std": [1.0]}
+    scale = {"choice": "recompute", "scaling_factor": 0.5, "shift_factor": 0.1, "own": None,
+             "measured": {"scaling_factor": 0.5, "shift_factor": 0.1}}
+    write_export(model, cfg, tmp_path / "run", tmp_path / "export", "diffusers", stats, 2, scale)
+    net = DiffusersAutoencoderKL.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.decode(net.encode(x).latent_dist.mode()).sample, model(x, sample=False).x_hat,
+                                   rtol=1e-4, atol=1e-5)
+    assert (net.config.scaling_factor, net.config.shift_factor) == (0.5, 0.1)
+
+
+def test_a_kl_f4_run_exports_through_the_cli(tmp_path):
+    run = train_tiny_run(tmp_path, "model.name=kl-f4", "model.base_channels=8", "train.epochs=1")
+    assert main(["export", str(run), "-o", str(tmp_path / "export"), "--no-progress"]) == 0
+    net = DiffusersAutoencoderKL.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+    model, _ = load_model(run)
+    x = batch(tmp_path / "train", 32, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(net.decode(net.encode(x).latent_dist.mode()).sample, model(x, sample=False).x_hat,
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_export_seed_model_as_safetensors_and_read_it_back(tmp_path, capsys):
     run = train_tiny_run(tmp_path, "train.epochs=1")
     assert main(["export", str(run), "--format", "diffusers", "-o", str(tmp_path / "x")]) == 2
@@ -189,13 +231,21 @@ def test_lpips_from_a_local_backbone_file(kl_run, tmp_path, capsys):
     import torchvision
 
     torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pth")  # random: the plumbing
-    lpips = LPIPS(tmp_path / "alexnet.pth")
+    with pytest.warns(UserWarning, match="not comparable with published ones"):
+        lpips = LPIPS(tmp_path / "alexnet.pth")
     real = torch.rand(3, 3, 32, 32)
     assert torch.allclose(lpips(real, real), torch.zeros(3)) and (lpips(real, real.flip(-1)) > 0).all()
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(kl_run), "--lpips-weights", str(tmp_path / "alexnet.pth"), "--iw-samples", "2",
-                 "-o", str(out), "--no-progress"]) == 0
-    assert json.loads(out.read_text())["reconstruction"]["lpips"]["mean"] > 0
+    digest = hashlib.sha256((tmp_path / "alexnet.pth").read_bytes()).hexdigest()
+    # Checked at the start: random weights are not torchvision's alexnet-owt-7be5be79.pth, said in one line.
+    with pytest.warns(UserWarning, match=re.escape(f"SHA-256 {digest[:8]}... is not that of alexnet-owt-7be5be79.pth "
+                                                   "(7be5be79...): its scores are not comparable")):
+        assert main(["evaluate", str(kl_run), "--lpips-weights", str(tmp_path / "alexnet.pth"), "--iw-samples", "2",
+                     "-o", str(out), "--no-progress"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["reconstruction"]["lpips"]["mean"] > 0
+    assert metrics["feature_weights"]["lpips"] == {"file": str(tmp_path / "alexnet.pth"), "sha256": digest,
+                                                   "published": False}
     assert "LPIPS" in capsys.readouterr().out
     (tmp_path / "bad.pth").write_bytes(b"junk")
     assert main(["evaluate", str(kl_run), "--lpips-weights", str(tmp_path / "bad.pth")]) == 2

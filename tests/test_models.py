@@ -110,7 +110,7 @@ def test_loss_decreases_on_a_fixed_batch(name, train_cfg):
     # Smooth photo-like images (4x4 colour fields upsampled), which a VAE can compress.
     x = torch.nn.functional.interpolate(torch.rand(8, 3, 4, 4) * 2 - 1, size=32, mode="bilinear")
     losses = []
-    for _ in range(40):
+    for _ in range(60):
         loss, _ = vae_loss(x, model(x), LossConfig())
         opt.zero_grad()
         loss.backward()

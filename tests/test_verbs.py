@@ -128,10 +128,13 @@ def test_fid_weights_are_used_and_unsafe_files_refused(run, tmp_path, monkeypatc
     weights = tmp_path / "inception.pth"
     torch.save(net.state_dict(), weights)
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(run), "--fid-weights", str(weights), "--limit", "3", "-o", str(out),
-                 "--no-progress"]) == 0
-    distribution = json.loads(out.read_text())["distribution"]
-    assert {"fid_recon", "fid_samples", "fd_effnet_recon"} <= set(distribution)
+    with pytest.warns(UserWarning, match=r"is not that of weights-inception-2015-12-05-6726825d.pth \(6726825d"):
+        assert main(["evaluate", str(run), "--fid-weights", str(weights), "--limit", "3", "-o", str(out),
+                     "--no-progress"]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"fid_recon", "fid_samples", "fd_effnet_recon"} <= set(metrics["distribution"])
+    fid = metrics["feature_weights"]["fid"]
+    assert fid["published"] is False and len(fid["sha256"]) == 64 and fid["file"] == str(weights)
 
     class Evil:
         def __reduce__(self):

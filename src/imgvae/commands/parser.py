@@ -214,7 +214,8 @@ def _add_interop(sub) -> None:
     x = sub.add_parser(
         "export", help="write a model as a diffusers AutoencoderKL folder (or safetensors + config)",
         description="Write the model (its EMA weights when kept) into a new folder: --format diffusers (the "
-        "default for autoencoder-kl models) writes config.json + diffusion_pytorch_model.safetensors, which "
+        "default for the KL models: autoencoder-kl, kl-f4, kl-f8) writes config.json + "
+        "diffusion_pytorch_model.safetensors, which "
         "diffusers.AutoencoderKL.from_pretrained loads, with the latent scale (scaling_factor, shift_factor) "
         "of the diffusers folder the model started from (--latent-scale keep, the default there: a pipeline's "
         "UNet expects it) or computed from training latents (recompute, the default otherwise), sample_size and "
@@ -228,7 +229,7 @@ def _add_interop(sub) -> None:
     x.add_argument("checkpoint", metavar="CKPT")
     _use_overrides(x)
     x.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
-    x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (autoencoder-kl models) or safetensors")
+    x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (the KL models) or safetensors")
     x.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images for the latent scaling (default: the run's data.train, its training crops)")
     x.add_argument("--images", type=int, default=10_000, metavar="N", dest="scaling_images",

@@ -146,7 +146,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = 
                  images: int = 10_000, overrides: list[str] | dict | None = None, device: str = "auto",
                  scale: str | None = None, progress: bool = True) -> Path:
     """Write the model of `checkpoint` (its EMA weights when kept) into the new folder out_dir,
-    as `fmt` (default: diffusers for autoencoder-kl models, else safetensors). The latent
+    as `fmt` (default: diffusers for the KL models, else safetensors). The latent
     statistics come from `images` training images (default sources: its data.train, its
     training crops, as `fit-prior` sees them); the latent scale written is the model's own
     (a diffusers folder's it started from) or those statistics' (scale: "keep" | "recompute",

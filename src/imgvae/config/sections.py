@@ -95,7 +95,8 @@ class ResNetConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class KLConfig(ModelConfig):
-    """kl-f4 / kl-f8: latent-diffusion's autoencoder, 2 or 3 downsamplings."""
+    """kl-f4 / kl-f8: latent-diffusion's autoencoder of diffusers' blocks, 2 or 3 downsamplings,
+    one ResNet layer fewer per decoder level than diffusers' AutoencoderKL (models/autoencoder_kl.py)."""
 
     name: str = "kl-f4"
     # Channels of the first level (x2, x4 deeper), residual blocks per level, channels of the

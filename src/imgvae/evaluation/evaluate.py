@@ -194,6 +194,9 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
         if tally.references < 2:
             raise SourceError(f"scoring samples needs at least 2 readable images in {ec.sample_reference}")
     metrics = _metrics(tally, cfg, sources, model, prior, family, bad) | {"preprocessing": preprocessing(dataset.cfg)}
+    weights = {n.name: n.weights for n in [*networks, lpips] if hasattr(n, "weights")}
+    if weights:  # which files FID / LPIPS came from, and whether they are the published ones
+        metrics["feature_weights"] = weights
     if per_image:
         values = {k: torch.cat(tally.per_image[k]).tolist() for k in ("index", "psnr", "ssim", "lpips")
                   if k in tally.per_image}

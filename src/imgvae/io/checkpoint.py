@@ -163,6 +163,10 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> N
     try:
         unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as e:
+        if "encoder.0.weight" in weights and hasattr(unwrap(model).encoder, "down_blocks"):
+            raise CheckpointError(f"{source}: a kl-f4 / kl-f8 model of imgvae 0.1, built of its own blocks; since 0.2 "
+                                  "they are diffusers' blocks (they export to diffusers): train it again, or read it "
+                                  "with imgvae 0.1") from None
         raise CheckpointError(f"{source}: weights do not fit this model ({str(e).splitlines()[0]})") from None
 
 

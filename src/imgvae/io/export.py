@@ -1,6 +1,6 @@
 """`imgvae export`: a trained model as a folder other tools read. --format diffusers writes a
 diffusers AutoencoderKL folder (`AutoencoderKL.from_pretrained(DIR)` loads it) for
-autoencoder-kl models, with the latent scaling computed from training latents; --format
+the KL models (autoencoder-kl, kl-f4, kl-f8), with the latent scale kept or measured; --format
 safetensors writes the weights and the imgvae config of any model (the seed's flat 128-d latent
 fits no diffusers class). Both add a README.md model card."""
 
@@ -17,7 +17,7 @@ from imgvae.config import Config, ConfigError, to_dict
 from imgvae.io.interop import diffusers_network
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import EXPORT_FORMAT, run_dir_of
-from imgvae.models.autoencoder_kl import AutoencoderKL
+from imgvae.models.autoencoder_kl import AutoencoderKL, KLAutoencoder
 from imgvae.models.base import VAE
 from imgvae.rundir import METRICS, read_json, write_text_atomic
 
@@ -25,15 +25,16 @@ FORMATS = ("diffusers", "safetensors")
 
 
 def export_format(model: VAE, cfg: Config, fmt: str | None) -> str:
-    """The format to write the model as (default: diffusers for autoencoder-kl models, else
+    """The format to write the model as (default: diffusers for the KL models, else
     safetensors); refused in one line when the model cannot go there."""
     if fmt not in (None, *FORMATS):
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
-    fmt = fmt or ("diffusers" if isinstance(model, AutoencoderKL) else "safetensors")
-    if fmt == "diffusers" and not isinstance(model, AutoencoderKL):
+    kl = isinstance(model, (AutoencoderKL, KLAutoencoder))
+    fmt = fmt or ("diffusers" if kl else "safetensors")
+    if fmt == "diffusers" and not kl:
         latent = "x".join(map(str, model.latent_shape))
-        raise ConfigError(f"--format diffusers takes autoencoder-kl models; no diffusers class fits model "
-                          f"{cfg.model.name!r} (latent {latent}): use --format safetensors")
+        raise ConfigError(f"--format diffusers takes the KL models (autoencoder-kl, kl-f4, kl-f8); no diffusers class "
+                          f"fits model {cfg.model.name!r} (latent {latent}): use --format safetensors")
     return fmt
 
 

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import torch
 
-from imgvae.config import Config, ConfigError, from_dict, to_dict
+from imgvae.config import Config, ConfigError, from_dict, model_config, to_dict
 from imgvae.errors import ImgvaeError
-from imgvae.models.autoencoder_kl import AutoencoderKL, autoencoder_kl_arguments
+from imgvae.models.autoencoder_kl import (
+    AutoencoderKL,
+    as_autoencoder_kl,
+    autoencoder_kl_arguments,
+    autoencoder_kl_config,
+)
+from imgvae.models.base import VAE
 from imgvae.models.registry import build_vae
 
 CONFIG_FILE, CLASS_NAME = "config.json", "AutoencoderKL"
@@ -127,17 +133,18 @@ def load_pretrained(model: AutoencoderKL, folder: Path) -> None:
         raise FolderError(f"{folder}: its weights do not fit this model ({str(e).splitlines()[0]})") from None
 
 
-def diffusers_network(model: AutoencoderKL, cfg: Config, scaling_factor: float, shift_factor: float | None):
-    """A plain diffusers AutoencoderKL with the model's weights (its mean outputs only), the
-    latent scaling a second-stage model uses, z = (sample - shift_factor) * scaling_factor, and
-    the fields of the folder it started from (CARRIED_KEYS; sample_size: else the training size)."""
+def diffusers_network(model: VAE, cfg: Config, scaling_factor: float, shift_factor: float | None):
+    """A plain diffusers AutoencoderKL computing what `model` (autoencoder-kl or kl-f*) computes
+    (its mean outputs), with the latent scaling a second-stage model uses, z = (sample -
+    shift_factor) * scaling_factor, and the fields of the folder it started from (CARRIED_KEYS;
+    sample_size: else the training size)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-    fields = {k: getattr(cfg.model, k) for k in ("force_upcast", "latents_mean", "latents_std")}
-    net = DiffusersAutoencoderKL(**autoencoder_kl_arguments(cfg.model, 3),
-                                 sample_size=cfg.model.sample_size or cfg.data.image_size,
+    architecture = model_config("autoencoder-kl", **autoencoder_kl_config(model, cfg.model))
+    fields = {k: getattr(cfg.model, k, None) for k in ("force_upcast", "latents_mean", "latents_std")}
+    net = DiffusersAutoencoderKL(**autoencoder_kl_arguments(architecture, 3),
+                                 sample_size=getattr(cfg.model, "sample_size", None) or cfg.data.image_size,
                                  scaling_factor=scaling_factor, shift_factor=shift_factor,
                                  **{k: v for k, v in fields.items() if v is not None})
-    weights = {k: v[:3] if k.startswith("decoder.conv_out.") else v for k, v in model.net.state_dict().items()}
-    net.load_state_dict(weights, strict=True)
+    net.load_state_dict(as_autoencoder_kl(model), strict=True)
     return net.eval()

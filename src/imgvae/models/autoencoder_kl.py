@@ -1,4 +1,7 @@
-"""A diffusers AutoencoderKL (what Stable Diffusion's VAEs are) as an imgvae model."""
+"""latent-diffusion's KL autoencoder, one implementation: diffusers' encoder and decoder blocks.
+autoencoder-kl is diffusers' AutoencoderKL itself (what Stable Diffusion's VAEs are); kl-f4 /
+kl-f8 are the same blocks with one ResNet layer fewer per decoder level (cheaper on a CPU, and
+better at equal steps), written to an AutoencoderKL folder exactly by as_autoencoder_kl."""
 
 from __future__ import annotations
 
@@ -55,3 +58,78 @@ class AutoencoderKL(VAE):
 
     def encoder_modules(self) -> list[nn.Module]:
         return [m for m in (self.net.encoder, self.net.quant_conv) if m is not None]
+
+
+def kl_groups(cfg: ModelConfig) -> int:
+    """GroupNorm groups of a kl-f* model: a quarter of the first level's channels, at most 32."""
+    return min(32, cfg.base_channels // 4) or 1
+
+
+class KLAutoencoder(VAE):
+    """kl-f4 / kl-f8: z is (latent_channels, S / f, S / f), f = 2**downsamplings; diffusers'
+    Encoder (model.blocks ResNet layers per level) and Decoder (as many: diffusers' own
+    AutoencoderKL has one more), an attention mid block, channels base * (1, 2, 4, 4), no 1x1
+    convolutions around the latent. Any image_size divisible by f."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int, scale: str, downsamplings: int):
+        super().__init__(scale)
+        factor = 2**downsamplings
+        if image_size % factor:
+            raise ConfigError(f"data.image_size: model 'kl-f{factor}' needs image_size divisible by {factor}, "
+                              f"got {image_size}")
+        from diffusers.models.autoencoders.vae import Decoder, Encoder  # here: importing diffusers takes seconds
+
+        self.widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
+        side, c, levels = image_size // factor, cfg.latent_channels, downsamplings + 1
+        self.latent_shape = (c, side, side)
+        common = {"block_out_channels": tuple(self.widths), "norm_num_groups": kl_groups(cfg)}
+        self.encoder = Encoder(in_channels=3, out_channels=c, down_block_types=("DownEncoderBlock2D",) * levels,
+                               layers_per_block=cfg.blocks, double_z=True, **common)
+        self.decoder = Decoder(in_channels=c, out_channels=self.out_channels, layers_per_block=cfg.blocks - 1,
+                               up_block_types=("UpDecoderBlock2D",) * levels, **common)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = self.encoder(x).chunk(2, dim=1)  # (B, c, S/f, S/f) each
+        # LDM's clamp: keeps exp(logvar) finite early in training.
+        return DiagonalGaussian(mean, logvar.clamp(-30.0, 20.0))
+
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+
+register("kl-f4")(lambda cfg, image_size, scale="none": KLAutoencoder(cfg, image_size, scale, 2))
+register("kl-f8")(lambda cfg, image_size, scale="none": KLAutoencoder(cfg, image_size, scale, 3))
+
+
+def autoencoder_kl_config(model: VAE, cfg: ModelConfig) -> dict:
+    """The autoencoder-kl model keys (AutoencoderKLConfig) of the diffusers AutoencoderKL that
+    computes what `model` (autoencoder-kl or kl-f*) computes."""
+    if isinstance(model, AutoencoderKL):
+        return {k: getattr(cfg, k) for k in ("block_out_channels", "layers_per_block", "latent_channels",
+                                             "norm_num_groups", "mid_block_add_attention", "use_quant_conv",
+                                             "use_post_quant_conv")}
+    return {"block_out_channels": list(model.widths), "layers_per_block": cfg.blocks,
+            "latent_channels": cfg.latent_channels, "norm_num_groups": kl_groups(cfg),
+            "mid_block_add_attention": True, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def as_autoencoder_kl(model: VAE) -> dict:
+    """The state dict of that AutoencoderKL (the decoder's mean outputs only). A kl-f* decoder
+    level's missing last ResNet layer is an identity: its second convolution is zero, so the
+    layer returns its input and the folder reconstructs exactly as `model` does."""
+    if isinstance(model, AutoencoderKL):
+        weights = dict(model.net.state_dict())
+    else:
+        weights = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+        weights |= {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
+        for i, block in enumerate(model.decoder.up_blocks):
+            spare, width = f"decoder.up_blocks.{i}.resnets.{len(block.resnets)}", block.resnets[-1].conv2.out_channels
+            for norm in ("norm1", "norm2"):
+                weights |= {f"{spare}.{norm}.weight": torch.ones(width), f"{spare}.{norm}.bias": torch.zeros(width)}
+            for conv in ("conv1", "conv2"):
+                weights |= {f"{spare}.{conv}.weight": torch.zeros(width, width, 3, 3),
+                            f"{spare}.{conv}.bias": torch.zeros(width)}
+    return {k: v[:3] if k.startswith("decoder.conv_out.") else v for k, v in weights.items()}

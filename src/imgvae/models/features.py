@@ -9,6 +9,8 @@ from a weights file the user supplies; imgvae never downloads.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +22,32 @@ from imgvae.errors import ImgvaeError
 
 class FeatureError(ImgvaeError, ValueError):
     """A feature network that cannot be loaded (missing package, bad weights file)."""
+
+
+# The weight files published FID and LPIPS numbers use, where to get them, and the start of each
+# file's SHA-256 (torch hub's convention: the 8 hex digits in the name). imgvae never downloads them.
+PUBLISHED = {
+    "fid": ("weights-inception-2015-12-05-6726825d.pth", "6726825d",
+            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+            "weights-inception-2015-12-05-6726825d.pth"),
+    "alex": ("alexnet-owt-7be5be79.pth", "7be5be79", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16-397923af.pth", "397923af", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+}
+
+
+def weights_record(path: Path, kind: str, option: str) -> dict:
+    """{file, sha256, published} of a FID / LPIPS weights file (kind: a PUBLISHED key); a file
+    that is not the published one is said in one warning: its scores are not comparable."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    name, prefix, _ = PUBLISHED[kind]
+    record = {"file": str(path), "sha256": digest.hexdigest(), "published": digest.hexdigest().startswith(prefix)}
+    if not record["published"]:
+        warnings.warn(f"{option} {str(path)!r}: SHA-256 {record['sha256'][:8]}... is not that of {name} "
+                      f"({prefix}...): its scores are not comparable with published ones", stacklevel=3)
+    return record
 
 
 class EffNetFeatures(nn.Module):
@@ -67,6 +95,7 @@ class InceptionFeatures(nn.Module):
         except RuntimeError as e:
             raise FeatureError(f"--fid-weights {str(path)!r}: not InceptionV3 FID weights "
                                f"({str(e).splitlines()[0]})") from None
+        self.weights = weights_record(path, "fid", "--fid-weights")
         self.eval().requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,6 +108,8 @@ class LPIPS(nn.Module):
     its linear layers (shipped in the torchmetrics wheel), over an AlexNet or VGG16 whose ImageNet
     weights come from a local torchvision file (alexnet-owt-7be5be79.pth / vgg16-397923af.pth,
     what torchvision would download to ~/.cache/torch/hub/checkpoints); never downloaded."""
+
+    name = "lpips"
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
@@ -100,6 +131,7 @@ class LPIPS(nn.Module):
             backbone.load_state_dict(weights, strict=True)
         except RuntimeError as e:
             raise FeatureError(f"eval.lpips_weights {str(path)!r}: {str(e).splitlines()[0]}") from None
+        self.weights = weights_record(path, net, "--lpips-weights")
         self.lpips = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # pnet_rand: no download of the backbone
         for part in self.lpips.net.children():  # slices of the backbone's features, named by index
             for index in list(part._modules):
