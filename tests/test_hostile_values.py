@@ -25,6 +25,8 @@ SMALL_MODELS = {  # each architecture at 16 px, small
     "seed": ["model.latent_dim=4"], "resnet": ["model.latent_dim=4", "model.base_channels=4", "model.levels=2"],
     "kl-f4": ["model.base_channels=4"], "kl-f8": ["model.base_channels=4"],
     "autoencoder-kl": ["model.block_out_channels=[8,16]", "model.norm_num_groups=4"],
+    "vq-f4": ["model.base_channels=4", "model.codebook_size=16"],
+    "vq-f8": ["model.base_channels=4", "model.codebook_size=16"],
 }
 BASE = ["data.image_size=16", "data.crop_size=64", "data.num_workers=0", "data.eval=[]", "train.batch_size=4",
         "train.epochs=1", "train.device=cpu", "train.precision=fp32", "eval.after_training=false",

@@ -32,6 +32,7 @@ from imgvae.models.base import VAE
 from imgvae.models.flow import backbone_of
 from imgvae.models.generate import interpolate, reconstruct, sample
 from imgvae.models.prior import PRIOR_FILE, LatentPrior, fit_prior
+from imgvae.models.quantized import refuse_discrete
 from imgvae.rundir import METRICS, write_text_atomic
 from imgvae.runtime import pick_device
 from imgvae.train.engine import fit
@@ -80,6 +81,7 @@ def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = Non
     "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample` and
     `evaluate` then use."""
     model, cfg, folder = open_for(checkpoint, sources, overrides, device)
+    refuse_discrete(cfg.model, "fit-prior")
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
     prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
                       batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)
@@ -118,6 +120,7 @@ def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sour
         values = merge_overrides({"prior": saved["prior"]}, values)
         run_keys = {**saved["train"], **run_keys}
     model, cfg, folder = open_for(checkpoint, sources, values, device)
+    refuse_discrete(cfg.model, "train-prior")
     backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
     tc = from_dict({"train": to_dict(prior_recipe(cfg.train, cfg.prior)) | {"device": device} | run_keys})
     source = {"path": str(checkpoint), "weights": str(weights_file(checkpoint)),

@@ -30,6 +30,9 @@ def tensorboard_hparams(cfg: Config, summary: dict, metrics: dict | None) -> Non
                   "final/ssim": metrics["reconstruction"]["ssim"]["mean"],
                   "final/bits_per_dim": metrics["likelihood"]["neg_elbo_bpd"],
                   "final/fd_effnet_recon": metrics["distribution"]["fd_effnet_recon"]}
+        if "codebook" in metrics:
+            final |= {"final/codebook_usage": metrics["codebook"]["usage"],
+                      "final/bits_per_image": metrics["codebook"]["bits_per_image"]}
     with SummaryWriter(summary["logs"]) as writer:
         writer.add_text("config", "<pre>" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "</pre>")
         writer.add_hparams(hparams, final, run_name=".")

@@ -24,6 +24,7 @@ from imgvae.config.sections import (
     LossConfig,
     ModelConfig,
     PriorConfig,
+    QuantizedConfig,
     ResNetConfig,
     SeedConfig,
     TrainConfig,
@@ -34,6 +35,6 @@ from imgvae.config.sections import (
 __all__ = [
     "PRESET_DIR", "ConfigError", "from_dict", "load_config", "merge_overrides", "parse_overrides", "read_yaml",
     "resolve_config_path", "save_config", "to_dict", "with_overrides", "MODEL_CONFIGS", "AutoencoderKLConfig",
-    "Config", "DataConfig", "EvalConfig", "KLConfig", "LossConfig", "ModelConfig", "PriorConfig", "ResNetConfig",
-    "SeedConfig", "TrainConfig", "center_crop_size", "model_config",
+    "Config", "DataConfig", "EvalConfig", "KLConfig", "LossConfig", "ModelConfig", "PriorConfig", "QuantizedConfig",
+    "ResNetConfig", "SeedConfig", "TrainConfig", "center_crop_size", "model_config",
 ]

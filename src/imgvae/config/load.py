@@ -25,6 +25,7 @@ from imgvae.config.sections import (
     LossConfig,
     ModelConfig,
     PriorConfig,
+    QuantizedConfig,
     TrainConfig,
 )
 from imgvae.errors import ImgvaeError
@@ -143,7 +144,7 @@ POSITIVE = {
     "DataConfig": ["image_size", "crop_size", "views_per_image", "eval_views_per_image", "max_file_mb",
                    "max_megapixels"],
     "model": ["latent_dim", "base_channels", "levels", "blocks", "latent_channels", "layers_per_block",
-              "norm_num_groups", "scaling_factor", "sample_size"],
+              "norm_num_groups", "scaling_factor", "sample_size", "codebook_size", "codebook_dim"],
     "TrainConfig": ["epochs", "batch_size", "lr", "log_every", "grad_accum", "max_bad_steps"],
     "EvalConfig": ["grid_size"],
     "PriorConfig": ["components", "width", "depth", "view_epochs", "epochs", "batch_size", "lr", "steps"],
@@ -166,7 +167,8 @@ MAXIMUM = {
                    "max_file_mb": 2**20},
     "model": {"latent_dim": 2**16, "bn_momentum": 1, "base_channels": 4096, "levels": 12, "blocks": 64,
               "latent_channels": 1024, "layers_per_block": 64, "norm_num_groups": 1024, "scaling_factor": 1e6,
-              "shift_factor": 1e6, "sample_size": 2**16},
+              "shift_factor": 1e6, "sample_size": 2**16, "codebook_size": 2**20, "codebook_dim": 4096,
+              "dead_code_threshold": 1e9, "commitment": 1e6, "usage_warning": 1},
     "LossConfig": {"beta": 1e6, "free_bits": 1e3, "perceptual": 1e6, "adversarial": 1e6, "adversarial_start": 10**12,
                    "discriminator_lr": 10},
     "TrainConfig": {"epochs": 10**6, "batch_size": 2**16, "lr": 10, "weight_decay": 10, "rmsprop_alpha": 1,
@@ -179,7 +181,8 @@ MAXIMUM = {
                     "batch_size": 2**16, "lr": 10, "steps": 10**4},
 }
 ABOVE_ZERO = {"LossConfig": ["discriminator_lr"], "TrainConfig": ["eps", "lr_gamma"]}
-NON_NEGATIVE_TOO = {"DataConfig": ["device_cache_gb"], "model": ["bn_momentum"],
+NON_NEGATIVE_TOO = {"DataConfig": ["device_cache_gb"],
+                    "model": ["bn_momentum", "dead_code_threshold", "commitment", "usage_warning"],
                     "TrainConfig": ["seed", "rmsprop_alpha"], "EvalConfig": ["seed"]}
 DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
@@ -233,10 +236,25 @@ def _validate(cfg, prefix: str) -> None:
                                                  or max(cfg.block_out_channels) > 8192):
         raise ConfigError(f"{prefix}block_out_channels: at most 12 levels of at most 8192 channels, "
                           f"got {cfg.block_out_channels}")
+    if isinstance(cfg, QuantizedConfig):
+        _check_quantizer(cfg, prefix)
     if isinstance(cfg, PriorConfig) and cfg.width not in [2**i for i in range(3, 11)]:
         raise ConfigError(f"{prefix}width must be a power of 2 from 8 to 1024, got {cfg.width}")
     if isinstance(cfg, EvalConfig) and cfg.iw_samples < 1:
         raise ConfigError(f"{prefix}iw_samples must be >= 1, got {cfg.iw_samples}")
+
+
+def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:
+    if not 0 < cfg.decay < 1:
+        raise ConfigError(f"{prefix}decay is an EMA decay in (0, 1), got {cfg.decay}")
+    levels = cfg.fsq_levels
+    if cfg.quantizer == "fsq" and (not 1 <= len(levels) <= 16 or min(levels) < 2 or max(levels) > 2**16):
+        raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of 2 to 65,536 levels each, got {levels}")
+    if cfg.quantizer == "lfq" and (cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1)):
+        raise ConfigError(f"{prefix}codebook_size: quantizer 'lfq' needs a power of 2 (one sign per bit), "
+                          f"got {cfg.codebook_size}")
+    if cfg.quantizer == "vq" and cfg.codebook_size < 2:
+        raise ConfigError(f"{prefix}codebook_size must be >= 2, got {cfg.codebook_size}")
 
 
 def _check_train(cfg: TrainConfig, prefix: str) -> None:

@@ -135,11 +135,41 @@ class AutoencoderKLConfig(ModelConfig):
     latents_std: list[float] | None = None
 
 
+@dataclass(frozen=True)
+class QuantizedConfig(ModelConfig):
+    """vq-f4 / vq-f8: kl-f*'s encoder and decoder around a discrete latent, a grid of tokens
+    (S / f, S / f), each one of codebook_size codes (vector-quantize-pytorch's quantisers)."""
+
+    name: str = "vq-f8"
+    base_channels: int = 64
+    blocks: int = 1
+    # Channels the encoder gives the quantiser per position (and the decoder takes back).
+    latent_channels: int = 8
+    # "vq": a codebook of codebook_size vectors, EMA-updated (decay), k-means initialised, codes
+    # used less than dead_code_threshold times (EMA count) restarted from the batch, looked up in
+    # codebook_dim dimensions (null: latent_channels) by cosine similarity when cosine, gradients
+    # through the rotation trick; commitment weighs ||z - sg(code)||^2. "fsq": no codebook, each
+    # of len(fsq_levels) channels rounded to one of fsq_levels[i] values (codebook: their product).
+    # "lfq": lookup-free, each of log2(codebook_size) channels a sign (an entropy loss).
+    quantizer: Literal["vq", "fsq", "lfq"] = "vq"
+    codebook_size: int = 1024
+    codebook_dim: int | None = None
+    cosine: bool = True
+    kmeans_init: bool = True
+    decay: float = 0.95
+    dead_code_threshold: float = 2.0
+    rotation_trick: bool = True
+    commitment: float = 0.25
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    # Training warns when fewer than this share of the codes are used on the held-out images.
+    usage_warning: float = 0.5
+
+
 # model.name -> its section. models/conv.py and models/autoencoder_kl.py register a model under each name (a test
 # checks that the two lists agree).
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     "seed": SeedConfig, "resnet": ResNetConfig, "kl-f4": KLConfig, "kl-f8": KLConfig,
-    "autoencoder-kl": AutoencoderKLConfig,
+    "autoencoder-kl": AutoencoderKLConfig, "vq-f4": QuantizedConfig, "vq-f8": QuantizedConfig,
 }
 
 

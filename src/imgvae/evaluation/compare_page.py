@@ -24,6 +24,9 @@ COMPARE_ROWS = [
     ("FID of samples", lambda m: m["metrics"]["distribution"].get("fid_samples"), "low"),
     ("-ELBO bits/dim", lambda m: m["metrics"]["likelihood"]["neg_elbo_bpd"] if m["has_likelihood"] else None, "low"),
     ("latent numbers per image", lambda m: m["latent_numbers"], None),
+    ("bits per image (discrete latents: tokens x log2 codes)",
+     lambda m: m["metrics"].get("codebook", {}).get("bits_per_image"), "low"),
+    ("codebook usage over the set", lambda m: m["metrics"].get("codebook", {}).get("usage"), "high"),
     ("parameters", lambda m: m["parameters"], None),
     ("encode + decode img/s (this machine)", lambda m: m["img_per_s"], "high"),
 ]

@@ -19,11 +19,12 @@ from imgvae.data.datasets import BadFiles, ImageDataset, build_dataset, preproce
 from imgvae.data.decode import denormalize, normalize
 from imgvae.data.loading import eval_loader, loader_workers
 from imgvae.data.sources import SourceError
-from imgvae.models.base import VAE, standard_normal_log_prob
+from imgvae.models.base import VAE, Quantized
 from imgvae.models.features import LPIPS, GaussianStats, feature_networks, frechet_distance
 from imgvae.models.generate import prior_noise
 from imgvae.models.losses import LIKELIHOOD_FAMILY, bits_per_dim, discretized_log_likelihood
 from imgvae.models.prior import LatentPrior
+from imgvae.models.quantized import code_usage
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit u is active if Cov_x(E[z_u | x]) > 0.01
 MS_SSIM_MIN_SIZE = 161  # 5 scales of an 11-px kernel
@@ -53,7 +54,7 @@ def log_weights(model: VAE, x: torch.Tensor, family: str, samples: int) -> tuple
         mean, log_scale = model.decode_distribution(z)
         lp = discretized_log_likelihood(x, mean, 0.0 if log_scale is None else log_scale, family).flatten(1).sum(1)
         log_q = posterior.log_prob(z).flatten(1).sum(1)
-        log_p = standard_normal_log_prob(z).flatten(1).sum(1)
+        log_p = posterior.prior_log_prob(z).flatten(1).sum(1)
         log_px.append(lp)
         log_w.append(lp + log_p - log_q)
     return torch.stack(log_px), torch.stack(log_w)
@@ -75,6 +76,7 @@ class _Tally:
         self.per_image: dict[str, list[torch.Tensor]] = {}
         self.kl_sum = self.mean_sum = self.mean_sq = None
         self.images = self.references = 0
+        self.codes = None  # a discrete latent's code counts over the whole set
 
     def add_features(self, kind: str, images: torch.Tensor) -> None:
         for net in self.networks:
@@ -82,6 +84,11 @@ class _Tally:
 
     def add_per_image(self, name: str, values: torch.Tensor) -> None:
         self.per_image.setdefault(name, []).append(values.cpu())
+
+    def add_codes(self, posterior: Quantized) -> None:
+        counts = torch.bincount(posterior.indices.flatten().long().cpu(), minlength=posterior.codebook_size)
+        self.codes = counts if self.codes is None else self.codes + counts
+        self.tokens = posterior.indices[0].numel()
 
     def add_latents(self, kl: torch.Tensor, mu: torch.Tensor) -> None:
         """Per-image KL and posterior means, (B, D) float64."""
@@ -135,6 +142,8 @@ def _held_out_pass(model: VAE, dataset, loader, tally: _Tally, family: str, cfg:
         tally.add_per_image("kl_nats", kl.sum(1))
         tally.add_per_image("iw_nats", -(torch.logsumexp(log_w, 0) - math.log(iw)))
         tally.add_latents(kl, posterior.mean.double().flatten(1))
+        if isinstance(posterior, Quantized):
+            tally.add_codes(posterior)
         tally.add_features("real", real)
         tally.add_features("recon", recon)
         if samples is not None:
@@ -256,4 +265,12 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
                               "held_out": not ec.sample_reference},
         "prior": {"samples": "N(0, I)",
                   **({"samples_fitted": f"{prior.describe()} (prior.safetensors)"} if prior is not None else {})},
+        **({"codebook": codebook_health(tally.codes, tally.tokens)} if tally.codes is not None else {}),
     }
+
+
+def codebook_health(counts: torch.Tensor, tokens: int) -> dict:
+    """A discrete latent's codebook over the whole evaluated set (code_usage), and its rate:
+    bits per image = tokens x log2(codebook size)."""
+    return {"note": "codes used over the whole set, not per batch", **code_usage(counts), "tokens": tokens,
+            "bits_per_image": tokens * math.log2(len(counts))}

@@ -35,6 +35,12 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
          f"{lik['neg_iw_bpd']:.4f} ({lik['neg_iw_nats']:.1f} nats/image)"),
         ("active units", f"{lat['active_units']} / {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
     ]
+    if "codebook" in metrics:  # a discrete latent
+        book = metrics["codebook"]
+        rows += [("codebook usage", f"{book['used']} / {book['size']} codes ({book['usage']:.1%}) over the whole set; "
+                                    f"{book['dead']} dead; perplexity {book['perplexity']:.1f}"),
+                 ("bits per image", f"{book['bits_per_image']:.0f} ({book['tokens']} tokens x "
+                                    f"{math.log2(book['size']):.2f} bits)")]
     return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"] + generation_rows(metrics)
 
 

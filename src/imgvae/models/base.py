@@ -75,19 +75,60 @@ class DiagonalGaussian:
         distance = ((z - self.mean).pow(2) / self.logvar.exp()).double()
         return -0.5 * distance - 0.5 * self.logvar.double() - LOG_SQRT_2PI
 
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) per element under the model's prior, N(0, I), in float64."""
+        return standard_normal_log_prob(z)
+
+    def float(self) -> "DiagonalGaussian":
+        return DiagonalGaussian(self.mean.float(), self.logvar.float())
+
+
+class Quantized:
+    """A discrete latent as a posterior: q(z|x) puts all its mass on the codes z (B, C, h, w),
+    indices (B, h, w), under a uniform prior over codebook_size codes per token, so the KL is
+    the rate, log codebook_size per token (spread over its C channels here). aux_loss: the
+    quantiser's training loss (commitment, entropy), stats: its parts, detached."""
+
+    def __init__(self, z: torch.Tensor, indices: torch.Tensor, codebook_size: int, aux_loss: torch.Tensor,
+                 stats: dict[str, torch.Tensor]):
+        self.mean, self.indices, self.codebook_size = z, indices, codebook_size
+        self.aux_loss, self.stats = aux_loss, stats
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return torch.full_like(self.mean, -30.0)  # no spread (LDM's clamp floor: exp stays finite)
+
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """The rate per latent element: log codebook_size per token over its channels."""
+        return torch.full_like(self.mean, math.log(self.codebook_size) / self.mean.shape[1])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(z, dtype=torch.float64)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -self.kl().double()
+
+    def float(self) -> "Quantized":
+        return Quantized(self.mean.float(), self.indices, self.codebook_size, self.aux_loss.float(), self.stats)
+
 
 @dataclass
 class VAEOutput:
     x_hat: torch.Tensor  # (B, 3, S, S) decoder mean on the [-1, 1] scale
-    posterior: DiagonalGaussian
+    posterior: "DiagonalGaussian | Quantized"
     z: torch.Tensor  # the latent that was decoded
     log_scale: torch.Tensor | None = None  # (B, 3, S, S) decoder log-scale, if the model has one
 
     def float(self) -> "VAEOutput":
         """fp32 copy of every field, for a loss computed outside autocast."""
-        posterior = DiagonalGaussian(self.posterior.mean.float(), self.posterior.logvar.float())
         log_scale = None if self.log_scale is None else self.log_scale.float()
-        return VAEOutput(self.x_hat.float(), posterior, self.z.float(), log_scale)
+        return VAEOutput(self.x_hat.float(), self.posterior.float(), self.z.float(), log_scale)
 
 
 class VAE(nn.Module):

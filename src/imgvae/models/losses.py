@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from imgvae.config import LossConfig
-from imgvae.models.base import VAEOutput
+from imgvae.models.base import Quantized, VAEOutput
 
 # 8-bit pixels on the model's [-1, 1] scale: 256 levels, bins 2/255 wide.
 PIXEL_LEVELS = 256
@@ -55,14 +55,19 @@ def vae_loss(
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Batch mean of reconstruction NLL + kl_scale (default beta) * KL(q(z|x) || N(0, I)),
-    with free bits, plus the perceptual term when a distance (B,) function is given.
+    with free bits, plus the perceptual term when a distance (B,) function is given; for a
+    discrete latent (Quantized) the quantiser's loss instead of the KL (a constant rate).
     Stats: loss, recon, kl (the plain KL, whatever the weighting), and more when used."""
     recon = reconstruction_nll(x, out, cfg).mean()
     kl_per_dim = out.posterior.kl().flatten(1)  # (B, latent dims)
     kl = kl_per_dim.sum(1).mean()
-    penalised = kl_per_dim.mean(0).clamp(min=cfg.free_bits).sum() if cfg.free_bits > 0 else kl
-    loss = recon + (cfg.beta if kl_scale is None else kl_scale) * penalised
     stats = {"recon": recon.detach(), "kl": kl.detach()}
+    if isinstance(out.posterior, Quantized):  # a fixed rate; the quantiser's own loss instead
+        loss = recon + x[0].numel() * out.posterior.aux_loss  # a mean per element, as the recon's sum
+        stats |= out.posterior.stats
+    else:
+        penalised = kl_per_dim.mean(0).clamp(min=cfg.free_bits).sum() if cfg.free_bits > 0 else kl
+        loss = recon + (cfg.beta if kl_scale is None else kl_scale) * penalised
     if perceptual is not None and cfg.perceptual > 0:
         distance = perceptual(x, out.x_hat).mean()
         loss = loss + cfg.perceptual * x[0].numel() * distance

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from imgvae.config import Config, ConfigError, LossConfig, ModelConfig
-from imgvae.models import autoencoder_kl, conv  # noqa: F401  (they register their architectures)
+from imgvae.models import autoencoder_kl, conv, quantized  # noqa: F401  (they register their architectures)
 from imgvae.models.base import MODELS, VAE
 
 

@@ -8,6 +8,7 @@ split over N processes, repeats the same computation.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,11 @@ from imgvae.config import Config, LossConfig, TrainConfig, to_dict
 from imgvae.data.datasets import BadFiles, ImageDataset, first_images
 from imgvae.data.decode import normalize, to_model_input
 from imgvae.io.paths import init_from
-from imgvae.models.base import VAE, VAEOutput
+from imgvae.models.base import VAE, Quantized, VAEOutput
 from imgvae.models.features import PerceptualDistance
 from imgvae.models.generate import decode, prior_noise, reconstruct
 from imgvae.models.losses import kl_weight, vae_loss
+from imgvae.models.quantized import code_usage
 from imgvae.models.registry import build_vae
 from imgvae.runtime import Processes, RunningMean
 from imgvae.train.adversary import Adversary
@@ -53,15 +55,20 @@ def eval_loss(model: VAE, loader, dataset: ImageDataset, cfg: LossConfig, device
     """Mean loss over the held-out set, reconstructing from the posterior mean
     (deterministic); the KL term is exact."""
     model.eval()
-    stats = RunningMean()
+    stats, codes = RunningMean(), None
     for images, _, bad_items in loader:
         bad.add(dataset, bad_items)
         if len(images) == 0:
             continue
         x = to_model_input(images, device)
-        stats.add(vae_loss(x, model(x, sample=False), cfg)[1], len(images))
+        out = model(x, sample=False)
+        stats.add(vae_loss(x, out, cfg)[1], len(images))
+        if isinstance(out.posterior, Quantized):  # the codes used over the whole set, not per batch
+            counts = torch.bincount(out.posterior.indices.flatten().long().cpu(), minlength=out.posterior.codebook_size)
+            codes = counts if codes is None else codes + counts
     model.train()
-    return stats.means()
+    health = code_usage(codes) if codes is not None else {}
+    return stats.means() | {f"codebook_{k}": health[k] for k in ("usage", "perplexity") if health}
 
 
 @dataclass
@@ -146,6 +153,11 @@ class VAETask:
         data, stats = self.data, {}
         if data.eval_loader is not None:
             stats = eval_loss(model, data.eval_loader, data.eval_set, self.cfg.loss, self.device, data.bad_files)
+        usage, floor = stats.get("codebook_usage"), getattr(self.cfg.model, "usage_warning", 0)
+        if usage is not None and usage < floor:
+            warnings.warn(f"epoch {epoch}: the held-out images use {usage:.1%} of the {model.codebook_size} codes, "
+                          f"below model.usage_warning={floor:g} (codebook collapse: try model.cosine=true, a "
+                          "lower model.codebook_dim, model.dead_code_threshold > 0)", stacklevel=1)
         pictures = (self.fixed_images.float() / 255, reconstruct(model, normalize(self.fixed_images)),
                     decode(model, self.fixed_noise))
         return stats, dict(zip(rundir.GRID_KINDS, pictures))

@@ -1,0 +1,102 @@
+"""Discrete latents: kl-f*'s encoder and decoder (diffusers' blocks) around a quantiser from
+vector-quantize-pytorch, so the latent is a grid of tokens, each one of a codebook's codes
+(VQGAN, LDM's vq-f4 / vq-f8, FSQ, lookup-free quantisation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from imgvae.config import ConfigError, ModelConfig
+from imgvae.models.autoencoder_kl import kl_groups
+from imgvae.models.base import VAE, Quantized, register
+
+
+def build_quantizer(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """model.quantizer's module over (B, latent_channels, h, w) maps -> (module, codebook size)."""
+    from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize  # here: it imports einx and loguru
+
+    c = cfg.latent_channels
+    if cfg.quantizer == "fsq":
+        return FSQ(levels=list(cfg.fsq_levels), dim=c, channel_first=True), math.prod(cfg.fsq_levels)
+    if cfg.quantizer == "lfq":
+        return LFQ(dim=c, codebook_size=cfg.codebook_size, commitment_loss_weight=cfg.commitment,
+                   channel_first=True), cfg.codebook_size
+    vq = VectorQuantize(dim=c, codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim, decay=cfg.decay,
+                        kmeans_init=cfg.kmeans_init, use_cosine_sim=cfg.cosine,
+                        threshold_ema_dead_code=cfg.dead_code_threshold, rotation_trick=cfg.rotation_trick,
+                        commitment_weight=cfg.commitment, accept_image_fmap=True)
+    return vq, cfg.codebook_size
+
+
+class QuantizedAutoencoder(VAE):
+    """vq-f4 / vq-f8: tokens on a (S / f, S / f) grid, f = 2**downsamplings; the encoder gives
+    latent_channels per position, the quantiser replaces them by a code, the decoder draws the
+    image from the codes. Any image_size divisible by f."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int, scale: str, downsamplings: int):
+        super().__init__(scale)
+        factor = 2**downsamplings
+        if image_size % factor:
+            raise ConfigError(f"data.image_size: model 'vq-f{factor}' needs image_size divisible by {factor}, "
+                              f"got {image_size}")
+        from diffusers.models.autoencoders.vae import Decoder, Encoder  # here: importing diffusers takes seconds
+
+        widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
+        side, c, levels = image_size // factor, cfg.latent_channels, downsamplings + 1
+        self.latent_shape, self.token_shape = (c, side, side), (side, side)
+        common = {"block_out_channels": tuple(widths), "norm_num_groups": kl_groups(cfg)}
+        self.encoder = Encoder(in_channels=3, out_channels=c, down_block_types=("DownEncoderBlock2D",) * levels,
+                               layers_per_block=cfg.blocks, double_z=False, **common)
+        self.kind = cfg.quantizer
+        self.quantizer, self.codebook_size = build_quantizer(cfg)
+        self.decoder = Decoder(in_channels=c, out_channels=self.out_channels, layers_per_block=cfg.blocks - 1,
+                               up_block_types=("UpDecoderBlock2D",) * levels, **common)
+
+    def encode(self, x: torch.Tensor) -> Quantized:
+        h = self.encoder(x)
+        with torch.autocast(h.device.type, enabled=False):  # codebooks and distances in float32
+            if self.kind == "fsq":
+                (z, indices), aux, parts = self.quantizer(h.float()), torch.zeros((), device=h.device), {}
+            elif self.kind == "lfq":  # its entropy loss (weighted) and commitment
+                (z, indices, aux), breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
+                parts = {"entropy": aux - self.quantizer.commitment_loss_weight * breakdown.commitment,
+                         "commitment": breakdown.commitment}
+            else:  # the EMA updates the codebook: no codebook loss, only the (weighted) commitment
+                z, indices, aux, breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
+                parts = {"commitment": breakdown.commitment}
+        stats = {k: v.detach().reshape(()) for k, v in parts.items()}
+        return Quantized(z, indices, self.codebook_size, aux.reshape(()), stats)
+
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.encoder, self.quantizer]
+
+
+register("vq-f4")(lambda cfg, image_size, scale="none": QuantizedAutoencoder(cfg, image_size, scale, 2))
+register("vq-f8")(lambda cfg, image_size, scale="none": QuantizedAutoencoder(cfg, image_size, scale, 3))
+
+
+def code_usage(counts: torch.Tensor) -> dict:
+    """Codebook health from how often each code was used over a whole image set (not a batch):
+    used / dead codes, usage (used / size) and perplexity (exp of the codes' entropy)."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    used = int((counts > 0).sum())
+    return {"size": len(counts), "used": used, "dead": len(counts) - used, "usage": used / len(counts),
+            "perplexity": float(entropy.exp())}
+
+
+def refuse_discrete(cfg: ModelConfig, what: str) -> None:
+    """One line for a continuous-latent prior (`what`) asked of a discrete-latent model."""
+    if cfg.name in ("vq-f4", "vq-f8"):
+        raise ConfigError(f"{what}: model {cfg.name!r} has a discrete latent (a grid of tokens); the gmm and flow "
+                          "priors model continuous latents and imgvae has no token prior yet")

@@ -1,0 +1,123 @@
+"""Discrete latents (vq-f4 / vq-f8 with VQ, FSQ and LFQ from vector-quantize-pytorch): shapes and
+straight-through gradients, codebook health counted over a whole set, dead codes restarted,
+resume with an EMA codebook, the VQGAN recipe on a short run, and the refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgvae.commands.cli import main
+from imgvae.config import LossConfig, model_config
+from imgvae.evaluation.evaluate import codebook_health
+from imgvae.models.base import Quantized
+from imgvae.models.losses import vae_loss
+from imgvae.models.quantized import code_usage
+from imgvae.models.registry import build_model
+from imgvae.train.engine import train
+
+from conftest import tiny_config, train_tiny_run, write_jpegs
+
+SMALL = {"vq": {"codebook_size": 64}, "fsq": {"fsq_levels": [4, 4, 4], "latent_channels": 3},
+         "lfq": {"codebook_size": 64, "latent_channels": 6}}
+VQ_RUN = ["model.name=vq-f4", "model.base_channels=8", "model.codebook_size=32", "model.latent_channels=4",
+          "train.optimizer=adam", "train.lr=1e-3", "prior.after_training=false"]
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq"])
+@pytest.mark.parametrize("name, side", [("vq-f4", 8), ("vq-f8", 4)])
+def test_shapes_and_straight_through_gradients(quantizer, name, side):
+    torch.manual_seed(0)
+    keys = {"base_channels": 8, "latent_channels": 4, "quantizer": quantizer} | SMALL[quantizer]
+    model = build_model(model_config(name, **keys), 32, "scalar")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(x)
+    posterior = out.posterior
+    assert isinstance(posterior, Quantized) and out.x_hat.shape == (2, 3, 32, 32)
+    assert posterior.indices.shape == (2, side, side)
+    assert posterior.mean.shape == (2, keys["latent_channels"], side, side)
+    assert 0 <= int(posterior.indices.min()) and int(posterior.indices.max()) < model.codebook_size
+    # The rate: log2(codebook size) bits per token, as the KL of a one-hot posterior under a uniform prior.
+    assert float(posterior.kl().sum((1, 2, 3))[0]) == pytest.approx(side * side * math.log(model.codebook_size))
+    loss, stats = vae_loss(x, out, LossConfig())
+    loss.backward()
+    # Gradients reach the encoder through the quantiser (straight-through / rotation trick).
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0 and model.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert ("commitment" in stats) == (quantizer in ("vq", "lfq")) and ("entropy" in stats) == (quantizer == "lfq")
+
+
+def test_usage_is_counted_over_a_whole_set_on_constructed_indices():
+    counts = torch.bincount(torch.tensor([0, 0, 1, 3]), minlength=8)
+    health = code_usage(counts)
+    entropy = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert health == {"size": 8, "used": 3, "dead": 5, "usage": 3 / 8, "perplexity": pytest.approx(math.exp(entropy))}
+    # Two batches that each use 2 codes use 4 together: usage is over the set, not a batch.
+    both = torch.bincount(torch.tensor([0, 1]), minlength=8) + torch.bincount(torch.tensor([2, 3]), minlength=8)
+    book = codebook_health(both, tokens=64)
+    assert book["used"] == 4 and book["usage"] == 0.5 and book["bits_per_image"] == 64 * 3
+
+
+def test_a_dead_code_is_restarted_from_the_batch_and_used_again():
+    torch.manual_seed(0)
+    model = build_model(model_config("vq-f4", base_channels=8, codebook_size=16, latent_channels=4), 16).train()
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    model.encode(x)  # k-means initialisation from the first batch
+    book = model.quantizer._codebook
+    with torch.no_grad():  # code 3: far from every input, and (by its EMA count) unused for long
+        book.embed[0, 3] = torch.tensor([0.0, 0.0, 0.0, -1.0])
+        book.cluster_size[0, 3] = 0.0
+    dead = book.embed[0, 3].clone()
+    used = [int((model.encode(x).indices == 3).sum()) for _ in range(3)]
+    assert not torch.equal(book.embed[0, 3], dead) and used[-1] > 0, used
+
+
+def test_resume_with_an_ema_codebook_equals_a_straight_run(tmp_path):
+    write_jpegs(tmp_path / "photos", 16, seed=1)
+    photos = [tmp_path / "photos"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(photos, photos, *VQ_RUN, "train.epochs=4", "train.ckpt_every=0"), straight, progress=False)
+    train(tiny_config(photos, photos, *VQ_RUN, "train.epochs=2", "train.ckpt_every=0"), resumed, progress=False)
+    assert main(["train", "--resume", str(resumed), "--no-progress", "train.epochs=4"]) == 0
+    a, b = (load_file(str(r / "checkpoints" / "last" / "model.safetensors")) for r in (straight, resumed))
+    assert any("_codebook.embed" in k for k in a) and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_the_vqgan_recipe_trains_stably_when_the_discriminator_starts(tmp_path, recwarn):
+    """The vqgan preset, small: the PatchGAN starts at step 4 of 12; no divergence, no collapse,
+    and every view has the codebook: history, metrics.json, the printed table."""
+    run = train_tiny_run(tmp_path, "--config", "vqgan", *VQ_RUN, "loss.adversarial_start=4", "train.epochs=6",
+                         "eval.after_training=true", "eval.iw_samples=2", "model.usage_warning=0.25", n_train=24)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert len(history) == 6 and all(math.isfinite(s["loss"]) for s in steps)
+    assert "generator" not in steps[2] and all("generator" in s and "gan_weight" in s for s in steps[4:]), steps[-1]
+    assert history[-1]["train/recon"] < history[0]["train/recon"]
+    assert all(h["eval/codebook_usage"] >= 0.25 for h in history[1:]), [h["eval/codebook_usage"] for h in history]
+    book = json.loads((run / "metrics.json").read_text())["codebook"]
+    assert book["size"] == 32 and book["used"] + book["dead"] == 32 and book["bits_per_image"] == 64 * 5
+    assert not [w for w in recwarn.list if "codebook collapse" in str(w.message)]
+
+
+def test_collapse_is_warned_each_epoch(tmp_path):
+    with pytest.warns(UserWarning, match=r"epoch 1: the held-out images use .*% of the 32 codes, below "
+                                         r"model.usage_warning=1 \(codebook collapse"):
+        train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1", "model.usage_warning=1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit-prior", "{run}"], "fit-prior: model 'vq-f4' has a discrete latent"),
+    (["train-prior", "{run}", "-o", "{tmp}/prior"], "train-prior: model 'vq-f4' has a discrete latent"),
+    (["export", "{run}", "-o", "{tmp}/export", "--format", "diffusers"], "no diffusers class fits model 'vq-f4'"),
+])
+def test_continuous_only_verbs_refuse_a_discrete_latent_in_one_line(tmp_path, args, message, capsys):
+    run = train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1")
+    capsys.readouterr()
+    assert main([a.format(run=run, tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert main(["train", "-o", str(tmp_path / "r2"), "model.name=vq-f4", "prior.after_training=true"]) == 2
+    assert "prior.after_training: model 'vq-f4' has a discrete latent" in capsys.readouterr().err
