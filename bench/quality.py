@@ -72,6 +72,8 @@ def score(preset: str, args, out: Path) -> dict:
         "fd_samples_fitted": metrics["distribution"].get("fd_effnet_samples_fitted"),
         "active": f"{metrics['latent']['active_units']}/{metrics['latent']['dims']}", "images": metrics["images"],
         "reference_images": metrics["samples_reference"]["images"],
+        "codebook_usage": metrics.get("codebook", {}).get("usage"),
+        "bits_per_image": metrics.get("codebook", {}).get("bits_per_image"),
     }
 
 
@@ -153,14 +155,17 @@ def main():
           f"scored against {rows[0]['reference_images']} "
           f"{'crops of ' + reference[0] if reference else 'held-out images'}")
     print("| preset | params | img/s | steps | PSNR dB | SSIM | -ELBO bpd | IW bpd | fd_effnet recon "
-          "| fd_effnet samples N(0, I) | fd_effnet samples fitted prior | active units |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| fd_effnet samples N(0, I) | fd_effnet samples fitted prior | active units | codebook usage "
+          "| bits/image |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         gain = f" ({r['psnr'] - seed_psnr:+.1f})" if seed_psnr is not None and r["preset"] != "demo" else ""
         print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['img_per_s']:.1f} | {r['steps']} "
               f"| {r['psnr']:.2f}{gain} | "
               f"{r['ssim']:.3f} | {r['bpd']:.3f} | {r['iw_bpd']:.3f} | {r['fd_recon']:.1f} | {r['fd_samples']:.1f} | "
-              f"{'—' if r['fd_samples_fitted'] is None else format(r['fd_samples_fitted'], '.1f')} | {r['active']} |")
+              f"{'—' if r['fd_samples_fitted'] is None else format(r['fd_samples_fitted'], '.1f')} | {r['active']} | "
+              f"{'—' if r.get('codebook_usage') is None else format(r['codebook_usage'], '.1%')} | "
+              f"{'—' if r.get('bits_per_image') is None else format(r['bits_per_image'], '.0f')} |")
 
 
 if __name__ == "__main__":
