@@ -5,6 +5,7 @@ resume with an EMA codebook, the VQGAN recipe on a short run, and the refusals."
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -111,7 +112,8 @@ def test_collapse_is_warned_each_epoch(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["fit-prior", "{run}"], "fit-prior: model 'vq-f4' has a discrete latent"),
     (["train-prior", "{run}", "-o", "{tmp}/prior"], "train-prior: model 'vq-f4' has a discrete latent"),
-    (["export", "{run}", "-o", "{tmp}/export", "--format", "diffusers"], "no diffusers class fits model 'vq-f4'"),
+    (["export", "{run}", "-o", "{tmp}/export", "--format", "diffusers"],
+     "diffusers' VQModel cannot hold model 'vq-f4': its codes are compared by cosine (model.cosine=true)"),
 ])
 def test_continuous_only_verbs_refuse_a_discrete_latent_in_one_line(tmp_path, args, message, capsys):
     run = train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1")
@@ -121,3 +123,52 @@ def test_continuous_only_verbs_refuse_a_discrete_latent_in_one_line(tmp_path, ar
     assert err.count("\n") == 1 and message in err, err
     assert main(["train", "-o", str(tmp_path / "r2"), "model.name=vq-f4", "prior.after_training=true"]) == 2
     assert "prior.after_training: model 'vq-f4' has a discrete latent" in capsys.readouterr().err
+
+
+def test_encode_writes_tokens_in_the_smallest_type_equal_to_a_direct_computation(tmp_path, capsys):
+    from imgvae.data.datasets import build_dataset
+    from imgvae.data.decode import normalize
+    from imgvae.io.latents import token_dtype
+    from imgvae.io.paths import load_model
+
+    assert [token_dtype(k) for k in (2, 256, 257, 65536, 65537)] == [np.uint8, np.uint8, np.uint16, np.uint16,
+                                                                      np.uint32]
+    run = train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1")
+    out = tmp_path / "tokens"
+    assert main(["encode", str(run), "-o", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokens = np.load(out / "tokens.npy", mmap_mode="r")
+    assert tokens.dtype == np.uint8 and tokens.shape == (16, 8, 8)
+    assert manifest["tokens"] == {"shape": [8, 8], "codebook_size": 32, "dtype": "uint8"}
+    model, cfg = load_model(run)
+    views = build_dataset(cfg.data.train, cfg.data, train=False, seed=0)
+    keys = (out / "keys.txt").read_text().split()
+    x = normalize(torch.stack([views.load(i) for i in range(len(views))]))
+    with torch.no_grad():
+        direct = model.encode(x).indices.numpy()
+    assert keys == [views.key(i) for i in range(len(views))]
+    np.testing.assert_array_equal(tokens, direct)
+
+
+def test_a_euclidean_vq_model_exports_to_a_diffusers_vq_model_with_the_same_reconstructions(tmp_path, capsys):
+    from diffusers import VQModel
+
+    from imgvae.data.decode import normalize
+    from imgvae.io.paths import load_model
+
+    run = train_tiny_run(tmp_path, *VQ_RUN, "model.cosine=false", "train.epochs=1", "loss.sigma=pixel")
+    assert main(["export", str(run), "-o", str(tmp_path / "export"), "--no-progress"]) == 0
+    net = VQModel.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+    model, _ = load_model(run)
+    x = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        ours = model(x, sample=False)
+        theirs = net.decode(net.encode(x).latents).sample
+    torch.testing.assert_close(theirs, ours.x_hat, rtol=1e-4, atol=1e-5)
+    assert "VQModel.from_pretrained" in (tmp_path / "export" / "README.md").read_text()
+    fsq = train_tiny_run(tmp_path / "fsq", *VQ_RUN, "model.quantizer=fsq", "model.latent_channels=3",
+                         "model.fsq_levels=[4,4,4]", "train.epochs=1")
+    capsys.readouterr()
+    assert main(["export", str(fsq), "-o", str(tmp_path / "fsq-export"), "--format", "diffusers"]) == 2
+    assert "its quantiser is 'fsq', which has no codebook lookup" in capsys.readouterr().err
+    assert main(["export", str(fsq), "-o", str(tmp_path / "fsq-export"), "--no-progress"]) == 0  # safetensors

@@ -14,11 +14,12 @@ import yaml
 from safetensors.torch import save_file
 
 from imgvae.config import Config, ConfigError, to_dict
-from imgvae.io.interop import diffusers_network
+from imgvae.io.interop import diffusers_network, vq_model_network
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import EXPORT_FORMAT, run_dir_of
 from imgvae.models.autoencoder_kl import AutoencoderKL, KLAutoencoder
 from imgvae.models.base import VAE
+from imgvae.models.quantized import QuantizedAutoencoder
 from imgvae.rundir import METRICS, read_json, write_text_atomic
 
 FORMATS = ("diffusers", "safetensors")
@@ -29,12 +30,17 @@ def export_format(model: VAE, cfg: Config, fmt: str | None) -> str:
     safetensors); refused in one line when the model cannot go there."""
     if fmt not in (None, *FORMATS):
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
-    kl = isinstance(model, (AutoencoderKL, KLAutoencoder))
-    fmt = fmt or ("diffusers" if kl else "safetensors")
-    if fmt == "diffusers" and not kl:
+    fits = isinstance(model, (AutoencoderKL, KLAutoencoder)) or (isinstance(model, QuantizedAutoencoder)
+                                                                 and model.vq_model_blocker() is None)
+    fmt = fmt or ("diffusers" if fits else "safetensors")
+    if fmt == "diffusers" and isinstance(model, QuantizedAutoencoder) and not fits:
+        raise ConfigError(f"--format diffusers: diffusers' VQModel cannot hold model {cfg.model.name!r}: "
+                          f"{model.vq_model_blocker()}; use --format safetensors")
+    if fmt == "diffusers" and not fits:
         latent = "x".join(map(str, model.latent_shape))
-        raise ConfigError(f"--format diffusers takes the KL models (autoencoder-kl, kl-f4, kl-f8); no diffusers class "
-                          f"fits model {cfg.model.name!r} (latent {latent}): use --format safetensors")
+        raise ConfigError(f"--format diffusers takes the KL models (autoencoder-kl, kl-f4, kl-f8) and vq-f* with a "
+                          f"plain codebook; no diffusers class fits model {cfg.model.name!r} (latent {latent}): use "
+                          "--format safetensors")
     return fmt
 
 
@@ -48,8 +54,9 @@ def write_export(model: VAE, cfg: Config, source: Path, out: Path, fmt: str, sta
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if fmt == "diffusers":
-            diffusers_network(model, cfg, scale["scaling_factor"], scale["shift_factor"]).save_pretrained(
-                tmp, safe_serialization=True)
+            network = (vq_model_network(model, cfg, scale["scaling_factor"]) if isinstance(model, QuantizedAutoencoder)
+                       else diffusers_network(model, cfg, scale["scaling_factor"], scale["shift_factor"]))
+            network.save_pretrained(tmp, safe_serialization=True)
         else:
             _save_plain(model, cfg, stats, scale, tmp)
         write_text_atomic(tmp / "README.md", model_card(model, cfg, source, fmt, stats, images, scale))
@@ -74,7 +81,10 @@ def model_card(model: VAE, cfg: Config, checkpoint: Path, fmt: str, stats: dict,
     run = run_dir_of(checkpoint)
     metrics = read_json(run / METRICS) if run else None
     latent = "x".join(map(str, model.latent_shape))
-    use = ('from diffusers import AutoencoderKL\nvae = AutoencoderKL.from_pretrained("THIS_FOLDER")\n'
+    use = ('from diffusers import VQModel\nvq = VQModel.from_pretrained("THIS_FOLDER")\n'
+           "x_hat = vq.decode(vq.encode(x).latents).sample  # decode quantises"
+           if fmt == "diffusers" and isinstance(model, QuantizedAutoencoder) else
+           'from diffusers import AutoencoderKL\nvae = AutoencoderKL.from_pretrained("THIS_FOLDER")\n'
            "z = (vae.encode(x).latent_dist.sample() - vae.config.shift_factor) * vae.config.scaling_factor"
            if fmt == "diffusers" else
            "imgvae evaluate THIS_FOLDER --data PHOTOS   # or: from imgvae.checkpoint import load_model")

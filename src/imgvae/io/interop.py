@@ -18,6 +18,8 @@ from imgvae.models.autoencoder_kl import (
     as_autoencoder_kl,
     autoencoder_kl_arguments,
     autoencoder_kl_config,
+    diffusers_blocks,
+    mean_outputs,
 )
 from imgvae.models.base import VAE
 from imgvae.models.registry import build_vae
@@ -147,4 +149,30 @@ def diffusers_network(model: VAE, cfg: Config, scaling_factor: float, shift_fact
                                  scaling_factor=scaling_factor, shift_factor=shift_factor,
                                  **{k: v for k, v in fields.items() if v is not None})
     net.load_state_dict(as_autoencoder_kl(model), strict=True)
+    return net.eval()
+
+
+def vq_model_network(model: VAE, cfg: Config, scaling_factor: float):
+    """A plain diffusers VQModel computing what a vq-f* model computes (its mean outputs): the
+    same encoder, an identity quant_conv, the codebook as its embedding, an identity
+    post_quant_conv, the decoder (with identity layers, diffusers_blocks). Refused in one line
+    when the model's quantiser is not a plain Euclidean lookup (vq_model_blocker)."""
+    from diffusers import VQModel
+
+    reason = model.vq_model_blocker()
+    if reason:
+        raise ConfigError(f"--format diffusers: diffusers' VQModel cannot hold model {cfg.model.name!r}: {reason}; "
+                          "use --format safetensors")
+    c, levels = model.latent_shape[0], len(model.widths)
+    net = VQModel(block_out_channels=tuple(model.widths), down_block_types=("DownEncoderBlock2D",) * levels,
+                  up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=cfg.model.blocks,
+                  latent_channels=c, num_vq_embeddings=model.codebook_size, vq_embed_dim=c,
+                  norm_num_groups=model.encoder.conv_norm_out.num_groups, sample_size=cfg.data.image_size,
+                  scaling_factor=scaling_factor)
+    identity = torch.eye(c)[:, :, None, None]
+    weights = mean_outputs(diffusers_blocks(model.encoder, model.decoder)) | {
+        "quant_conv.weight": identity, "quant_conv.bias": torch.zeros(c),
+        "post_quant_conv.weight": identity, "post_quant_conv.bias": torch.zeros(c),
+        "quantize.embedding.weight": model.quantizer._codebook.embed[0].detach().float()}
+    net.load_state_dict(weights, strict=True)
     return net.eval()

@@ -23,6 +23,11 @@ LATENTS_FORMAT, LATENTS_VERSION = "imgvae-latents", 1
 LATENT_SCALES = ("keep", "recompute")
 
 
+def token_dtype(codebook_size: int) -> type:
+    """The smallest unsigned integer type that holds every index of a codebook."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32) if codebook_size - 1 <= np.iinfo(t).max)
+
+
 def _own_scale(model_cfg) -> dict | None:
     own = getattr(model_cfg, "scaling_factor", None)
     return None if own is None else {"scaling_factor": own, "shift_factor": model_cfg.shift_factor}
@@ -125,6 +130,8 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
       latents.npy        (N, *latent_shape) float32 posterior means, memory-mapped when read
       logvar.npy         the same shape, the log-variances (with logvar=True)
       posterior_var.npy  (N, C) each image's mean posterior variance per latent channel
+      tokens.npy         (N, h, w) the code indices of a discrete latent, in the smallest
+                         unsigned integer type that holds the codebook (token_dtype)
       keys.txt, valid.npy  the source of each row; the rows that decoded
       manifest.json      the checkpoint, preprocessing, counts, skipped files, statistics and the
                          latent scale (latent_scale of model_cfg: its own and the measured one)
@@ -135,7 +142,11 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
             "chunk": chunk, "preprocessing": preprocessing(dataset.cfg), "logvar": logvar}
     shape, channels = (len(dataset), *model.latent_shape), model.latent_shape[0]
     arrays = {"latents": (shape, np.float32), "posterior_var": ((len(dataset), channels), np.float32)}
-    output = ChunkedOutput(Path(out), plan, arrays | ({"logvar": (shape, np.float32)} if logvar else {}))
+    if logvar:
+        arrays["logvar"] = (shape, np.float32)
+    if hasattr(model, "token_shape"):  # a discrete latent: its code indices too
+        arrays["tokens"] = ((len(dataset), *model.token_shape), token_dtype(model.codebook_size))
+    output = ChunkedOutput(Path(out), plan, arrays)
     started = time.time()
     _encode_pending(model, dataset, output, batch, num_workers, progress, f"encode {Path(out).name}")
     valid, skipped = output.index(dataset, specs)
@@ -149,6 +160,8 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
         "preprocessing": plan["preprocessing"], "sources": plan["sources"], "latent_shape": list(model.latent_shape),
         "rows": len(dataset), "count": int(len(valid)), "skipped": skipped, "statistics": stats,
         "latent_scale": latent_scale(model_cfg, stats, scale), "seconds_last_run": round(time.time() - started, 2),
+        **({"tokens": {"shape": list(model.token_shape), "codebook_size": model.codebook_size,
+                       "dtype": np.dtype(token_dtype(model.codebook_size)).name}} if "tokens" in arrays else {}),
     })
 
 
@@ -175,6 +188,8 @@ def _encode_pending(model: VAE, dataset: ImageDataset, output: ChunkedOutput, ba
                 values["posterior_var"][at] = _posterior_var(posterior.logvar).float().cpu().numpy()
                 if "logvar" in values:
                     values["logvar"][at] = posterior.logvar.float().cpu().numpy()
+                if "tokens" in values:
+                    values["tokens"][at] = posterior.indices.cpu().numpy().astype(values["tokens"].dtype)
             bar.update(len(images) + len(bad))
             if first + batch >= span.stop:  # the chunk's last batch
                 output.write(current, values, skipped)

@@ -119,20 +119,30 @@ def autoencoder_kl_config(model: VAE, cfg: ModelConfig) -> dict:
             "mid_block_add_attention": True, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
-def as_autoencoder_kl(model: VAE) -> dict:
-    """The state dict of that AutoencoderKL (the decoder's mean outputs only). A kl-f* decoder
-    level's missing last ResNet layer is an identity: its second convolution is zero, so the
-    layer returns its input and the folder reconstructs exactly as `model` does."""
-    if isinstance(model, AutoencoderKL):
-        weights = dict(model.net.state_dict())
-    else:
-        weights = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
-        weights |= {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
-        for i, block in enumerate(model.decoder.up_blocks):
-            spare, width = f"decoder.up_blocks.{i}.resnets.{len(block.resnets)}", block.resnets[-1].conv2.out_channels
-            for norm in ("norm1", "norm2"):
-                weights |= {f"{spare}.{norm}.weight": torch.ones(width), f"{spare}.{norm}.bias": torch.zeros(width)}
-            for conv in ("conv1", "conv2"):
-                weights |= {f"{spare}.{conv}.weight": torch.zeros(width, width, 3, 3),
-                            f"{spare}.{conv}.bias": torch.zeros(width)}
+def diffusers_blocks(encoder: nn.Module, decoder: nn.Module) -> dict:
+    """The encoder.* / decoder.* weights of a diffusers model with `layers_per_block` layers per
+    level for a kl-f* / vq-f* encoder and decoder (a decoder level of diffusers' has one more):
+    each level's missing last ResNet layer is an identity, its second convolution zero, so the
+    layer returns its input and the diffusers model computes exactly what ours does."""
+    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    weights |= {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    for i, block in enumerate(decoder.up_blocks):
+        spare, width = f"decoder.up_blocks.{i}.resnets.{len(block.resnets)}", block.resnets[-1].conv2.out_channels
+        for norm in ("norm1", "norm2"):
+            weights |= {f"{spare}.{norm}.weight": torch.ones(width), f"{spare}.{norm}.bias": torch.zeros(width)}
+        for conv in ("conv1", "conv2"):
+            weights |= {f"{spare}.{conv}.weight": torch.zeros(width, width, 3, 3),
+                        f"{spare}.{conv}.bias": torch.zeros(width)}
+    return weights
+
+
+def mean_outputs(weights: dict) -> dict:
+    """The decoder's mean outputs only: a per-pixel sigma's 3 extra channels dropped."""
     return {k: v[:3] if k.startswith("decoder.conv_out.") else v for k, v in weights.items()}
+
+
+def as_autoencoder_kl(model: VAE) -> dict:
+    """The state dict of the AutoencoderKL autoencoder_kl_config describes (mean outputs only)."""
+    if isinstance(model, AutoencoderKL):
+        return mean_outputs(dict(model.net.state_dict()))
+    return mean_outputs(diffusers_blocks(model.encoder, model.decoder))

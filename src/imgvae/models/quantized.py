@@ -19,11 +19,12 @@ def build_quantizer(cfg: ModelConfig) -> tuple[nn.Module, int]:
     from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize  # here: it imports einx and loguru
 
     c = cfg.latent_channels
-    if cfg.quantizer == "fsq":
-        return FSQ(levels=list(cfg.fsq_levels), dim=c, channel_first=True), math.prod(cfg.fsq_levels)
-    if cfg.quantizer == "lfq":
-        return LFQ(dim=c, codebook_size=cfg.codebook_size, commitment_loss_weight=cfg.commitment,
-                   channel_first=True), cfg.codebook_size
+    with torch.device("cpu"):  # FSQ and LFQ read their small tables on the host: not on the meta device
+        if cfg.quantizer == "fsq":
+            return FSQ(levels=list(cfg.fsq_levels), dim=c, channel_first=True), math.prod(cfg.fsq_levels)
+        if cfg.quantizer == "lfq":
+            return LFQ(dim=c, codebook_size=cfg.codebook_size, commitment_loss_weight=cfg.commitment,
+                       channel_first=True), cfg.codebook_size
     vq = VectorQuantize(dim=c, codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim, decay=cfg.decay,
                         kmeans_init=cfg.kmeans_init, use_cosine_sim=cfg.cosine,
                         threshold_ema_dead_code=cfg.dead_code_threshold, rotation_trick=cfg.rotation_trick,
@@ -50,7 +51,7 @@ class QuantizedAutoencoder(VAE):
         common = {"block_out_channels": tuple(widths), "norm_num_groups": kl_groups(cfg)}
         self.encoder = Encoder(in_channels=3, out_channels=c, down_block_types=("DownEncoderBlock2D",) * levels,
                                layers_per_block=cfg.blocks, double_z=False, **common)
-        self.kind = cfg.quantizer
+        self.kind, self.cosine, self.widths = cfg.quantizer, cfg.cosine, widths
         self.quantizer, self.codebook_size = build_quantizer(cfg)
         self.decoder = Decoder(in_channels=c, out_channels=self.out_channels, layers_per_block=cfg.blocks - 1,
                                up_block_types=("UpDecoderBlock2D",) * levels, **common)
@@ -72,6 +73,18 @@ class QuantizedAutoencoder(VAE):
 
     def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
+
+    def vq_model_blocker(self) -> str | None:
+        """Why diffusers' VQModel cannot compute what this model does (None: it can). Its
+        quantiser is a plain nearest-code lookup in the latent's own dimensions."""
+        if self.kind != "vq":
+            return f"its quantiser is {self.kind!r}, which has no codebook lookup (VQModel's only quantiser)"
+        book = self.quantizer._codebook
+        if self.cosine:
+            return "its codes are compared by cosine (model.cosine=true); VQModel compares by Euclidean distance"
+        if book.embed.shape[-1] != self.latent_shape[0]:
+            return "its codes are looked up in a lower dimension (model.codebook_dim); VQModel looks up in the latent's"
+        return None
 
     def last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
