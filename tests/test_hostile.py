@@ -40,7 +40,7 @@ MISSING_DATA = "data.train=[/no/such/folder]"  # were data read first, the error
 
 @pytest.mark.parametrize("override, message", [
     ("model.name=foo", "model.name: unknown model 'foo'; available: ['autoencoder-kl', 'kl-f4', 'kl-f8', 'resnet', "
-                       "'seed']"),
+                       "'seed', 'vq-f4', 'vq-f8']"),
     ("data.image_size=60", "data.image_size: model 'seed' needs image_size divisible by 8, got 60"),
     ("data.image_size=0", "data.image_size must be > 0, got 0"),
     ("model.latent_dim=-4", "model.latent_dim must be > 0, got -4"),

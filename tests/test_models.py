@@ -58,7 +58,7 @@ def test_shapes_at_several_sizes(name, size, scale):
 
 def test_registry_rejects_unknown_names_and_bad_sizes():
     with pytest.raises(ValueError, match=r"unknown model 'vqvae'; available: \['autoencoder-kl', 'kl-f4', 'kl-f8', "
-                                         r"'resnet', 'seed'\]"):
+                                         r"'resnet', 'seed', 'vq-f4', 'vq-f8'\]"):
         build_model(model_config("vqvae"), 64)
     with pytest.raises(ValueError, match="divisible by 8"):
         build_model(model_config(), 60)

@@ -62,10 +62,9 @@ class AutoencoderKL(VAE):
 
 def kl_groups(cfg: ModelConfig) -> int:
     """GroupNorm groups of a kl-f* model, one count for every level as diffusers' blocks take it:
-    latent-diffusion's 32, or one channel per group at the first level when it is narrower. Few
-    channels per group train faster (bench/RESULTS.md: 8 groups at 32-64-128 channels cost 3 dB
-    at 192 steps)."""
-    return min(32, cfg.base_channels)
+    4 channels per group at the first level (imgvae 0.1's rule there), at most 32. bench/RESULTS.md
+    has what 32 groups and 0.1's per-level counts did."""
+    return min(32, cfg.base_channels // 4) or 1
 
 
 class KLAutoencoder(VAE):
