@@ -1,7 +1,7 @@
 """latent-diffusion's KL autoencoder, one implementation: diffusers' encoder and decoder blocks.
 autoencoder-kl is diffusers' AutoencoderKL itself (what Stable Diffusion's VAEs are); kl-f4 /
-kl-f8 are the same blocks with one ResNet layer fewer per decoder level (cheaper on a CPU, and
-better at equal steps), written to an AutoencoderKL folder exactly by as_autoencoder_kl."""
+kl-f8 are the same blocks with one ResNet layer fewer per decoder level (cheaper on a CPU),
+written to an AutoencoderKL folder exactly by as_autoencoder_kl."""
 
 from __future__ import annotations
 
