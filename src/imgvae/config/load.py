@@ -159,8 +159,7 @@ NON_NEGATIVE = {
 }
 
 
-# Upper bounds of the numeric keys: beyond them a value is a typo, or would exhaust memory or time
-# before the first step (an image size of 10^9, 10^12 loader processes).
+# Upper bounds of the numeric keys: beyond them a value is a typo, or exhausts memory or time first.
 MAXIMUM = {
     "DataConfig": {"image_size": 4096, "crop_size": 2**16, "views_per_image": 10**5, "eval_views_per_image": 10**5,
                    "eval_limit": 10**12, "num_workers": 256, "memory_cache_gb": 2**20, "device_cache_gb": 2**20,
@@ -244,17 +243,14 @@ def _validate(cfg, prefix: str) -> None:
         raise ConfigError(f"{prefix}iw_samples must be >= 1, got {cfg.iw_samples}")
 
 
-def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:
+def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:  # decay, FSQ levels, LFQ's power of 2
     if not 0 < cfg.decay < 1:
         raise ConfigError(f"{prefix}decay is an EMA decay in (0, 1), got {cfg.decay}")
-    levels = cfg.fsq_levels
-    if cfg.quantizer == "fsq" and (not 1 <= len(levels) <= 16 or min(levels) < 2 or max(levels) > 2**16):
-        raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of 2 to 65,536 levels each, got {levels}")
+    lv = cfg.fsq_levels
+    if cfg.quantizer == "fsq" and not (1 <= len(lv) <= 16 and 2 <= min(lv) <= max(lv) <= 2**16):
+        raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of 2 to 65,536 levels each, got {lv}")
     if cfg.quantizer == "lfq" and (cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1)):
-        raise ConfigError(f"{prefix}codebook_size: quantizer 'lfq' needs a power of 2 (one sign per bit), "
-                          f"got {cfg.codebook_size}")
-    if cfg.quantizer == "vq" and cfg.codebook_size < 2:
-        raise ConfigError(f"{prefix}codebook_size must be >= 2, got {cfg.codebook_size}")
+        raise ConfigError(f"{prefix}codebook_size: quantizer 'lfq' needs a power of 2, got {cfg.codebook_size}")
 
 
 def _check_train(cfg: TrainConfig, prefix: str) -> None:
