@@ -67,6 +67,27 @@ def kl_groups(cfg: ModelConfig) -> int:
     return min(32, cfg.base_channels // 4) or 1
 
 
+def kl_blocks(cfg: ModelConfig, image_size: int, downsamplings: int, family: str, out_channels: int,
+              double_z: bool) -> tuple[nn.Module, nn.Module, list[int], int]:
+    """kl-f* / vq-f* blocks: diffusers' Encoder (model.blocks ResNet layers per level) and Decoder
+    (as many), channels base * (1, 2, 4, 4), kl_groups groups; refused in one line when
+    2**downsamplings does not divide image_size. -> (encoder, decoder, widths, latent side)."""
+    factor = 2**downsamplings
+    if image_size % factor:
+        raise ConfigError(f"data.image_size: model '{family}-f{factor}' needs image_size divisible by {factor}, "
+                          f"got {image_size}")
+    from diffusers.models.autoencoders.vae import Decoder, Encoder  # here: importing diffusers takes seconds
+
+    widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
+    c, levels = cfg.latent_channels, downsamplings + 1
+    common = {"block_out_channels": tuple(widths), "norm_num_groups": kl_groups(cfg)}
+    encoder = Encoder(in_channels=3, out_channels=c, down_block_types=("DownEncoderBlock2D",) * levels,
+                      layers_per_block=cfg.blocks, double_z=double_z, **common)
+    decoder = Decoder(in_channels=c, out_channels=out_channels, layers_per_block=cfg.blocks - 1,
+                      up_block_types=("UpDecoderBlock2D",) * levels, **common)
+    return encoder, decoder, widths, image_size // factor
+
+
 class KLAutoencoder(VAE):
     """kl-f4 / kl-f8: z is (latent_channels, S / f, S / f), f = 2**downsamplings; diffusers'
     Encoder (model.blocks ResNet layers per level) and Decoder (as many: diffusers' own
@@ -75,20 +96,9 @@ class KLAutoencoder(VAE):
 
     def __init__(self, cfg: ModelConfig, image_size: int, scale: str, downsamplings: int):
         super().__init__(scale)
-        factor = 2**downsamplings
-        if image_size % factor:
-            raise ConfigError(f"data.image_size: model 'kl-f{factor}' needs image_size divisible by {factor}, "
-                              f"got {image_size}")
-        from diffusers.models.autoencoders.vae import Decoder, Encoder  # here: importing diffusers takes seconds
-
-        self.widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
-        side, c, levels = image_size // factor, cfg.latent_channels, downsamplings + 1
-        self.latent_shape = (c, side, side)
-        common = {"block_out_channels": tuple(self.widths), "norm_num_groups": kl_groups(cfg)}
-        self.encoder = Encoder(in_channels=3, out_channels=c, down_block_types=("DownEncoderBlock2D",) * levels,
-                               layers_per_block=cfg.blocks, double_z=True, **common)
-        self.decoder = Decoder(in_channels=c, out_channels=self.out_channels, layers_per_block=cfg.blocks - 1,
-                               up_block_types=("UpDecoderBlock2D",) * levels, **common)
+        self.encoder, self.decoder, self.widths, side = kl_blocks(cfg, image_size, downsamplings, "kl",
+                                                                  self.out_channels, double_z=True)
+        self.latent_shape = (cfg.latent_channels, side, side)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         mean, logvar = self.encoder(x).chunk(2, dim=1)  # (B, c, S/f, S/f) each

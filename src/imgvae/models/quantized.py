@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from imgvae.config import ConfigError, ModelConfig
-from imgvae.models.autoencoder_kl import kl_groups
+from imgvae.models.autoencoder_kl import kl_blocks
 from imgvae.models.base import VAE, Quantized, register
 
 
@@ -39,22 +39,13 @@ class QuantizedAutoencoder(VAE):
 
     def __init__(self, cfg: ModelConfig, image_size: int, scale: str, downsamplings: int):
         super().__init__(scale)
-        factor = 2**downsamplings
-        if image_size % factor:
-            raise ConfigError(f"data.image_size: model 'vq-f{factor}' needs image_size divisible by {factor}, "
-                              f"got {image_size}")
-        from diffusers.models.autoencoders.vae import Decoder, Encoder  # here: importing diffusers takes seconds
-
-        widths = [cfg.base_channels * m for m in (1, 2, 4, 4, 4)[: downsamplings + 1]]
-        side, c, levels = image_size // factor, cfg.latent_channels, downsamplings + 1
-        self.latent_shape, self.token_shape = (c, side, side), (side, side)
-        common = {"block_out_channels": tuple(widths), "norm_num_groups": kl_groups(cfg)}
-        self.encoder = Encoder(in_channels=3, out_channels=c, down_block_types=("DownEncoderBlock2D",) * levels,
-                               layers_per_block=cfg.blocks, double_z=False, **common)
-        self.kind, self.cosine, self.widths = cfg.quantizer, cfg.cosine, widths
+        encoder, decoder, self.widths, side = kl_blocks(cfg, image_size, downsamplings, "vq", self.out_channels,
+                                                        double_z=False)
+        self.latent_shape, self.token_shape = (cfg.latent_channels, side, side), (side, side)
+        self.kind, self.cosine = cfg.quantizer, cfg.cosine
+        self.encoder = encoder
         self.quantizer, self.codebook_size = build_quantizer(cfg)
-        self.decoder = Decoder(in_channels=c, out_channels=self.out_channels, layers_per_block=cfg.blocks - 1,
-                               up_block_types=("UpDecoderBlock2D",) * levels, **common)
+        self.decoder = decoder
 
     def encode(self, x: torch.Tensor) -> Quantized:
         h = self.encoder(x)
