@@ -1,11 +1,13 @@
 """Generation at equal CPU budget: autoencoders trained on the embedded photos, each with
-its priors (N(0, I), a 10-Gaussian mixture, the flow prior), scored by one table against the
-training distribution: fd_effnet of samples, precision, recall, memorised share; the
-reconstruction floor; real held-out crops of the same photos (what a perfect prior scores);
-prior training time; sampling img/s by ODE step count. And the side-by-side picture.
+its priors (its own: N(0, I), or uniform codes for a discrete latent; a 10-Gaussian mixture and
+the flow prior for a continuous latent; the token prior for a discrete one), scored by one table
+against the training distribution: fd_effnet of samples, precision, recall, memorised share;
+the reconstruction floor; real held-out crops of the same photos (what a perfect prior scores);
+prior training time; sampling img/s by step count. And the side-by-side picture.
 
     python bench/generation.py                                  # seed and sharp, 5 + 4 minutes each
-    python bench/generation.py --models sharp --backbones unet mlp --prior-minutes 6
+    python bench/generation.py --models sharp --backbones transformer unet --prior-minutes 6
+    python bench/generation.py --models kl-f8 vq-f8 fsq-f8      # continuous and discrete latents
     python bench/generation.py --score-only                     # re-score the runs in --out
 """
 
@@ -16,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from imgvae.commands.verbs import fit_checkpoint_prior, train_flow_prior
+from imgvae.commands.verbs import fit_checkpoint_prior, train_prior
 from imgvae.commands.workflow import train_and_evaluate
 from imgvae.config import load_config
 from imgvae.data.datasets import build_dataset
@@ -25,7 +27,9 @@ from imgvae.io.paths import load_model
 from imgvae.io.pictures import save_labelled_rows
 from imgvae.io.priors import prior_sampler
 
-MODELS = {"seed": "demo", "sharp": "sharp", "kl-f8": "kl-f8"}  # name -> preset
+MODELS = {"seed": "demo", "sharp": "sharp", "kl-f4": "kl-f4", "kl-f8": "kl-f8", "vq-f4": "vq-f4", "vq-f8": "vq-f8",
+          "fsq-f8": "fsq-f8"}  # name -> preset
+DISCRETE = {"vq-f4", "vq-f8", "fsq-f8"}  # their learned prior is the token prior; no mixture
 
 
 def train_model(name: str, args, run: Path) -> None:
@@ -36,39 +40,49 @@ def train_model(name: str, args, run: Path) -> None:
     train_and_evaluate(load_config(MODELS[name], overrides), run, progress=False)
 
 
-def make_priors(run: Path, args) -> dict[str, float]:
-    """gmm-10 and one flow prior per backbone -> {prior, as samplers_of names it: training seconds}."""
+def learned(name: str, args) -> dict[str, tuple[str, Path, list[str]]]:
+    """The learned priors of a model's run: {label: (kind, prior run folder, its own prior keys)}."""
+    run = Path(args.out) / name
+    if name in DISCRETE:
+        return {"tokens": ("tokens", run / "prior-tokens", [])}
+    return {f"flow ({b})": ("flow", run / f"prior-flow-{b}", [f"prior.backbone={b}"]) for b in args.backbones}
+
+
+def make_priors(name: str, run: Path, args) -> dict[str, float]:
+    """gmm-10 (continuous latents) and the learned priors -> {prior, as samplers_of names it: training seconds}."""
     seconds = {}
-    started = time.time()
-    fit_checkpoint_prior(run, overrides=["prior.components=10", "prior.images=10000"], progress=False)
-    seconds["gmm-10"] = time.time() - started
-    for backbone in args.backbones:
-        out = run / f"prior-flow-{backbone}"
+    if name not in DISCRETE:
+        started = time.time()
+        fit_checkpoint_prior(run, overrides=["prior.components=10", "prior.images=10000"], progress=False)
+        seconds["gmm-10"] = time.time() - started
+    for label, (_, out, keys) in learned(name, args).items():
         if not (out / "summary.json").is_file():
-            train_flow_prior(run, out, overrides=[f"prior.backbone={backbone}", "prior.epochs=100000",
-                                                  f"train.time_limit={args.prior_minutes}", "prior.ema=0.999",
-                                                  f"prior.width={args.width}"], progress=False)
-        seconds[f"flow ({backbone})"] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
+            train_prior(run, out, overrides=[*keys, f"prior.width={args.width}", f"prior.depth={args.depth}",
+                                             "prior.epochs=100000", f"train.time_limit={args.prior_minutes}",
+                                             "prior.ema=0.999"], progress=False)
+        seconds[label] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
     return seconds
 
 
-def samplers_of(run: Path, model, args) -> dict:
-    draws = {"N(0, I)": prior_sampler(run, model, "standard")[1], "gmm-10": prior_sampler(run, model, "gmm")[1]}
-    for backbone in args.backbones:
-        draws[f"flow ({backbone})"] = prior_sampler(run, model, "flow", prior_run=run / f"prior-flow-{backbone}",
-                                                    steps=args.steps[-1])[1]
+def samplers_of(name: str, run: Path, model, args, steps: int | None = None) -> dict:
+    own = "uniform codes" if name in DISCRETE else "N(0, I)"
+    draws = {own: prior_sampler(run, model, "standard")[1]}
+    if name not in DISCRETE:
+        draws["gmm-10"] = prior_sampler(run, model, "gmm")[1]
+    for label, (kind, out, _) in learned(name, args).items():
+        draws[label] = prior_sampler(run, model, kind, prior_run=out, steps=steps or args.steps[-1])[1]
     return draws
 
 
-def sampling_speed(run: Path, model, args) -> dict:
-    """Flow samples per second (Heun) by step count, decoding included."""
+def sampling_speed(name: str, run: Path, model, args) -> dict:
+    """Learned-prior samples per second (Heun for a flow) by step count, decoding included."""
     speeds = {}
-    for backbone in args.backbones:
-        for steps in args.steps:
-            draw = prior_sampler(run, model, "flow", prior_run=run / f"prior-flow-{backbone}", steps=steps)[1]
-            started = time.perf_counter()
-            draw(64, 0)
-            speeds[f"flow ({backbone}), {steps} steps"] = 64 / (time.perf_counter() - started)
+    for steps in args.steps:
+        for label, draw in samplers_of(name, run, model, args, steps).items():
+            if label in learned(name, args):
+                started = time.perf_counter()
+                draw(64, 0)
+                speeds[f"{label}, {steps} steps"] = 64 / (time.perf_counter() - started)
     return speeds
 
 
@@ -78,10 +92,10 @@ def score(name: str, run: Path, args) -> dict:
     # Held-out crops of the same photos: other random crops (another seed), never trained on.
     held_out = build_dataset(cfg.data.train, cfg.data, train=True, seed=cfg.train.seed + 12345)
     held_out.set_epoch(10_000)
-    draws = samplers_of(run, model, args)
+    draws = samplers_of(name, run, model, args)
     scores = generation_metrics(model, train_views, draws, images=args.images, batch_size=64, seed=args.seed,
                                 held_out=held_out)
-    scores["speed"] = sampling_speed(run, model, args)
+    scores["speed"] = sampling_speed(name, run, model, args)
     scores["rows"] = [(f"{name}, {prior}", draw(8, 1)) for prior, draw in draws.items()]
     return scores
 
@@ -101,10 +115,12 @@ def table(results: dict, seconds: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["seed", "sharp"], choices=sorted(MODELS))
-    parser.add_argument("--backbones", nargs="+", default=["auto"], help="flow backbones to train (auto, unet, mlp)")
+    parser.add_argument("--backbones", nargs="+", default=["auto"],
+                        help="flow backbones to train (auto, transformer, unet, mlp)")
     parser.add_argument("--minutes", type=float, default=5.0, help="autoencoder training per model")
     parser.add_argument("--prior-minutes", type=float, default=4.0, help="flow prior training per backbone")
-    parser.add_argument("--width", type=int, default=64, help="prior.width")
+    parser.add_argument("--width", default="auto", help="prior.width")
+    parser.add_argument("--depth", default="auto", help="prior.depth")
     parser.add_argument("--images", type=int, default=512, help="training views the samples are scored against")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32], help="ODE step counts timed")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +133,7 @@ def main() -> None:
         run = Path(args.out) / name
         if not args.score_only and not (run / "summary.json").is_file():
             train_model(name, args, run)
-        seconds[name] = make_priors(run, args) if not args.score_only else json.loads(
+        seconds[name] = make_priors(name, run, args) if not args.score_only else json.loads(
             (run / "prior_seconds.json").read_text())
         (run / "prior_seconds.json").write_text(json.dumps(seconds[name]))
         results[name] = score(name, run, args)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
-from imgvae.commands.verbs import train_flow_prior
+from imgvae.commands.verbs import train_prior
 from imgvae.config import ConfigError, PriorConfig
 from imgvae.evaluation.generation import memorised_share, precision_recall
 from imgvae.io.checkpoint import CheckpointError
@@ -58,11 +58,11 @@ def test_the_flow_objective_learns_a_mixture_of_two_gaussians():
 
 
 def test_prior_training_resumes_to_the_weights_of_a_straight_run(kl_run, tmp_path):
-    train_flow_prior(kl_run, tmp_path / "straight", overrides=SMALL_PRIOR, progress=False)
+    train_prior(kl_run, tmp_path / "straight", overrides=SMALL_PRIOR, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train_flow_prior(kl_run, tmp_path / "resumed", overrides=SMALL_PRIOR, progress=False,
+        train_prior(kl_run, tmp_path / "resumed", overrides=SMALL_PRIOR, progress=False,
                          callbacks=[CrashAfter("step_00000003")])
-    summary = train_flow_prior(kl_run, tmp_path / "resumed", resume=True, progress=False)
+    summary = train_prior(kl_run, tmp_path / "resumed", resume=True, progress=False)
     assert summary["steps"] == 2 * (2 * 16 // 16)  # 32 views (16 photos, mirrored): 2 steps an epoch
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = (load_file(str(tmp_path / r / "checkpoints" / "last" / name)) for r in ("straight", "resumed"))
@@ -97,11 +97,11 @@ def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_
     assert "has no flow prior" in capsys.readouterr().err
     seed = train_tiny_run(tmp_path / "seed", "train.epochs=1")
     with pytest.raises(ConfigError, match="prior.backbone: unet needs a spatial latent"):
-        train_flow_prior(seed, tmp_path / "p", overrides=[*SMALL_PRIOR, "prior.backbone=unet"], progress=False)
-    summary = train_flow_prior(seed, tmp_path / "mlp", overrides=SMALL_PRIOR, progress=False)  # a flat latent: the MLP
+        train_prior(seed, tmp_path / "p", overrides=[*SMALL_PRIOR, "prior.backbone=unet"], progress=False)
+    summary = train_prior(seed, tmp_path / "mlp", overrides=SMALL_PRIOR, progress=False)  # a flat latent: the MLP
     assert summary["steps"] == 4
     with pytest.raises(CheckpointError):
-        train_flow_prior(seed, tmp_path / "none", resume=True, progress=False)  # nothing to resume
+        train_prior(seed, tmp_path / "none", resume=True, progress=False)  # nothing to resume
 
 
 def test_a_prior_on_a_diffusers_folders_latents_end_to_end(tmp_path):

@@ -20,6 +20,8 @@ CHECKPOINTS, GRIDS, LOGS = "checkpoints", "grids", "logs"
 GRID_KINDS = ("ground_truth", "reconstructions", "samples")
 FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # samples of the prior fitted after training
 FLOW_PRIOR_GRID = "flow_prior_samples.png"  # samples of the flow prior trained on the final weights
+TOKEN_PRIOR_GRID = "token_prior_samples.png"  # samples of the token prior of a discrete model's final weights
+LEARNED_PRIOR_GRID = {"flow": FLOW_PRIOR_GRID, "tokens": TOKEN_PRIOR_GRID}
 
 
 class CheckpointError(ImgvaeError, ValueError):

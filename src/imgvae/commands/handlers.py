@@ -15,7 +15,7 @@ from imgvae.commands.verbs import (
     interpolate_files,
     reconstruct_files,
     sample_files,
-    train_flow_prior,
+    train_prior,
 )
 from imgvae.commands.workflow import train_and_evaluate
 from imgvae.config import ConfigError, load_config
@@ -113,10 +113,12 @@ def _compare(args) -> None:
 
 
 def _train_prior(args) -> None:
-    summary = train_flow_prior(args.checkpoint, args.out, args.data, config_overrides(args), resume=args.resume,
-                               device=args.device, progress=not args.no_progress)
-    print(f"imgvae: flow prior trained, {summary['steps']} steps in {summary['seconds_this_run']:.0f} s "
-          f"({summary['skipped_steps']} non-finite skipped); checkpoint {summary['checkpoint']}")
+    summary = train_prior(args.checkpoint, args.out, args.data, config_overrides(args), resume=args.resume,
+                          device=args.device, progress=not args.no_progress)
+    if summary:  # rank 0
+        print(f"imgvae: {summary['kind']} prior trained, {summary['steps']} steps in "
+              f"{summary['seconds_this_run']:.0f} s ({summary['skipped_steps']} non-finite skipped); checkpoint "
+              f"{summary['checkpoint']}")
 
 
 def _generate(args) -> None:

@@ -129,9 +129,10 @@ def _add_generation(sub) -> None:
     _common(r)
 
     s = sub.add_parser("sample", help="images from the prior", description="Decode latents from a prior: "
-                       "sample_NNN.png and a samples.png grid, seeded and deterministic. The prior is the flow prior "
-                       "`imgvae train-prior` trained (the ODE solved in --steps steps), the Gaussian (mixture) "
-                       "`imgvae fit-prior` fitted, or N(0, T^2 I).",
+                       "sample_NNN.png and a samples.png grid, seeded and deterministic. The prior is the learned "
+                       "prior `imgvae train-prior` trained (a flow: the ODE solved in --steps steps; for a discrete "
+                       "latent, the token prior: its codes decoded in --steps iterations), the Gaussian (mixture) "
+                       "`imgvae fit-prior` fitted, or the model's own: N(0, T^2 I), or uniform codes.",
                        epilog="examples:\n  imgvae sample runs/sharp -n 64 -o samples/          # its best prior\n"
                        "  imgvae sample runs/sharp --prior flow --steps 16 --solver euler -o fast/\n"
                        "  imgvae sample runs/sharp --prior gmm -o gmm/", formatter_class=RAW)
@@ -141,13 +142,14 @@ def _add_generation(sub) -> None:
     s.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="noise scale: N(0, T^2 I), T times the fitted prior's spread around its means, or T times "
                    "the flow's starting noise (default 1)")
-    s.add_argument("--prior", choices=["auto", "flow", "gmm", "standard", "fitted"], default="auto",
-                   help="auto (default): the flow prior if the model has one, else the fitted one, else N(0, I); "
-                   "fitted is gmm")
-    s.add_argument("--steps", type=int, metavar="N", help="flow: ODE steps (default: the prior's prior.steps)")
+    s.add_argument("--prior", choices=["auto", "flow", "tokens", "gmm", "standard", "fitted"], default="auto",
+                   help="auto (default): the learned prior (flow, or tokens for a discrete latent) if the model has "
+                   "one, else the fitted one, else the model's own (N(0, I) or uniform codes); fitted is gmm")
+    s.add_argument("--steps", type=int, metavar="N", help="flow: ODE steps; tokens: decoding iterations (default: "
+                   "the prior's prior.steps)")
     s.add_argument("--solver", choices=["euler", "heun"], help="flow: ODE solver (default: the prior's prior.solver)")
-    s.add_argument("--prior-run", metavar="DIR", help="flow: the prior's run folder (default: prior-flow/ beside "
-                   "the model)")
+    s.add_argument("--prior-run", metavar="DIR", help="the learned prior's run folder (default: prior-flow/ or "
+                   "prior-tokens/ beside the model)")
     s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
     _common(s)
 
@@ -188,13 +190,15 @@ def _add_fit_prior(sub) -> None:
 
 def _add_train_prior(sub) -> None:
     t = sub.add_parser(
-        "train-prior", help="train a flow prior in a model's latent space, for samples that are scenes",
-        description="Encode the model's training views once (PRIOR/latents: means and log-variances), then train "
-        "a flow-matching prior on them with the training engine (checkpoints, --resume, SIGTERM, time limit, bf16, "
-        "EMA): a UNet for spatial latents, an MLP for flat ones. It lives in PRIOR (default: prior-flow/ beside "
-        "the model) and records the model's weights by their SHA-256; `sample` and `evaluate` then use it.",
+        "train-prior", help="train a learned prior in a model's latent space, for samples that are scenes",
+        description="Encode the model's training views once (PRIOR/latents: means and log-variances, or a "
+        "discrete latent's codes), then train a prior on them with the training engine (checkpoints, --resume, "
+        "SIGTERM, time limit, bf16, EMA): for a continuous latent a flow-matching prior (a transformer over latent "
+        "patches for spatial latents, an MLP for flat ones), for a discrete one a masked-token transformer "
+        "(MaskGIT). It lives in PRIOR (default: prior-flow/ or prior-tokens/ beside the model) and records the "
+        "model's weights by their SHA-256; `sample` and `evaluate` then use it.",
         epilog="examples:\n  imgvae train-prior runs/sharp\n"
-        "  imgvae train-prior runs/sharp prior.epochs=400 prior.width=96 train.time_limit=10\n"
+        "  imgvae train-prior runs/sharp prior.epochs=400 prior.width=128 train.time_limit=10\n"
         "  imgvae train-prior /models/sd-vae-ft-mse --data ~/photos -o priors/sd data.image_size=256\n"
         "  imgvae train-prior runs/sharp --resume",
         formatter_class=RAW)
@@ -203,7 +207,7 @@ def _add_train_prior(sub) -> None:
                    help="the model's data and prior keys (prior.epochs, prior.width, ...) and the prior run's train "
                    "keys (train.time_limit, train.precision, ...)")
     t.add_argument("-o", "--out", metavar="PRIOR",
-                   help="the prior's run folder (default: prior-flow/ beside the model)")
+                   help="the prior's run folder (default: prior-flow/ or prior-tokens/ beside the model)")
     t.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images to learn (one centre view each; default: the run's data.train, its training views)")
     t.add_argument("--resume", action="store_true", help="continue the prior's run in PRIOR")

@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 
 from imgvae import rundir
-from imgvae.config import ConfigError, DataConfig, TrainConfig, from_dict, merge_overrides, to_dict
+from imgvae.config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    from_dict,
+    merge_overrides,
+    to_dict,
+    with_overrides,
+)
 from imgvae.data.datasets import ONE_CENTRE_VIEW, EpochViews, build_dataset, load_image_file
 from imgvae.data.decode import normalize
 from imgvae.data.sources import SourceError
@@ -32,11 +40,12 @@ from imgvae.models.base import VAE
 from imgvae.models.flow import backbone_of
 from imgvae.models.generate import interpolate, reconstruct, sample
 from imgvae.models.prior import PRIOR_FILE, LatentPrior, fit_prior
-from imgvae.models.quantized import refuse_discrete
+from imgvae.models.quantized import learned_prior_kind, refuse_prior
+from imgvae.models.tokens import TokenPrior
 from imgvae.rundir import METRICS, write_text_atomic
 from imgvae.runtime import pick_device
 from imgvae.train.engine import fit
-from imgvae.train.flow import FlowTask, prior_recipe
+from imgvae.train.prior import FlowTask, TokenTask, prior_recipe
 
 
 def open_for(checkpoint: str | Path, sources: list[str] | None, overrides, device: str, one_view: bool = False):
@@ -81,7 +90,7 @@ def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = Non
     "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample` and
     `evaluate` then use."""
     model, cfg, folder = open_for(checkpoint, sources, overrides, device)
-    refuse_discrete(cfg.model, "fit-prior")
+    refuse_prior(cfg.model, "gmm", "fit-prior")
     dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
     prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
                       batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)
@@ -104,24 +113,29 @@ def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] |
                           model_cfg=cfg.model, scale=scale)
 
 
-def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sources: list[str] | None = None,
-                     overrides: list[str] | dict | None = None, *, resume: bool = False, device: str = "auto",
-                     progress: bool = True, callbacks=()) -> dict:
-    """Train the flow prior of a model (its EMA weights when kept) into `out` (default:
-    prior-flow/ beside it) with the engine: the training views of its data.train (or `sources`,
-    one centre view each) encoded once into out/latents, then prior.epochs of the rectified-flow
-    objective. Overrides: the model's data / prior keys, and train.* keys of the prior's own run
-    (device, precision, time_limit, ...). resume: continue the run in `out`. -> its summary."""
+def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: list[str] | None = None,
+                overrides: list[str] | dict | None = None, *, resume: bool = False, device: str = "auto",
+                progress: bool = True, callbacks=()) -> dict:
+    """Train the learned prior of a model (its EMA weights when kept) with the engine: a flow prior
+    for a continuous latent, a token prior (MaskGIT) for a discrete one, into `out` (default:
+    prior-flow/ or prior-tokens/ beside it). The training views of its data.train (or `sources`,
+    one centre view each) are encoded once into out/latents, then prior.epochs are trained.
+    Overrides: the model's data / prior keys, and train.* keys of the prior's own run (device,
+    precision, time_limit, ...). resume: continue the run in `out`. -> its summary."""
     values = merge_overrides(overrides)
     run_keys = values.pop("train", {})
-    out = Path(out) if out else default_prior_run(checkpoint)
-    if resume:
-        saved, _ = read_prior_run(out)
-        values = merge_overrides({"prior": saved["prior"]}, values)
-        run_keys = {**saved["train"], **run_keys}
     model, cfg, folder = open_for(checkpoint, sources, values, device)
-    refuse_discrete(cfg.model, "train-prior")
-    backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
+    kind = learned_prior_kind(cfg.model)
+    refuse_prior(cfg.model, kind if cfg.prior.kind == "gmm" else cfg.prior.kind, "train-prior")
+    out = Path(out) if out else default_prior_run(checkpoint, kind)
+    if resume:  # the run's own prior keys, under those given now
+        saved, saved_prior = read_prior_run(out)
+        cfg = with_overrides(cfg, merge_overrides({"prior": to_dict(saved_prior)}, {"prior": values.get("prior", {})}))
+        run_keys = {**saved["train"], **run_keys}
+    if kind == "flow":
+        backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
+    else:
+        TokenPrior(cfg.prior, model.token_shape, 2)  # the same for a token prior's keys
     tc = from_dict({"train": to_dict(prior_recipe(cfg.train, cfg.prior)) | {"device": device} | run_keys})
     source = {"path": str(checkpoint), "weights": str(weights_file(checkpoint)),
               "weights_sha256": weights_digest(checkpoint), "model": cfg.model.name}
@@ -131,17 +145,20 @@ def train_flow_prior(checkpoint: str | Path, out: str | Path | None = None, sour
         views = EpochViews(build_dataset(specs, cfg.data, train=True, seed=cfg.train.seed), cfg.prior.view_epochs,
                            mirror=cfg.data.hflip)
         encode_dataset(model, views, latents, specs, folder, batch=cfg.eval_batch_size,
-                       num_workers=cfg.data.num_workers, logvar=True, progress=progress, model_cfg=cfg.model)
+                       num_workers=cfg.data.num_workers, logvar=kind == "flow", progress=progress, model_cfg=cfg.model)
 
-    def make_task(run: TrainConfig, procs) -> FlowTask:
-        return FlowTask(cfg.prior, run, procs, latents, source, model.to(procs.device) if procs.main else None)
+    def make_task(run: TrainConfig, procs):
+        shown = model.to(procs.device) if procs.main else None
+        if kind == "flow":
+            return FlowTask(cfg.prior, run, procs, latents, source, shown)
+        return TokenTask(cfg.prior, run, procs, latents, source, shown, codebook_size=model.codebook_size)
 
     summary = fit(make_task, tc.train, out, resume=resume, progress=progress, callbacks=callbacks)
     run = run_dir_of(checkpoint)
     if summary and run is not None:  # its samples beside the run's other pictures, for the report
-        _, draw = prior_sampler(checkpoint, model, "flow", prior_run=out)
+        _, draw = prior_sampler(checkpoint, model, kind, prior_run=out)
         n = cfg.eval.grid_size
-        save_grid(draw(n * n, cfg.train.seed), n, run / rundir.GRIDS / rundir.FLOW_PRIOR_GRID)
+        save_grid(draw(n * n, cfg.train.seed), n, run / rundir.GRIDS / rundir.LEARNED_PRIOR_GRID[kind])
     return summary
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from imgvae import rundir
-from imgvae.commands.verbs import evaluate_checkpoint, fit_checkpoint_prior, train_flow_prior
+from imgvae.commands.verbs import evaluate_checkpoint, fit_checkpoint_prior, train_prior
 from imgvae.config import Config, to_dict
 from imgvae.evaluation.report import format_table, write_report
 from imgvae.io.paths import load_model
@@ -47,10 +47,10 @@ def train_and_evaluate(cfg: Config, out_dir: str | Path, log_dir: str | Path | N
         return summary
     out, device = Path(out_dir), summary["device"]
     checkpoints = out / rundir.CHECKPOINTS
-    if cfg.prior.after_training and cfg.prior.kind == "flow":
-        flow = train_flow_prior(checkpoints, device=device, progress=progress)
-        print(f"imgvae: flow prior trained ({flow['steps']} steps, {flow['checkpoint']}); its samples: "
-              f"{out / rundir.GRIDS / rundir.FLOW_PRIOR_GRID}")
+    if cfg.prior.after_training and cfg.prior.kind in rundir.LEARNED_PRIOR_GRID:
+        learned = train_prior(checkpoints, device=device, progress=progress)
+        print(f"imgvae: {cfg.prior.kind} prior trained ({learned['steps']} steps, {learned['checkpoint']}); its "
+              f"samples: {out / rundir.GRIDS / rundir.LEARNED_PRIOR_GRID[cfg.prior.kind]}")
     elif cfg.prior.after_training:
         prior, path = fit_checkpoint_prior(checkpoints, device=device, progress=progress)
         model, _ = load_model(checkpoints, device)

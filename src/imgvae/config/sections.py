@@ -301,31 +301,37 @@ class EvalConfig:
 @dataclass(frozen=True)
 class PriorConfig:
     """The prior samples are drawn from besides N(0, I): the Gaussian (mixture) fitted to the
-    training latents (kind gmm, `imgvae fit-prior`), or a flow-matching model trained on them by
-    the engine (kind flow, `imgvae train-prior`)."""
+    training latents (kind gmm, `imgvae fit-prior`), a flow-matching model trained on them by the
+    engine (kind flow, `imgvae train-prior`), or for a discrete latent a masked-token transformer
+    over its code grid (kind tokens, `imgvae train-prior` too)."""
 
     # Make it after the last epoch (before the evaluation, which then scores its samples too).
     after_training: bool = False
-    kind: Literal["gmm", "flow"] = "gmm"
+    kind: Literal["gmm", "flow", "tokens"] = "gmm"
     # gmm: training images to encode, spread evenly over data.train (0 = all); Gaussians in the
     # mixture (1 = one Gaussian with the exact aggregate moments).
     images: int = 10_000
     components: int = 1
-    # flow: the velocity network ("auto": a UNet for spatial latents, an MLP for flat ones), its
-    # width (channels of the UNet's first level, or the MLP's) and depth (UNet levels, MLP blocks).
-    backbone: Literal["auto", "unet", "mlp"] = "auto"
-    width: int = 64
-    depth: int = 2
+    # flow: the velocity network ("auto": the transformer over latent patches for spatial latents,
+    # an MLP for flat ones; or diffusers' UNet2DModel for spatial ones), its width (channels of
+    # the transformer and MLP, of the UNet's first level) and depth (blocks; UNet levels), "auto":
+    # the backbone's own (models/flow.py DEFAULT_SIZE), and the transformer's patch side. tokens:
+    # its transformer's width and depth ("auto": as the flow's transformer).
+    backbone: Literal["auto", "transformer", "unet", "mlp"] = "auto"
+    width: int | Literal["auto"] = "auto"
+    depth: int | Literal["auto"] = "auto"
+    patch_size: int = 2
     # flow: times drawn in training (logit-normal: most weight mid-path, as SD3), epochs of the
     # training views encoded once (random crops differ each epoch; mirrored too when data.hflip).
     time_sampling: Literal["logit-normal", "uniform"] = "logit-normal"
     view_epochs: int = 1
-    # flow: its training recipe (the engine's; the rest of its train section follows the run's).
+    # flow and tokens: the training recipe (the engine's; the rest of its train section follows the run's).
     epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
     ema: float = 0.999
-    # flow: ODE steps and solver when sampling (Heun: second order, 2 evaluations a step).
+    # Sampling: flow, ODE steps and solver (Heun: second order, 2 evaluations a step); tokens,
+    # decoding iterations (MaskGIT: each fixes the most confident of the masked codes).
     steps: int = 32
     solver: Literal["euler", "heun"] = "heun"
 

@@ -167,8 +167,12 @@ def _pictures(candidates: list[Candidate], views: ImageDataset, data: dict, out:
         save_labelled_rows([("images", images.float() / 255), (c.name, reconstruct(c.model, normalize(images)))],
                            out / f"worst_{i}.png", label_width=120)
         files["worst"][c.name] = {"file": f"worst_{i}.png", "keys": worst}
-    names = {"standard": "N(0, I)", "gmm": "fitted prior", "flow": "flow prior"}
-    samples = [(f"{c.name}, {names[kind]}", prior_sampler(c.folder, c.model, kind)[1](k, 0))
+    names = {"standard": "N(0, I)", "gmm": "fitted prior", "flow": "flow prior", "tokens": "token prior"}
+
+    def label(c, kind):
+        return "uniform codes" if kind == "standard" and hasattr(c.model, "token_shape") else names[kind]
+
+    samples = [(f"{c.name}, {label(c, kind)}", prior_sampler(c.folder, c.model, kind)[1](k, 0))
                for c in candidates for kind in available_priors(c.folder)]
     save_labelled_rows(samples, out / "samples.png")
     files["samples"] = "samples.png"

@@ -249,7 +249,8 @@ def _grids(run: Path, history: list[dict]) -> str:
             rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
     head = "<tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>"
     grids = f'<table class="grids">{head}{"".join(rows)}</table>' if rows else "<p>No picture grids yet.</p>"
-    for name, what in ((rundir.FITTED_PRIOR_GRID, "fitted prior"), (rundir.FLOW_PRIOR_GRID, "flow prior")):
+    for name, what in ((rundir.FITTED_PRIOR_GRID, "fitted prior"), (rundir.FLOW_PRIOR_GRID, "flow prior"),
+                       (rundir.TOKEN_PRIOR_GRID, "token prior")):
         if (run / rundir.GRIDS / name).is_file():
             grids += (f'<h3>Samples from the {what} (final weights)</h3><table class="grids"><tr><td>'
                       f'<img src="{rundir.GRIDS}/{name}" alt="samples from the {what}"></td></tr></table>')

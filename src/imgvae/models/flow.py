@@ -4,8 +4,9 @@ joined by the straight path x_t = (1 - t) x0 + t x1; the network predicts its ve
 x1 - x0. Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (a latent) with Euler
 or Heun steps, then undoes the normalisation; the autoencoder's decoder draws the image.
 
-Spatial latents (C, h, w) get diffusers' UNet2DModel (time embedding, ResNet and attention
-blocks); flat latents (D,) a residual MLP with a sinusoidal time embedding.
+Spatial latents (C, h, w) get a DiT-style transformer over latent patches (models/transformer.py)
+or diffusers' UNet2DModel (time embedding, ResNet and attention blocks); flat latents (D,) a
+residual MLP with a sinusoidal time embedding.
 """
 
 from __future__ import annotations
@@ -16,28 +17,38 @@ import torch
 from torch import nn
 
 from imgvae.config import ConfigError, PriorConfig
+from imgvae.models.transformer import PatchVelocity, time_features
 
 SOLVERS = ("euler", "heun")
 
 
+SPATIAL = ("transformer", "unet")
+# prior.width / prior.depth "auto", per backbone: bench/RESULTS.md "Generation" chose them.
+DEFAULT_SIZE = {"transformer": (256, 6), "unet": (64, 2), "mlp": (512, 4)}
+
+
 def backbone_of(cfg: PriorConfig, latent_shape: tuple[int, ...]) -> str:
-    """prior.backbone for this latent: "auto" is the UNet for spatial latents, the MLP for flat
-    ones; a spatial backbone over a flat latent is refused."""
+    """prior.backbone for this latent: "auto" is the transformer for spatial latents, the MLP for
+    flat ones; a spatial backbone over a flat latent is refused, and a patch that does not divide
+    the latent grid."""
     spatial = len(latent_shape) == 3
     if cfg.backbone == "auto":
-        return "unet" if spatial else "mlp"
-    if cfg.backbone == "unet" and not spatial:
-        raise ConfigError(f"prior.backbone: unet needs a spatial latent (C, h, w); this model's latent is "
+        backbone = "transformer" if spatial else "mlp"
+    elif cfg.backbone in SPATIAL and not spatial:
+        raise ConfigError(f"prior.backbone: {cfg.backbone} needs a spatial latent (C, h, w); this model's latent is "
                           f"{tuple(latent_shape)}: use prior.backbone=mlp (or auto)")
-    return cfg.backbone
+    else:
+        backbone = cfg.backbone
+    if backbone == "transformer" and any(side % cfg.patch_size for side in latent_shape[1:]):
+        raise ConfigError(f"prior.patch_size: {cfg.patch_size} does not divide this model's latent grid "
+                          f"{tuple(latent_shape[1:])}")
+    return backbone
 
 
-def time_features(t: torch.Tensor, dims: int) -> torch.Tensor:
-    """Sinusoidal features (B, dims) of times t (B,) in [0, 1]."""
-    half = dims // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = 1000 * t.float()[:, None] * freqs[None]
-    return torch.cat([angles.sin(), angles.cos()], 1)
+def size_of(cfg: PriorConfig, backbone: str) -> tuple[int, int]:
+    """(width, depth) of the backbone: prior.width / prior.depth, or the backbone's defaults for "auto"."""
+    width, depth = DEFAULT_SIZE[backbone]
+    return (width if cfg.width == "auto" else cfg.width), (depth if cfg.depth == "auto" else cfg.depth)
 
 
 class MLPBlock(nn.Module):
@@ -102,10 +113,13 @@ class FlowPrior(nn.Module):
         channels = latent_shape[0]
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
-        if self.backbone == "unet":
-            self.velocity = UNetVelocity(self.latent_shape, cfg.width, cfg.depth)
+        width, depth = size_of(cfg, self.backbone)
+        if self.backbone == "transformer":
+            self.velocity = PatchVelocity(self.latent_shape, width, depth, cfg.patch_size)
+        elif self.backbone == "unet":
+            self.velocity = UNetVelocity(self.latent_shape, width, depth)
         else:
-            self.velocity = MLPVelocity(math.prod(latent_shape), cfg.width, cfg.depth)
+            self.velocity = MLPVelocity(math.prod(latent_shape), width, depth)
 
     def _channels(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (len(self.latent_shape) - 1)))

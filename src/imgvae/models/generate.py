@@ -26,6 +26,12 @@ def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
         return denormalize(model.decode(z.to(device)).float()).cpu()
 
 
+def decode_codes(model: VAE, codes: torch.Tensor) -> torch.Tensor:
+    """A discrete model's code grids (n, h, w) -> images in [0, 1], (n, 3, S, S), on the CPU."""
+    with inference(model) as device:
+        return decode(model, model.codes(codes.to(device)))
+
+
 def reconstruct(model: VAE, x: torch.Tensor) -> torch.Tensor:
     """Normalised images -> deterministic reconstructions (posterior mean) in [0, 1]."""
     with inference(model) as device:
@@ -33,9 +39,13 @@ def reconstruct(model: VAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample(model: VAE, n: int, seed: int, temperature: float = 1.0, prior: LatentPrior | None = None) -> torch.Tensor:
-    """n images from the prior (N(0, T^2 I), or a fitted one), [0, 1], (n, 3, S, S); same seed, same images."""
+    """n images from the prior (N(0, T^2 I), or a fitted one; a discrete model's own, codes
+    uniform over its codebook), [0, 1], (n, 3, S, S); same seed, same images."""
     if not temperature > 0:
         raise ConfigError(f"the temperature must be > 0, got {temperature}")
+    if hasattr(model, "token_shape"):
+        generator = torch.Generator().manual_seed(seed)
+        return decode_codes(model, torch.randint(model.codebook_size, (n, *model.token_shape), generator=generator))
     return decode(model, prior_noise(model, n, seed, temperature, prior))
 
 
@@ -50,6 +60,17 @@ def sample_flow(model: VAE, prior, n: int, seed: int, steps: int, solver: str = 
     with inference(model) as device:
         images = [decode(model, prior.sample(chunk.to(device), steps, solver)) for chunk in noise.split(batch_size)]
     return torch.cat(images)
+
+
+def sample_tokens(model: VAE, prior, n: int, seed: int, steps: int, temperature: float = 1.0) -> torch.Tensor:
+    """n images from a token prior (models.tokens.TokenPrior on the model's device): code grids
+    decoded in `steps` iterations at softmax temperature T, every random number drawn on the CPU
+    from `seed` (the same images on any device), then decoded. -> [0, 1] (n, 3, S, S)."""
+    if not temperature > 0:
+        raise ConfigError(f"the temperature must be > 0, got {temperature}")
+    device = next(prior.parameters()).device
+    codes = prior.sample(n, steps, torch.Generator().manual_seed(seed), device, temperature)
+    return decode_codes(model, codes)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

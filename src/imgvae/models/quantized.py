@@ -25,10 +25,16 @@ def build_quantizer(cfg: ModelConfig) -> tuple[nn.Module, int]:
         if cfg.quantizer == "lfq":
             return LFQ(dim=c, codebook_size=cfg.codebook_size, commitment_loss_weight=cfg.commitment,
                        channel_first=True), cfg.codebook_size
+    # The EMA codebook is no parameter, so DDP does not average its updates: the quantiser all-reduces
+    # its statistics itself (and samples k-means and dead-code restarts across processes) when told
+    # so. Its own default asks a cached is_distributed(), which stays False for good if first asked
+    # before the process group exists: the ranks' codebooks then drift apart (tests/test_tokens.py).
+    sync = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
     vq = VectorQuantize(dim=c, codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim, decay=cfg.decay,
                         kmeans_init=cfg.kmeans_init, use_cosine_sim=cfg.cosine,
                         threshold_ema_dead_code=cfg.dead_code_threshold, rotation_trick=cfg.rotation_trick,
-                        commitment_weight=cfg.commitment, accept_image_fmap=True)
+                        commitment_weight=cfg.commitment, accept_image_fmap=True, sync_codebook=sync)
     return vq, cfg.codebook_size
 
 
@@ -65,6 +71,14 @@ class QuantizedAutoencoder(VAE):
     def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) -> the quantised latent (B, latent_channels, h, w) the decoder
+        takes, as encode() gives it for those codes."""
+        with torch.autocast(indices.device.type, enabled=False):
+            if self.kind == "vq":
+                return self.quantizer.get_output_from_indices(indices.long())
+            return self.quantizer.indices_to_codes(indices.long())
+
     def vq_model_blocker(self) -> str | None:
         """Why diffusers' VQModel cannot compute what this model does (None: it can). Its
         quantiser is a plain nearest-code lookup in the latent's own dimensions."""
@@ -99,8 +113,21 @@ def code_usage(counts: torch.Tensor) -> dict:
             "perplexity": float(entropy.exp())}
 
 
-def refuse_discrete(cfg: ModelConfig, what: str) -> None:
-    """One line for a continuous-latent prior (`what`) asked of a discrete-latent model."""
-    if cfg.name in ("vq-f4", "vq-f8"):
-        raise ConfigError(f"{what}: model {cfg.name!r} has a discrete latent (a grid of tokens); the gmm and flow "
-                          "priors model continuous latents and imgvae has no token prior yet")
+def is_discrete(cfg: ModelConfig) -> bool:
+    return cfg.name in ("vq-f4", "vq-f8")
+
+
+def learned_prior_kind(cfg: ModelConfig) -> str:
+    """The prior `imgvae train-prior` trains for this model: tokens for a discrete latent, else flow."""
+    return "tokens" if is_discrete(cfg) else "flow"
+
+
+def refuse_prior(cfg: ModelConfig, kind: str, what: str) -> None:
+    """One line (`what` says who asked) when prior `kind` cannot model this model's latent: the
+    gmm and flow priors model continuous latents, the token prior a discrete one's codes."""
+    if is_discrete(cfg) and kind in ("gmm", "flow"):
+        raise ConfigError(f"{what}: model {cfg.name!r} has a discrete latent (a grid of codes); the {kind} prior "
+                          "models continuous latents: use prior.kind=tokens (`imgvae train-prior` trains it)")
+    if not is_discrete(cfg) and kind == "tokens":
+        raise ConfigError(f"{what}: prior.kind=tokens models a discrete latent's codes; model {cfg.name!r} has a "
+                          "continuous latent: use prior.kind=flow or gmm")

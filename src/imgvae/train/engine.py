@@ -24,7 +24,7 @@ from imgvae.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from imgvae.io import checkpoint as ckpt
 from imgvae.io.paths import with_pretrained_architecture
 from imgvae.models.prior import check_size
-from imgvae.models.quantized import refuse_discrete
+from imgvae.models.quantized import refuse_prior
 from imgvae.models.registry import check_model
 from imgvae.runtime import (
     Processes,
@@ -126,8 +126,9 @@ def checked_config(cfg: Config, resume: bool) -> Config:
         cfg = with_pretrained_architecture(cfg)
     latent_shape = check_model(cfg)
     if cfg.prior.after_training:
-        refuse_discrete(cfg.model, "prior.after_training")
-        check_size(cfg.prior.components, math.prod(latent_shape))
+        refuse_prior(cfg.model, cfg.prior.kind, "prior.after_training")
+        if cfg.prior.kind == "gmm":
+            check_size(cfg.prior.components, math.prod(latent_shape))
     for key in ("fid_weights", "lpips_weights"):
         path = getattr(cfg.eval, key)
         if cfg.eval.after_training and path and not Path(path).is_file():

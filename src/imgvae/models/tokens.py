@@ -1,0 +1,97 @@
+"""A learned prior over a discrete latent's code grid: MaskGIT (Chang et al. 2022). A
+bidirectional transformer (models/transformer.py, the flow prior's blocks) learns to fill in
+masked codes: each training grid has a share cos(pi/2 * r), r ~ U(0, 1), of its positions
+masked, and the loss is the cross-entropy of the true codes there. Sampling starts from an
+all-masked grid and, in `steps` iterations, draws every masked code, keeps the most confident
+and masks the rest again, the masked share falling along the same cosine to none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgvae.config import ConfigError, PriorConfig
+from imgvae.models.transformer import TokenTransformer
+
+DEFAULT_SIZE = (256, 6)  # width, depth for "auto": the flow prior's transformer's
+CHOICE_TEMPERATURE = 4.5  # MaskGIT's: randomness in which codes are kept, annealed to 0
+
+
+def masked_share(r: torch.Tensor) -> torch.Tensor:
+    """MaskGIT's cosine schedule: the share of positions masked at progress r in [0, 1]."""
+    return torch.cos(0.5 * math.pi * r)
+
+
+class TokenPrior(nn.Module):
+    """p(codes) of one discrete autoencoder's token grid (h, w) over codebook_size codes."""
+
+    def __init__(self, cfg: PriorConfig, token_shape: tuple[int, int], codebook_size: int):
+        super().__init__()
+        if cfg.backbone not in ("auto", "transformer"):
+            raise ConfigError(f"prior.backbone: a token prior is a transformer over the code grid, got "
+                              f"{cfg.backbone!r} (use auto or transformer)")
+        width = DEFAULT_SIZE[0] if cfg.width == "auto" else cfg.width
+        depth = DEFAULT_SIZE[1] if cfg.depth == "auto" else cfg.depth
+        self.token_shape, self.codebook_size, self.backbone = tuple(token_shape), codebook_size, "transformer"
+        self.net = TokenTransformer(self.token_shape, codebook_size, width, depth)
+
+    @property
+    def mask_index(self) -> int:
+        return self.codebook_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, h * w, codebook_size) at every position of codes (B, h, w) (mask_index: masked)."""
+        return self.net(tokens)
+
+    def mask(self, tokens: torch.Tensor, r: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Which positions (B, h * w) of codes (B, h, w) are masked at progress r (B,): the
+        ceil(share * h * w) (at least one) with the lowest scores (B, h * w), uniform noise."""
+        n = tokens[0].numel()
+        count = (masked_share(r) * n).ceil().clamp(1, n)
+        ranks = scores.argsort(1).argsort(1)
+        return ranks < count[:, None]
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int, generator: torch.Generator, device, temperature: float = 1.0,
+               batch_size: int = 64) -> torch.Tensor:
+        """n code grids (n, h, w), long, on `device`: every random number drawn on the CPU from
+        `generator`, so a seed gives the same codes on any device."""
+        if steps < 1:
+            raise ConfigError(f"a token prior needs at least 1 decoding step, got {steps}")
+        return torch.cat([self._sample(min(batch_size, n - i), steps, generator, device, temperature)
+                          for i in range(0, n, batch_size)])
+
+    def _sample(self, n: int, steps: int, generator: torch.Generator, device, temperature: float) -> torch.Tensor:
+        positions = math.prod(self.token_shape)
+        codes = torch.full((n, positions), self.mask_index, dtype=torch.long, device=device)
+        for step in range(steps):
+            masked = codes == self.mask_index
+            logits = self(codes.view(n, *self.token_shape)).float() / temperature
+            gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator).clamp(1e-20, 1)))
+            drawn = (logits + gumbel.to(device)).argmax(-1)  # a draw from softmax(logits / T)
+            drawn = torch.where(masked, drawn, codes)
+            confidence = logits.log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
+            choice = CHOICE_TEMPERATURE * (1 - (step + 1) / steps)
+            noise = -torch.log(-torch.log(torch.rand(confidence.shape, generator=generator).clamp(1e-20, 1)))
+            confidence = torch.where(masked, confidence + choice * noise.to(device), torch.inf)
+            still = int(positions * float(masked_share(torch.tensor((step + 1) / steps))))  # masked after this step
+            still = min(still, int(masked.sum(1).min()) - 1) if step + 1 < steps else 0
+            codes = drawn
+            if still > 0:
+                lowest = confidence.topk(still, dim=1, largest=False).indices
+                codes = codes.scatter(1, lowest, self.mask_index)
+        return codes.view(n, *self.token_shape)
+
+
+def token_loss(prior: TokenPrior, tokens: torch.Tensor, r: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """MaskGIT's objective for code grids (B, h, w): the cross-entropy of the true codes at the
+    positions masked at progress r (B,) by `scores` (B, h * w), averaged over those positions."""
+    masked = prior.mask(tokens, r, scores)
+    target = tokens.flatten(1).long()
+    logits = prior(torch.where(masked, prior.mask_index, target).view_as(tokens))
+    loss = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+    return (loss * masked).sum() / masked.sum()
