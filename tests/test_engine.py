@@ -44,7 +44,7 @@ class TensorBatches:
 class Regression:
     """y = x . w + noise, fitted by a linear layer: a task of the engine that is not a VAE."""
 
-    name, picture_columns, adversary = "regression", 1, None
+    name, picture_columns, adversary, epochs_key = "regression", 1, None, "train.epochs"
 
     def __init__(self, tc: TrainConfig, procs):
         generator = torch.Generator().manual_seed(0)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
@@ -14,6 +15,7 @@ from imgvae.commands.verbs import train_prior
 from imgvae.config import ConfigError, PriorConfig
 from imgvae.evaluation.generation import memorised_share, precision_recall
 from imgvae.io.checkpoint import CheckpointError
+from imgvae.io.priors import load_learned_prior
 from imgvae.models.flow import FlowPrior, draw_times, flow_loss
 from test_engine import CrashAfter
 from test_interop import write_folder
@@ -96,12 +98,30 @@ def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_
     assert main(["sample", str(other), "--prior", "flow", "-o", str(tmp_path / "s")]) == 2
     assert "has no flow prior" in capsys.readouterr().err
     seed = train_tiny_run(tmp_path / "seed", "train.epochs=1")
-    with pytest.raises(ConfigError, match="prior.backbone: unet needs a spatial latent"):
-        train_prior(seed, tmp_path / "p", overrides=[*SMALL_PRIOR, "prior.backbone=unet"], progress=False)
+    for backbone in ("unet", "transformer"):
+        with pytest.raises(ConfigError, match=f"prior.backbone: {backbone} needs a spatial latent"):
+            train_prior(seed, tmp_path / "p", overrides=[*SMALL_PRIOR, f"prior.backbone={backbone}"], progress=False)
+    with pytest.raises(ConfigError, match=r"prior.patch_size: 3 does not divide this model's latent grid \(4, 4\)"):
+        train_prior(kl_run, tmp_path / "p", overrides=[*SMALL_PRIOR, "prior.patch_size=3"], progress=False)
+    assert not (tmp_path / "p").exists()
     summary = train_prior(seed, tmp_path / "mlp", overrides=SMALL_PRIOR, progress=False)  # a flat latent: the MLP
     assert summary["steps"] == 4
     with pytest.raises(CheckpointError):
         train_prior(seed, tmp_path / "none", resume=True, progress=False)  # nothing to resume
+
+
+def test_a_prior_run_from_before_the_transformer_loads_and_resumes_as_its_unet(kl_run, tmp_path):
+    """Runs before the transformer backbone saved prior.backbone=auto for the UNet and no `backbone`."""
+    out = tmp_path / "old"
+    train_prior(kl_run, out, overrides=[*SMALL_PRIOR, "prior.backbone=unet"], progress=False)
+    values = yaml.safe_load((out / "config.yaml").read_text())
+    del values["backbone"], values["kind"]
+    values["prior"]["backbone"] = "auto"
+    (out / "config.yaml").write_text(yaml.safe_dump(values))
+    prior, cfg = load_learned_prior(kl_run, "cpu", "flow", prior_run=out)
+    assert prior.backbone == "unet" and cfg.width == 16
+    summary = train_prior(kl_run, out, resume=True, overrides=["prior.epochs=3"], progress=False)
+    assert summary["steps"] == 6
 
 
 def test_a_prior_on_a_diffusers_folders_latents_end_to_end(tmp_path):

@@ -128,15 +128,18 @@ def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: 
     kind = learned_prior_kind(cfg.model)
     refuse_prior(cfg.model, kind if cfg.prior.kind == "gmm" else cfg.prior.kind, "train-prior")
     out = Path(out) if out else default_prior_run(checkpoint, kind)
-    if resume:  # the run's own prior keys, under those given now
+    recipe = to_dict(prior_recipe(cfg.train, cfg.prior))  # the autoencoder run's train section, the prior's recipe
+    if resume:  # the prior run's own keys, under those given now (prior.epochs=N continues it)
         saved, saved_prior = read_prior_run(out)
-        cfg = with_overrides(cfg, merge_overrides({"prior": to_dict(saved_prior)}, {"prior": values.get("prior", {})}))
-        run_keys = {**saved["train"], **run_keys}
+        given = values.get("prior", {})
+        cfg = with_overrides(cfg, merge_overrides({"prior": to_dict(saved_prior)}, {"prior": given}))
+        asked = {k: v for k, v in to_dict(prior_recipe(cfg.train, cfg.prior)).items() if k in given}
+        recipe = saved["train"] | asked
     if kind == "flow":
         backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
     else:
         TokenPrior(cfg.prior, model.token_shape, 2)  # the same for a token prior's keys
-    tc = from_dict({"train": to_dict(prior_recipe(cfg.train, cfg.prior)) | {"device": device} | run_keys})
+    tc = from_dict({"train": recipe | {"device": device} | run_keys})
     source = {"path": str(checkpoint), "weights": str(weights_file(checkpoint)),
               "weights_sha256": weights_digest(checkpoint), "model": cfg.model.name}
     latents = out / "latents"

@@ -78,7 +78,7 @@ class LatentTask:
     per-epoch picture of decoded samples, the records. Subclasses read their rows, build their
     model, draw their inputs, take their loss and sample."""
 
-    adversary = None
+    adversary, epochs_key = None, "prior.epochs"
 
     def __init__(self, cfg: PriorConfig, tc: TrainConfig, procs: Processes, latents: Path, source: dict,
                  autoencoder: VAE | None = None):

@@ -52,6 +52,7 @@ class Task(Protocol):
     name: str  # shown in the banner
     picture_columns: int  # columns of the per-epoch picture grids
     adversary: object | None  # a train.adversary.Adversary when a GAN term is on, else None
+    epochs_key: str  # the config key that sets the run's epochs (named when a resume has none left)
 
     def config_dict(self) -> dict:
         """The run's whole config as plain values: config.yaml and every checkpoint hold it."""

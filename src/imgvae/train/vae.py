@@ -80,6 +80,8 @@ class VAEInputs:
 class VAETask:
     """What `imgvae train` trains: cfg's model on cfg's images."""
 
+    epochs_key = "train.epochs"
+
     def __init__(self, cfg: Config, procs: Processes):
         self.cfg, self.procs, self.device = cfg, procs, procs.device
         self.name, self.picture_columns = cfg.model.name, cfg.eval.grid_size
