@@ -111,7 +111,8 @@ def test_collapse_is_warned_each_epoch(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["fit-prior", "{run}"], "fit-prior: model 'vq-f4' has a discrete latent"),
-    (["train-prior", "{run}", "-o", "{tmp}/prior", "prior.kind=flow"], "train-prior: model 'vq-f4' has a discrete latent"),
+    (["train-prior", "{run}", "-o", "{tmp}/prior", "prior.kind=flow"],
+     "train-prior: model 'vq-f4' has a discrete latent"),
     (["export", "{run}", "-o", "{tmp}/export", "--format", "diffusers"],
      "diffusers' VQModel cannot hold model 'vq-f4': its codes are compared by cosine (model.cosine=true)"),
 ])

@@ -92,7 +92,7 @@ def test_token_samples_are_deterministic_decoded_codes_and_scored(vq_run, tmp_pa
         assert main(["sample", str(vq_run), "-n", "5", "-o", str(tmp_path / str(i)), *extra]) == 0
         outs.append((tmp_path / str(i) / "samples.png").read_bytes())
     assert outs[0] == outs[1] and outs[0] != outs[2]
-    assert "5 samples from the tokens prior" in capsys.readouterr().out
+    assert "5 samples from the token prior" in capsys.readouterr().out
     assert main(["evaluate", str(vq_run), "--no-progress", "-o", str(tmp_path / "m.json"),
                  "eval.generation_images=8"]) == 0
     gen = json.loads((tmp_path / "m.json").read_text())["generation"]

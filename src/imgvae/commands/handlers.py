@@ -25,7 +25,7 @@ from imgvae.evaluation.report import format_table, write_report
 from imgvae.io.checkpoint import CheckpointError
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import open_model
-from imgvae.io.priors import prior_sampler
+from imgvae.io.priors import PRIOR_NAMES, prior_sampler
 from imgvae.runtime import pick_device
 from imgvae.train.engine import refuse_changed_overrides
 
@@ -116,7 +116,7 @@ def _train_prior(args) -> None:
     summary = train_prior(args.checkpoint, args.out, args.data, config_overrides(args), resume=args.resume,
                           device=args.device, progress=not args.no_progress)
     if summary:  # rank 0
-        print(f"imgvae: {summary['kind']} prior trained, {summary['steps']} steps in "
+        print(f"imgvae: {PRIOR_NAMES[summary['kind']]} trained, {summary['steps']} steps in "
               f"{summary['seconds_this_run']:.0f} s ({summary['skipped_steps']} non-finite skipped); checkpoint "
               f"{summary['checkpoint']}")
 
@@ -134,7 +134,7 @@ def _generate(args) -> None:
                                    solver=args.solver, prior_run=args.prior_run)
         started = time.perf_counter()
         written = sample_files(model, args.n, args.out, args.seed, draw=draw)
-        print(f"imgvae: {args.n} samples from the {kind} prior, {args.n / (time.perf_counter() - started):.1f} "
+        print(f"imgvae: {args.n} samples from the {PRIOR_NAMES[kind]}, {args.n / (time.perf_counter() - started):.1f} "
               "samples/s (writing included)")
     else:
         if args.steps < 2:

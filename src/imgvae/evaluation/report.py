@@ -57,7 +57,9 @@ def generation_rows(metrics: dict) -> list[tuple[str, str]]:
 
     rows = [("generation", f"against {gen['images']} training views of {', '.join(gen.get('reference', []))}; "
                            f"k = {gen['k']} nearest neighbours")]
-    rows += [(f"  samples, {name} prior", line(s)) for name, s in gen["priors"].items()]
+    own = "uniform codes" if "codebook" in metrics else "N(0, I)"  # a model's own prior
+    names = {"standard": own, "gmm": "fitted prior", "flow": "flow prior", "tokens": "token prior"}
+    rows += [(f"  samples, {names.get(name, name)}", line(s)) for name, s in gen["priors"].items()]
     rows.append(("  floor: reconstructions", line(gen["floor"])))
     if "held_out" in gen:
         rows.append(("  real held-out images", line(gen["held_out"])))

@@ -22,6 +22,8 @@ from imgvae.rundir import CONFIG, read_json
 
 PRIOR_RUNS = {"flow": "prior-flow", "tokens": "prior-tokens"}  # a learned prior's run folder, beside the model
 PRIORS = ("standard", "gmm", "flow", "tokens")
+PRIOR_NAMES = {"standard": "model's own prior", "gmm": "fitted prior (gmm)", "flow": "flow prior",
+               "tokens": "token prior"}
 
 
 def weights_file(path: str | Path, ema: bool = True) -> Path:

@@ -254,7 +254,8 @@ class Engine:
                  f"{f' x {procs.world_size} processes' if procs.distributed else ''} in {tc.precision}; "
                  f"{self.task.describe()}; epochs {pos.epoch + 1}..{tc.epochs}")
         if pos.epoch >= tc.epochs:
-            self.say(f"imgvae: {self.out} already finished {pos.epoch} epochs; raise {self.task.epochs_key} to continue")
+            self.say(f"imgvae: {self.out} already finished {pos.epoch} epochs; raise {self.task.epochs_key} to "
+                     "continue")
 
     def end_epoch(self, seconds: float) -> None:
         """After the epoch's last step: history, held-out statistics, pictures, learning-rate step, checkpoint."""
