@@ -7,6 +7,7 @@ prior training time; sampling img/s by step count. And the side-by-side picture.
 
     python bench/generation.py                                  # seed and sharp, 5 + 4 minutes each
     python bench/generation.py --models sharp --backbones transformer unet --prior-minutes 6
+    python bench/generation.py --models sharp --backbones transformer transformer+prior.width=128
     python bench/generation.py --models kl-f8 vq-f8 fsq-f8      # continuous and discrete latents
     python bench/generation.py --score-only                     # re-score the runs in --out
 """
@@ -45,7 +46,12 @@ def learned(name: str, args) -> dict[str, tuple[str, Path, list[str]]]:
     run = Path(args.out) / name
     if name in DISCRETE:
         return {"tokens": ("tokens", run / "prior-tokens", [])}
-    return {f"flow ({b})": ("flow", run / f"prior-flow-{b}", [f"prior.backbone={b}"]) for b in args.backbones}
+    flows = {}
+    for spec in args.backbones:  # BACKBONE or BACKBONE+prior.key=value+...
+        backbone, *keys = spec.split("+")
+        flows[f"flow ({spec})"] = ("flow", run / f"prior-flow-{spec.replace('+', '_')}", [f"prior.backbone={backbone}",
+                                                                                           *keys])
+    return flows
 
 
 def make_priors(name: str, run: Path, args) -> dict[str, float]:
@@ -57,7 +63,7 @@ def make_priors(name: str, run: Path, args) -> dict[str, float]:
         seconds["gmm-10"] = time.time() - started
     for label, (_, out, keys) in learned(name, args).items():
         if not (out / "summary.json").is_file():
-            train_prior(run, out, overrides=[*keys, f"prior.width={args.width}", f"prior.depth={args.depth}",
+            train_prior(run, out, overrides=[f"prior.width={args.width}", f"prior.depth={args.depth}", *keys,
                                              "prior.epochs=100000", f"train.time_limit={args.prior_minutes}",
                                              "prior.ema=0.999"], progress=False)
         seconds[label] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
@@ -116,7 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["seed", "sharp"], choices=sorted(MODELS))
     parser.add_argument("--backbones", nargs="+", default=["auto"],
-                        help="flow backbones to train (auto, transformer, unet, mlp)")
+                        help="flow backbones to train (auto, transformer, unet, mlp), each with its own prior keys "
+                        "if any: transformer+prior.width=128+prior.patch_size=4")
     parser.add_argument("--minutes", type=float, default=5.0, help="autoencoder training per model")
     parser.add_argument("--prior-minutes", type=float, default=4.0, help="flow prior training per backbone")
     parser.add_argument("--width", default="auto", help="prior.width")

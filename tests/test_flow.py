@@ -74,7 +74,8 @@ def test_prior_training_resumes_to_the_weights_of_a_straight_run(kl_run, tmp_pat
 
 
 def test_sampling_is_deterministic_and_takes_euler_or_heun(kl_run, tmp_path, capsys):
-    assert main(["train-prior", str(kl_run), "--no-progress", *SMALL_PRIOR]) == 0
+    # auto is the UNet (the other tests); here the transformer, end to end
+    assert main(["train-prior", str(kl_run), "--no-progress", *SMALL_PRIOR, "prior.backbone=transformer"]) == 0
     assert (kl_run / "prior-flow" / "checkpoints" / "last").exists()
     assert (kl_run / "grids" / "flow_prior_samples.png").is_file()
     outs = []
@@ -102,7 +103,8 @@ def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_
         with pytest.raises(ConfigError, match=f"prior.backbone: {backbone} needs a spatial latent"):
             train_prior(seed, tmp_path / "p", overrides=[*SMALL_PRIOR, f"prior.backbone={backbone}"], progress=False)
     with pytest.raises(ConfigError, match=r"prior.patch_size: 3 does not divide this model's latent grid \(4, 4\)"):
-        train_prior(kl_run, tmp_path / "p", overrides=[*SMALL_PRIOR, "prior.patch_size=3"], progress=False)
+        train_prior(kl_run, tmp_path / "p", overrides=[*SMALL_PRIOR, "prior.backbone=transformer",
+                                                      "prior.patch_size=3"], progress=False)
     assert not (tmp_path / "p").exists()
     summary = train_prior(seed, tmp_path / "mlp", overrides=SMALL_PRIOR, progress=False)  # a flat latent: the MLP
     assert summary["steps"] == 4

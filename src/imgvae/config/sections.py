@@ -312,8 +312,8 @@ class PriorConfig:
     # mixture (1 = one Gaussian with the exact aggregate moments).
     images: int = 10_000
     components: int = 1
-    # flow: the velocity network ("auto": the transformer over latent patches for spatial latents,
-    # an MLP for flat ones; or diffusers' UNet2DModel for spatial ones), its width (channels of
+    # flow: the velocity network ("auto": diffusers' UNet2DModel for spatial latents, an MLP for
+    # flat ones; or a transformer over latent patches for spatial ones), its width (channels of
     # the transformer and MLP, of the UNet's first level) and depth (blocks; UNet levels), "auto":
     # the backbone's own (models/flow.py DEFAULT_SIZE), and the transformer's patch side. tokens:
     # its transformer's width and depth ("auto": as the flow's transformer).

@@ -28,12 +28,12 @@ DEFAULT_SIZE = {"transformer": (256, 6), "unet": (64, 2), "mlp": (512, 4)}
 
 
 def backbone_of(cfg: PriorConfig, latent_shape: tuple[int, ...]) -> str:
-    """prior.backbone for this latent: "auto" is the transformer for spatial latents, the MLP for
-    flat ones; a spatial backbone over a flat latent is refused, and a patch that does not divide
-    the latent grid."""
+    """prior.backbone for this latent: "auto" is the UNet for spatial latents (it scored best at
+    equal CPU time, bench/RESULTS.md "Generation"), the MLP for flat ones; a spatial backbone over
+    a flat latent is refused, and a patch that does not divide the latent grid."""
     spatial = len(latent_shape) == 3
     if cfg.backbone == "auto":
-        backbone = "transformer" if spatial else "mlp"
+        backbone = "unet" if spatial else "mlp"
     elif cfg.backbone in SPATIAL and not spatial:
         raise ConfigError(f"prior.backbone: {cfg.backbone} needs a spatial latent (C, h, w); this model's latent is "
                           f"{tuple(latent_shape)}: use prior.backbone=mlp (or auto)")
