@@ -69,7 +69,7 @@ def test_overrides_parse_yaml_values_and_nest():
         ("epochs3", "not of the form section.key=value"),
         ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
         ("data.memory_cache_gb=-1", "data.memory_cache_gb must be >= 0, got -1"),
-        ("data.num_workers=some", "data.num_workers: 'some' does not fit"),
+        ("data.num_workers=some", "data.num_workers: 'some' is not an integer or 'auto'"),
     ],
 )
 def test_bad_values_fail_with_one_clear_message(override, message):

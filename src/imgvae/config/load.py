@@ -21,6 +21,14 @@ from imgvae.rundir import write_text_atomic
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 
 
+def _describe(tp) -> str:
+    """A type as an error message names it: an integer, a number, 'auto', null, a list."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "text", type(None): "null"}
+    return names.get(tp, "a list" if typing.get_origin(tp) in (list, tuple) else str(tp))
+
+
 def _coerce(value, tp, key: str):
     """Check/convert a YAML value to the annotated type, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -34,7 +42,7 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+        raise ConfigError(f"{key}: {value!r} is not {' or '.join(_describe(arg) for arg in args)}")
     if origin is list:
         if isinstance(value, str):
             value = [value]
