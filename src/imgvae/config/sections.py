@@ -157,7 +157,9 @@ class QuantizedConfig(ModelConfig):
     cosine: bool = True
     kmeans_init: bool = True
     decay: float = 0.95
-    dead_code_threshold: float = 2.0
+    # 0.5, not 2: at 2 the presets' codebooks went out of use (vq-f8's collapsed), at the same
+    # PSNR (bench/RESULTS.md, "Discrete latents").
+    dead_code_threshold: float = 0.5
     rotation_trick: bool = True
     commitment: float = 0.25
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
