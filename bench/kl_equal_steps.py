@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+# bench/quality.py's overrides for its 5-minute runs, written out: importing quality.py would import
+# main's imgvae, where the `0.1` variant must run on 0.1's tree alone.
 RECIPE = ["data.train=[embedded:train]", "data.eval=[embedded:eval]", "data.image_size=64", "train.epochs=1000",
           "eval.after_training=false", "train.log_every=20", "train.ckpt_every=0", "prior.after_training=false",
           "data.crop=random", "data.views_per_image=1024", "data.eval_views_per_image=64"]
