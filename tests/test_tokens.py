@@ -33,10 +33,11 @@ def vq_run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp("tokens"), *VQ_RUN, "train.epochs=1")
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq"])
-def test_codes_of_indices_are_the_latent_encode_gives(quantizer):
+@pytest.mark.parametrize("quantizer, extra", [("vq", {}), ("vq", {"codebook_dim": 2}), ("fsq", {}), ("lfq", {})])
+def test_codes_of_indices_are_the_latent_encode_gives(quantizer, extra):
+    """Also with codes looked up in a lower dimension (codebook_dim), projected back to the latent's."""
     torch.manual_seed(0)
-    keys = {"base_channels": 8, "latent_channels": 4, "quantizer": quantizer} | SMALL[quantizer]
+    keys = {"base_channels": 8, "latent_channels": 4, "quantizer": quantizer} | SMALL[quantizer] | extra
     model = build_model(model_config("vq-f4", **keys), 32, "scalar").eval()
     with torch.no_grad():
         posterior = model.encode(torch.rand(3, 3, 32, 32) * 2 - 1)

@@ -75,8 +75,9 @@ class QuantizedAutoencoder(VAE):
         """Code indices (B, h, w) -> the quantised latent (B, latent_channels, h, w) the decoder
         takes, as encode() gives it for those codes."""
         with torch.autocast(indices.device.type, enabled=False):
-            if self.kind == "vq":
-                return self.quantizer.get_output_from_indices(indices.long())
+            if self.kind == "vq":  # not its get_output_from_indices: that projects a channel-first map
+                codes = self.quantizer.get_codes_from_indices(indices.long())  # (B, codebook_dim, h, w)
+                return self.quantizer.project_out(codes.movedim(1, -1)).movedim(-1, 1)
             return self.quantizer.indices_to_codes(indices.long())
 
     def vq_model_blocker(self) -> str | None:
