@@ -74,6 +74,31 @@ def test_a_dead_code_is_restarted_from_the_batch_and_used_again():
     assert not torch.equal(book.embed[0, 3], dead) and used[-1] > 0, used
 
 
+@pytest.mark.parametrize("diversity", [0.0, 1.0])
+def test_the_diversity_loss_spreads_the_encoder_over_the_codebook(diversity):
+    torch.manual_seed(0)  # no k-means, no restarts, no commitment: only model.diversity moves the encoder
+    keys = dict(base_channels=8, codebook_size=64, latent_channels=4, commitment=0.0, diversity=diversity,
+                dead_code_threshold=0.0, kmeans_init=False)
+    model = build_model(model_config("vq-f4", **keys), 16).train()
+    x = torch.rand(16, 3, 16, 16) * 2 - 1
+    opt = torch.optim.Adam(model.encoder.parameters(), 1e-2)
+    used = []
+    for _ in range(40):
+        q = model.encode(x)
+        used.append(int(q.indices.unique().numel()))
+        if diversity:
+            opt.zero_grad()
+            q.aux_loss.backward()
+            opt.step()
+    assert ("diversity" in q.stats) == (diversity > 0)
+    if diversity:  # the weighted loss is minus an entropy, reported unweighted
+        minus_entropy = float(q.stats["diversity"])
+        assert minus_entropy < 0 and float(q.aux_loss.detach()) == pytest.approx(minus_entropy)
+        assert used[0] < 56 and used[-1] == 64, used  # from ~80 % of the codes to all of them
+    else:  # the EMA codebook alone moves a code or two
+        assert used[0] < 56 and used[-1] < 56, used
+
+
 def test_resume_with_an_ema_codebook_equals_a_straight_run(tmp_path):
     write_jpegs(tmp_path / "photos", 16, seed=1)
     photos = [tmp_path / "photos"]

@@ -53,7 +53,7 @@ MAXIMUM = {
     "model": {"latent_dim": 2**16, "bn_momentum": 1, "base_channels": 4096, "levels": 12, "blocks": 64,
               "latent_channels": 1024, "layers_per_block": 64, "norm_num_groups": 1024, "scaling_factor": 1e6,
               "shift_factor": 1e6, "sample_size": 2**16, "codebook_size": 2**20, "codebook_dim": 4096,
-              "dead_code_threshold": 1e9, "commitment": 1e6, "usage_warning": 1},
+              "dead_code_threshold": 1e9, "commitment": 1e6, "diversity": 1e6, "usage_warning": 1},
     "LossConfig": {"beta": 1e6, "free_bits": 1e3, "perceptual": 1e6, "adversarial": 1e6, "adversarial_start": 10**12,
                    "discriminator_lr": 10},
     "TrainConfig": {"epochs": 10**6, "batch_size": 2**16, "lr": 10, "weight_decay": 10, "rmsprop_alpha": 1,
@@ -67,7 +67,7 @@ MAXIMUM = {
 }
 ABOVE_ZERO = {"LossConfig": ["discriminator_lr"], "TrainConfig": ["eps", "lr_gamma"]}
 NON_NEGATIVE_TOO = {"DataConfig": ["device_cache_gb"],
-                    "model": ["bn_momentum", "dead_code_threshold", "commitment", "usage_warning"],
+                    "model": ["bn_momentum", "dead_code_threshold", "commitment", "diversity", "usage_warning"],
                     "TrainConfig": ["seed", "rmsprop_alpha"], "EvalConfig": ["seed"]}
 DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 

@@ -34,7 +34,8 @@ def build_quantizer(cfg: ModelConfig) -> tuple[nn.Module, int]:
     vq = VectorQuantize(dim=c, codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim, decay=cfg.decay,
                         kmeans_init=cfg.kmeans_init, use_cosine_sim=cfg.cosine,
                         threshold_ema_dead_code=cfg.dead_code_threshold, rotation_trick=cfg.rotation_trick,
-                        commitment_weight=cfg.commitment, accept_image_fmap=True, sync_codebook=sync)
+                        commitment_weight=cfg.commitment, codebook_diversity_loss_weight=cfg.diversity,
+                        accept_image_fmap=True, sync_codebook=sync)
     return vq, cfg.codebook_size
 
 
@@ -62,9 +63,11 @@ class QuantizedAutoencoder(VAE):
                 (z, indices, aux), breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
                 parts = {"entropy": aux - self.quantizer.commitment_loss_weight * breakdown.commitment,
                          "commitment": breakdown.commitment}
-            else:  # the EMA updates the codebook: no codebook loss, only the (weighted) commitment
+            else:  # the EMA updates the codebook: no codebook loss; the (weighted) commitment and diversity
                 z, indices, aux, breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
                 parts = {"commitment": breakdown.commitment}
+                if self.quantizer.has_codebook_diversity_loss:  # minus the entropy, unweighted
+                    parts["diversity"] = breakdown.codebook_diversity
         stats = {k: v.detach().reshape(()) for k, v in parts.items()}
         return Quantized(z, indices, self.codebook_size, aux.reshape(()), stats)
 
