@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from imgvae.commands.cli import main
 from imgvae.config import LossConfig, model_config
 from imgvae.evaluation.evaluate import codebook_health
+from imgvae.evaluation.report import format_table
 from imgvae.models.base import Quantized
 from imgvae.models.losses import vae_loss
 from imgvae.models.quantized import code_usage
@@ -57,7 +58,7 @@ def test_usage_is_counted_over_a_whole_set_on_constructed_indices():
     # Two batches that each use 2 codes use 4 together: usage is over the set, not a batch.
     both = torch.bincount(torch.tensor([0, 1]), minlength=8) + torch.bincount(torch.tensor([2, 3]), minlength=8)
     book = codebook_health(both, tokens=64)
-    assert book["used"] == 4 and book["usage"] == 0.5 and book["bits_per_image"] == 64 * 3
+    assert book["used"] == 4 and book["usage"] == 0.5 and book["bits_per_image"] == 64 * 3 and book["set_tokens"] == 4
 
 
 def test_a_dead_code_is_restarted_from_the_batch_and_used_again():
@@ -123,8 +124,11 @@ def test_the_vqgan_recipe_trains_stably_when_the_discriminator_starts(tmp_path, 
     assert "generator" not in steps[2] and all("generator" in s and "gan_weight" in s for s in steps[4:]), steps[-1]
     assert history[-1]["train/recon"] < history[0]["train/recon"]
     assert all(h["eval/codebook_usage"] >= 0.25 for h in history[1:]), [h["eval/codebook_usage"] for h in history]
-    book = json.loads((run / "metrics.json").read_text())["codebook"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    book = metrics["codebook"]
     assert book["size"] == 32 and book["used"] + book["dead"] == 32 and book["bits_per_image"] == 64 * 5
+    assert book["set_tokens"] == 64 * metrics["images"]  # every held-out image's 8 x 8 tokens, counted
+    assert f"over the whole set ({book['set_tokens'] / 32:.0f} tokens per code" in format_table(metrics)
     assert not [w for w in recwarn.list if "codebook collapse" in str(w.message)]
 
 

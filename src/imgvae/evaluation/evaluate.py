@@ -271,6 +271,7 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
 
 def codebook_health(counts: torch.Tensor, tokens: int) -> dict:
     """A discrete latent's codebook over the whole evaluated set (code_usage), and its rate:
-    bits per image = tokens x log2(codebook size)."""
+    bits per image = tokens x log2(codebook size); set_tokens: the tokens counted, all images."""
     return {"note": "codes used over the whole set, not per batch", **code_usage(counts), "tokens": tokens,
+            "set_tokens": int(counts.sum()),
             "bits_per_image": tokens * math.log2(len(counts))}

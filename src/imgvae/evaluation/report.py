@@ -37,8 +37,11 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
     ]
     if "codebook" in metrics:  # a discrete latent
         book = metrics["codebook"]
-        rows += [("codebook usage", f"{book['used']} / {book['size']} codes ({book['usage']:.1%}) over the whole set; "
-                                    f"{book['dead']} dead; perplexity {book['perplexity']:.1f}"),
+        per_code = book["set_tokens"] / book["size"] if "set_tokens" in book else None  # older metrics: none
+        count = "" if per_code is None else f" ({per_code:.0f} tokens per code" + (
+            "; too few to see rare codes: more images count better)" if per_code < 16 else ")")
+        rows += [("codebook usage", f"{book['used']} / {book['size']} codes ({book['usage']:.1%}) over the whole set"
+                                    f"{count}; {book['dead']} dead; perplexity {book['perplexity']:.1f}"),
                  ("bits per image", f"{book['bits_per_image']:.0f} ({book['tokens']} tokens x "
                                     f"{math.log2(book['size']):.2f} bits)")]
     return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"] + generation_rows(metrics)
