@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
-from imgvae.config import LossConfig, model_config
+from imgvae.config import ConfigError, LossConfig, load_config, model_config
 from imgvae.evaluation.evaluate import codebook_health
 from imgvae.evaluation.report import format_table
 from imgvae.models.base import Quantized
@@ -98,6 +98,16 @@ def test_the_diversity_loss_spreads_the_encoder_over_the_codebook(diversity):
         assert used[0] < 56 and used[-1] == 64, used  # from ~80 % of the codes to all of them
     else:  # the EMA codebook alone moves a code or two
         assert used[0] < 56 and used[-1] < 56, used
+
+
+@pytest.mark.parametrize("preset, value, message", [
+    ("fsq-f8", "0.1", r"model.diversity weighs a codebook's loss: quantizer 'vq' only, not 'fsq'"),
+    ("vq-f8", "-1", r"model.diversity must be >= 0, got -1.0"),
+    ("vq-f8", "nan", r"model.diversity: expected a finite number, got nan"),
+])
+def test_a_diversity_weight_that_cannot_apply_is_refused(preset, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset, [f"model.diversity={value}"])
 
 
 def test_resume_with_an_ema_codebook_equals_a_straight_run(tmp_path):

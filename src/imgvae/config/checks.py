@@ -136,6 +136,8 @@ def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:  # decay, FSQ l
     lv = cfg.fsq_levels
     if cfg.quantizer == "fsq" and not (1 <= len(lv) <= 16 and 2 <= min(lv) <= max(lv) <= 2**16):
         raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of 2 to 65,536 levels each, got {lv}")
+    if cfg.quantizer != "vq" and cfg.diversity:
+        raise ConfigError(f"{prefix}diversity weighs a codebook's loss: quantizer 'vq' only, not {cfg.quantizer!r}")
     if cfg.quantizer == "lfq" and (cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1)):
         raise ConfigError(f"{prefix}codebook_size: quantizer 'lfq' needs a power of 2, got {cfg.codebook_size}")
 
