@@ -37,9 +37,11 @@ def metric_rows(metrics: dict) -> list[tuple[str, str]]:
     ]
     if "codebook" in metrics:  # a discrete latent
         book = metrics["codebook"]
-        per_code = book["set_tokens"] / book["size"] if "set_tokens" in book else None  # older metrics: none
-        count = "" if per_code is None else f" ({per_code:.0f} tokens per code" + (
-            "; too few to see rare codes: more images count better)" if per_code < 16 else ")")
+        count = ""  # metrics written before set_tokens existed: no count
+        if "set_tokens" in book:
+            per_code = book["set_tokens"] / book["size"]
+            few = "; too few to see rare codes: more images count better" if per_code < 16 else ""
+            count = f" ({per_code:.0f} tokens per code{few})"
         rows += [("codebook usage", f"{book['used']} / {book['size']} codes ({book['usage']:.1%}) over the whole set"
                                     f"{count}; {book['dead']} dead; perplexity {book['perplexity']:.1f}"),
                  ("bits per image", f"{book['bits_per_image']:.0f} ({book['tokens']} tokens x "
