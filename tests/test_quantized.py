@@ -110,6 +110,15 @@ def test_a_diversity_weight_that_cannot_apply_is_refused(preset, value, message)
         load_config(preset, [f"model.diversity={value}"])
 
 
+@pytest.mark.parametrize("levels", ["[2,4,4]", "[1,4,4]", "[]", "[1024,1024,2]", "[65536,65536]"])
+def test_fsq_levels_the_quantiser_cannot_take_are_refused(levels):
+    """vector-quantize-pytorch's FSQ asserts on a channel of 2 levels, and builds a table of every
+    code (32 GiB for 65,536^2): refused before, in one line."""
+    with pytest.raises(ConfigError, match=r"model.fsq_levels: 1 to 16 channels of at least 3 levels each \(2 levels "
+                                          r"a channel: quantizer 'lfq'\), at most 1,048,576 codes in all, got \["):
+        load_config("fsq-f8", [f"model.fsq_levels={levels}", "model.latent_channels=3"])
+
+
 def test_resume_with_an_ema_codebook_equals_a_straight_run(tmp_path):
     write_jpegs(tmp_path / "photos", 16, seed=1)
     photos = [tmp_path / "photos"]

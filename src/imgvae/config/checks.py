@@ -4,6 +4,7 @@ and the few rules that tie keys together."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from imgvae.config.sections import (
@@ -45,6 +46,7 @@ NON_NEGATIVE = {
 }
 
 
+MAX_CODES = 2**20  # a codebook's size (FSQ's: the product of its levels)
 # Upper bounds of the numeric keys: beyond them a value is a typo, or exhausts memory or time first.
 MAXIMUM = {
     "DataConfig": {"image_size": 4096, "crop_size": 2**16, "views_per_image": 10**5, "eval_views_per_image": 10**5,
@@ -52,7 +54,7 @@ MAXIMUM = {
                    "max_file_mb": 2**20},
     "model": {"latent_dim": 2**16, "bn_momentum": 1, "base_channels": 4096, "levels": 12, "blocks": 64,
               "latent_channels": 1024, "layers_per_block": 64, "norm_num_groups": 1024, "scaling_factor": 1e6,
-              "shift_factor": 1e6, "sample_size": 2**16, "codebook_size": 2**20, "codebook_dim": 4096,
+              "shift_factor": 1e6, "sample_size": 2**16, "codebook_size": MAX_CODES, "codebook_dim": 4096,
               "dead_code_threshold": 1e9, "commitment": 1e6, "diversity": 1e6, "usage_warning": 1},
     "LossConfig": {"beta": 1e6, "free_bits": 1e3, "perceptual": 1e6, "adversarial": 1e6, "adversarial_start": 10**12,
                    "discriminator_lr": 10},
@@ -134,8 +136,9 @@ def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:  # decay, FSQ l
     if not 0 < cfg.decay < 1:
         raise ConfigError(f"{prefix}decay is an EMA decay in (0, 1), got {cfg.decay}")
     lv = cfg.fsq_levels
-    if cfg.quantizer == "fsq" and not (1 <= len(lv) <= 16 and 2 <= min(lv) <= max(lv) <= 2**16):
-        raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of 2 to 65,536 levels each, got {lv}")
+    if cfg.quantizer == "fsq" and not (1 <= len(lv) <= 16 and 3 <= min(lv) and math.prod(lv) <= MAX_CODES):
+        raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of at least 3 levels each (2 levels a channel: "
+                          f"quantizer 'lfq'), at most {MAX_CODES:,} codes in all, got {lv}")
     if cfg.quantizer != "vq" and cfg.diversity:
         raise ConfigError(f"{prefix}diversity weighs a codebook's loss: quantizer 'vq' only, not {cfg.quantizer!r}")
     if cfg.quantizer == "lfq" and (cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1)):
