@@ -139,8 +139,9 @@ def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:  # decay, FSQ l
     if cfg.quantizer == "fsq" and not (1 <= len(lv) <= 16 and 3 <= min(lv) and math.prod(lv) <= MAX_CODES):
         raise ConfigError(f"{prefix}fsq_levels: 1 to 16 channels of at least 3 levels each (2 levels a channel: "
                           f"quantizer 'lfq'), at most {MAX_CODES:,} codes in all, got {lv}")
-    if cfg.quantizer != "vq" and cfg.diversity:
-        raise ConfigError(f"{prefix}diversity weighs a codebook's loss: quantizer 'vq' only, not {cfg.quantizer!r}")
+    if cfg.quantizer == "lfq" and cfg.diversity:
+        raise ConfigError(f"{prefix}diversity weighs a codebook's or a grid's entropy: quantizer 'vq' or 'fsq', "
+                          "not 'lfq' (it has its own entropy loss)")
     if cfg.quantizer == "lfq" and (cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1)):
         raise ConfigError(f"{prefix}codebook_size: quantizer 'lfq' needs a power of 2, got {cfg.codebook_size}")
 

@@ -162,8 +162,9 @@ class QuantizedConfig(ModelConfig):
     dead_code_threshold: float = 0.5
     rotation_trick: bool = True
     commitment: float = 0.25
-    # "vq": weight of the codebook diversity loss, minus the entropy of the batch's mean code
-    # probabilities (softmax of the similarities): pushes the encoder to spread over all codes.
+    # Weight of a diversity loss, minus the entropy of the batch's mean code probabilities, which
+    # pushes the encoder to spread over all codes: "vq", the codebook's (softmax of the
+    # similarities); "fsq", its grid's (each channel soft-assigned to its levels). "lfq": refused.
     diversity: float = 0.0
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     # Training warns when fewer than this share of the codes are used on the held-out images.

@@ -49,7 +49,7 @@ class QuantizedAutoencoder(VAE):
         encoder, decoder, self.widths, side = kl_blocks(cfg, image_size, downsamplings, "vq", self.out_channels,
                                                         double_z=False)
         self.latent_shape, self.token_shape = (cfg.latent_channels, side, side), (side, side)
-        self.kind, self.cosine = cfg.quantizer, cfg.cosine
+        self.kind, self.cosine, self.diversity = cfg.quantizer, cfg.cosine, cfg.diversity
         self.encoder = encoder
         self.quantizer, self.codebook_size = build_quantizer(cfg)
         self.decoder = decoder
@@ -57,8 +57,11 @@ class QuantizedAutoencoder(VAE):
     def encode(self, x: torch.Tensor) -> Quantized:
         h = self.encoder(x)
         with torch.autocast(h.device.type, enabled=False):  # codebooks and distances in float32
-            if self.kind == "fsq":
+            if self.kind == "fsq":  # with model.diversity: minus the entropy of its grid's batch mean (weighted)
                 (z, indices), aux, parts = self.quantizer(h.float()), torch.zeros((), device=h.device), {}
+                if self.diversity:
+                    parts["diversity"] = -grid_entropy(self.quantizer, h.float())
+                    aux = self.diversity * parts["diversity"]
             elif self.kind == "lfq":  # its entropy loss (weighted) and commitment
                 (z, indices, aux), breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
                 parts = {"entropy": aux - self.quantizer.commitment_loss_weight * breakdown.commitment,
@@ -100,6 +103,26 @@ class QuantizedAutoencoder(VAE):
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.encoder, self.quantizer]
+
+
+def grid_entropy(fsq: nn.Module, h: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
+    """Entropy of the batch's mean soft code probabilities over FSQ's grid of codes, for
+    (B, C, h, w) pre-quantisation maps: each channel's bounded value (the one FSQ rounds, by its
+    own formula) soft-assigned to that channel's levels (softmax of minus the squared distance
+    over temperature, levels one apart), the channels' assignments multiplied into one over the
+    grid. Maximal (log of the grid's size) when the batch spreads evenly over every code."""
+    levels = fsq._levels
+    x = h.movedim(1, -1).reshape(-1, h.shape[1])
+    half = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(x)
+    bounded = torch.tanh(x + torch.atanh(offset / half)) * half - offset
+    joint = x.new_ones(len(x), 1)
+    for c, n in enumerate(levels.tolist()):
+        grid = torch.arange(n, device=x.device, dtype=x.dtype) - n // 2
+        p = torch.softmax(-(bounded[:, c:c + 1] - grid) ** 2 / temperature, dim=-1)
+        joint = (joint.unsqueeze(-1) * p.unsqueeze(1)).flatten(1)
+    mean = joint.mean(0)
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
 register("vq-f4")(lambda cfg, image_size, scale="none": QuantizedAutoencoder(cfg, image_size, scale, 2))
