@@ -75,11 +75,18 @@ def test_a_dead_code_is_restarted_from_the_batch_and_used_again():
     assert not torch.equal(book.embed[0, 3], dead) and used[-1] > 0, used
 
 
+DIVERSITY_MODELS = {  # 64 codes each; no k-means, restarts or commitment: only model.diversity moves the encoder
+    "vq": dict(codebook_size=64, latent_channels=4, commitment=0.0, dead_code_threshold=0.0, kmeans_init=False),
+    "fsq": dict(quantizer="fsq", fsq_levels=[4, 4, 4], latent_channels=3),
+}
+
+
 @pytest.mark.parametrize("diversity", [0.0, 1.0])
-def test_the_diversity_loss_spreads_the_encoder_over_the_codebook(diversity):
-    torch.manual_seed(0)  # no k-means, no restarts, no commitment: only model.diversity moves the encoder
-    keys = dict(base_channels=8, codebook_size=64, latent_channels=4, commitment=0.0, diversity=diversity,
-                dead_code_threshold=0.0, kmeans_init=False)
+@pytest.mark.parametrize("quantizer, start", [("vq", 56), ("fsq", 16)])
+def test_the_diversity_loss_spreads_the_encoder_over_every_code(quantizer, start, diversity):
+    """VQ's codebook (vector-quantize-pytorch's loss) and FSQ's grid (imgvae's grid_entropy)."""
+    torch.manual_seed(0)
+    keys = dict(base_channels=8, diversity=diversity) | DIVERSITY_MODELS[quantizer]
     model = build_model(model_config("vq-f4", **keys), 16).train()
     x = torch.rand(16, 3, 16, 16) * 2 - 1
     opt = torch.optim.Adam(model.encoder.parameters(), 1e-2)
@@ -91,13 +98,13 @@ def test_the_diversity_loss_spreads_the_encoder_over_the_codebook(diversity):
             opt.zero_grad()
             q.aux_loss.backward()
             opt.step()
-    assert ("diversity" in q.stats) == (diversity > 0)
+    assert ("diversity" in q.stats) == (diversity > 0) and used[0] < start, used
     if diversity:  # the weighted loss is minus an entropy, reported unweighted
         minus_entropy = float(q.stats["diversity"])
         assert minus_entropy < 0 and float(q.aux_loss.detach()) == pytest.approx(minus_entropy)
-        assert used[0] < 56 and sum(used[-10:]) / 10 > 62, used  # from ~80 % of the codes to (nearly) all
-    else:  # the EMA codebook alone moves a code or two
-        assert used[0] < 56 and used[-1] < 56, used
+        assert sum(used[-10:]) / 10 > 62, used  # from ~80 % (vq) or a sixth (fsq) of the codes to (nearly) all
+    else:  # the EMA codebook alone moves a code or two; FSQ's grid none
+        assert used[-1] < start, used
 
 
 @pytest.mark.parametrize("preset, value, message", [
@@ -109,24 +116,6 @@ def test_the_diversity_loss_spreads_the_encoder_over_the_codebook(diversity):
 def test_a_diversity_weight_that_cannot_apply_is_refused(preset, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(preset, [f"model.diversity={value.split('+')[0]}", *value.split("+")[1:]])
-
-
-def test_the_diversity_loss_spreads_fsq_over_its_grid():
-    torch.manual_seed(0)  # the encoder alone, moved by model.diversity alone
-    model = build_model(model_config("vq-f4", base_channels=8, quantizer="fsq", fsq_levels=[4, 4, 4],
-                                     latent_channels=3, diversity=1.0), 16).train()
-    x = torch.rand(16, 3, 16, 16) * 2 - 1
-    opt = torch.optim.Adam(model.encoder.parameters(), 1e-2)
-    used = []
-    for _ in range(40):
-        q = model.encode(x)
-        used.append(int(q.indices.unique().numel()))
-        opt.zero_grad()
-        q.aux_loss.backward()
-        opt.step()
-    minus_entropy = float(q.stats["diversity"])  # weight 1: the loss is minus the grid's entropy
-    assert minus_entropy < 0 and float(q.aux_loss.detach()) == pytest.approx(minus_entropy)
-    assert used[0] < 16 and min(used[-10:]) >= 60, used  # from a sixth of the 64-code grid to (nearly) all
 
 
 def test_the_fsq_grid_entropy_is_the_entropy_of_its_own_codes_when_sharp():
