@@ -19,6 +19,7 @@ from imgvae.models.losses import vae_loss
 from imgvae.models.quantized import code_usage, grid_entropy
 from imgvae.models.registry import build_model
 from imgvae.train.engine import train
+from imgvae.train.records import epoch_line
 
 from conftest import tiny_config, train_tiny_run, write_jpegs
 
@@ -44,6 +45,7 @@ def test_shapes_and_straight_through_gradients(quantizer, name, side):
     # The rate: log2(codebook size) bits per token, as the KL of a one-hot posterior under a uniform prior.
     assert float(posterior.kl().sum((1, 2, 3))[0]) == pytest.approx(side * side * math.log(model.codebook_size))
     loss, stats = vae_loss(x, out, LossConfig())
+    assert float(loss) == pytest.approx(float(stats["recon"] + stats["quantizer"]))  # the rate is a constant
     loss.backward()
     # Gradients reach the encoder through the quantiser (straight-through / rotation trick).
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0 and model.decoder.conv_out.weight.grad.abs().sum() > 0
@@ -116,6 +118,12 @@ def test_the_diversity_loss_spreads_the_encoder_over_every_code(quantizer, start
 def test_a_diversity_weight_that_cannot_apply_is_refused(preset, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(preset, [f"model.diversity={value.split('+')[0]}", *value.split("+")[1:]])
+
+
+def test_the_epoch_line_of_a_discrete_latent_adds_up():
+    record = {"epoch": 3, "train/loss": -90.0, "train/recon": -100.0, "train/kl": 1774.46, "train/quantizer": 10.0,
+              "skipped_steps": 0, "img_per_s": 30.0}
+    assert epoch_line(record) == "epoch 3: train loss -90.00 (recon -100.00, rate 1774.46, quantiser 10.00), 30.0 img/s"
 
 
 def test_the_fsq_grid_entropy_is_the_entropy_of_its_own_codes_when_sharp():

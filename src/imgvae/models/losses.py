@@ -57,14 +57,16 @@ def vae_loss(
     """Batch mean of reconstruction NLL + kl_scale (default beta) * KL(q(z|x) || N(0, I)),
     with free bits, plus the perceptual term when a distance (B,) function is given; for a
     discrete latent (Quantized) the quantiser's loss instead of the KL (a constant rate).
-    Stats: loss, recon, kl (the plain KL, whatever the weighting), and more when used."""
+    Stats: loss, recon, kl (the plain KL, whatever the weighting; a discrete latent's rate), and
+    more when used (quantizer: the quantiser's weighted term, what the loss adds to recon)."""
     recon = reconstruction_nll(x, out, cfg).mean()
     kl_per_dim = out.posterior.kl().flatten(1)  # (B, latent dims)
     kl = kl_per_dim.sum(1).mean()
     stats = {"recon": recon.detach(), "kl": kl.detach()}
     if isinstance(out.posterior, Quantized):  # a fixed rate; the quantiser's own loss instead
-        loss = recon + x[0].numel() * out.posterior.aux_loss  # a mean per element, as the recon's sum
-        stats |= out.posterior.stats
+        quantizer = x[0].numel() * out.posterior.aux_loss  # a mean per element, as the recon's sum
+        loss = recon + quantizer
+        stats |= out.posterior.stats | {"quantizer": quantizer.detach()}
     else:
         penalised = kl_per_dim.mean(0).clamp(min=cfg.free_bits).sum() if cfg.free_bits > 0 else kl
         loss = recon + (cfg.beta if kl_scale is None else kl_scale) * penalised

@@ -88,9 +88,12 @@ class Recorder:
 
 
 def epoch_line(record: dict) -> str:
-    """"epoch 3: train loss 1009.38 (recon 961.96, kl 47.43), eval loss 1805.54, 168.4 img/s"."""
+    """"epoch 3: train loss 1009.38 (recon 961.96, kl 47.43), eval loss 1805.54, 168.4 img/s";
+    for a discrete latent "(recon ..., rate ..., quantiser ...)": the loss is recon + quantiser,
+    the rate a constant."""
     train = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("train/")}
-    parts = ", ".join(f"{k} {train[k]:.2f}" for k in ("recon", "kl") if k in train)
+    names = {"recon": "recon", "kl": "rate" if "quantizer" in train else "kl", "quantizer": "quantiser"}
+    parts = ", ".join(f"{names[k]} {train[k]:.2f}" for k in names if k in train)
     msg = f"epoch {record['epoch']}: train loss {train['loss']:.2f}" + (f" ({parts})" if parts else "")
     if "eval/loss" in record:
         msg += f", eval loss {record['eval/loss']:.2f}"
