@@ -109,15 +109,16 @@ def test_the_diversity_loss_spreads_the_encoder_over_every_code(quantizer, start
         assert used[-1] < start, used
 
 
-@pytest.mark.parametrize("preset, value, message", [
-    ("fsq-f8", "0.1+model.quantizer=lfq", r"model.diversity weighs a codebook's or a grid's entropy: quantizer "
-                                          r"'vq' or 'fsq', not 'lfq' \(it has its own entropy loss\)"),
-    ("vq-f8", "-1", r"model.diversity must be >= 0, got -1.0"),
-    ("vq-f8", "nan", r"model.diversity: expected a finite number, got nan"),
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("fsq-f8", ["model.diversity=0.1", "model.quantizer=lfq"],
+     r"model.diversity weighs a codebook's or a grid's entropy: quantizer 'vq' or 'fsq', not 'lfq' \(it has its own "
+     r"entropy loss\)"),
+    ("vq-f8", ["model.diversity=-1"], r"model.diversity must be >= 0, got -1.0"),
+    ("vq-f8", ["model.diversity=nan"], r"model.diversity: expected a finite number, got nan"),
 ])
-def test_a_diversity_weight_that_cannot_apply_is_refused(preset, value, message):
+def test_a_diversity_weight_that_cannot_apply_is_refused(preset, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(preset, [f"model.diversity={value.split('+')[0]}", *value.split("+")[1:]])
+        load_config(preset, overrides)
 
 
 def test_the_epoch_line_of_a_discrete_latent_adds_up():

@@ -55,19 +55,19 @@ class QuantizedAutoencoder(VAE):
         self.decoder = decoder
 
     def encode(self, x: torch.Tensor) -> Quantized:
-        h = self.encoder(x)
-        with torch.autocast(h.device.type, enabled=False):  # codebooks and distances in float32
+        h = self.encoder(x).float()  # codebooks and distances in float32
+        with torch.autocast(h.device.type, enabled=False):
             if self.kind == "fsq":  # with model.diversity: minus the entropy of its grid's batch mean (weighted)
-                (z, indices), aux, parts = self.quantizer(h.float()), torch.zeros((), device=h.device), {}
+                (z, indices), aux, parts = self.quantizer(h), torch.zeros((), device=h.device), {}
                 if self.diversity:
-                    parts["diversity"] = -grid_entropy(self.quantizer, h.float())
+                    parts["diversity"] = -grid_entropy(self.quantizer, h)
                     aux = self.diversity * parts["diversity"]
             elif self.kind == "lfq":  # its entropy loss (weighted) and commitment
-                (z, indices, aux), breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
+                (z, indices, aux), breakdown = self.quantizer(h, return_loss_breakdown=True)
                 parts = {"entropy": aux - self.quantizer.commitment_loss_weight * breakdown.commitment,
                          "commitment": breakdown.commitment}
             else:  # the EMA updates the codebook: no codebook loss; the (weighted) commitment and diversity
-                z, indices, aux, breakdown = self.quantizer(h.float(), return_loss_breakdown=True)
+                z, indices, aux, breakdown = self.quantizer(h, return_loss_breakdown=True)
                 parts = {"commitment": breakdown.commitment}
                 if self.quantizer.has_codebook_diversity_loss:  # minus the entropy, unweighted
                     parts["diversity"] = breakdown.codebook_diversity
