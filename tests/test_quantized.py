@@ -181,10 +181,14 @@ def test_the_vqgan_recipe_trains_stably_when_the_discriminator_starts(tmp_path, 
     assert not [w for w in recwarn.list if "codebook collapse" in str(w.message)]
 
 
-def test_collapse_is_warned_each_epoch(tmp_path):
-    with pytest.warns(UserWarning, match=r"epoch 1: the held-out images use .*% of the 32 codes, below "
-                                         r"model.usage_warning=1 \(codebook collapse"):
-        train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1", "model.usage_warning=1")
+@pytest.mark.parametrize("extra, codes, keys", [
+    ([], 32, "model.cosine=true"),
+    (["model.quantizer=fsq", "model.latent_channels=3", "model.fsq_levels=[4,4,4]"], 64, "model.diversity > 0"),
+])
+def test_collapse_is_warned_each_epoch_with_the_keys_that_help(tmp_path, extra, codes, keys):
+    with pytest.warns(UserWarning, match=rf"epoch 1: the held-out images use .*% of the {codes} codes, below "
+                                         rf"model.usage_warning=1 \(codebook collapse: try {keys}"):
+        train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1", "model.usage_warning=1", *extra)
 
 
 @pytest.mark.parametrize("args, message", [

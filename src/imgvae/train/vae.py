@@ -71,6 +71,11 @@ def eval_loss(model: VAE, loader, dataset: ImageDataset, cfg: LossConfig, device
     return stats.means() | {f"codebook_{k}": health[k] for k in ("usage", "perplexity") if health}
 
 
+# The keys that help a quantiser whose codes go out of use (the collapse warning names them).
+COLLAPSE_KEYS = {"vq": "model.cosine=true, a lower model.codebook_dim, model.dead_code_threshold > 0",
+                 "fsq": "model.diversity > 0, fewer model.fsq_levels", "lfq": "a smaller model.codebook_size"}
+
+
 @dataclass
 class VAEInputs:
     x: torch.Tensor  # (B, 3, S, S) normalised, flipped, on the device
@@ -158,8 +163,8 @@ class VAETask:
         usage, floor = stats.get("codebook_usage"), getattr(self.cfg.model, "usage_warning", 0)
         if usage is not None and usage < floor:
             warnings.warn(f"epoch {epoch}: the held-out images use {usage:.1%} of the {model.codebook_size} codes, "
-                          f"below model.usage_warning={floor:g} (codebook collapse: try model.cosine=true, a "
-                          "lower model.codebook_dim, model.dead_code_threshold > 0)", stacklevel=1)
+                          f"below model.usage_warning={floor:g} (codebook collapse: try "
+                          f"{COLLAPSE_KEYS[self.cfg.model.quantizer]})", stacklevel=1)
         pictures = (self.fixed_images.float() / 255, reconstruct(model, normalize(self.fixed_images)),
                     decode(model, self.fixed_noise))
         return stats, dict(zip(rundir.GRID_KINDS, pictures))
