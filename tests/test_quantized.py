@@ -182,7 +182,7 @@ def test_the_vqgan_recipe_trains_stably_when_the_discriminator_starts(tmp_path, 
 
 
 @pytest.mark.parametrize("extra, codes, keys", [
-    ([], 32, "model.cosine=true"),
+    ([], 32, "model.cosine=true, a lower model.codebook_dim, model.dead_code_threshold > 0, model.diversity > 0"),
     (["model.quantizer=fsq", "model.latent_channels=3", "model.fsq_levels=[4,4,4]"], 64, "model.diversity > 0"),
 ])
 def test_collapse_is_warned_each_epoch_with_the_keys_that_help(tmp_path, extra, codes, keys):

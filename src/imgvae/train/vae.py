@@ -72,7 +72,8 @@ def eval_loss(model: VAE, loader, dataset: ImageDataset, cfg: LossConfig, device
 
 
 # The keys that help a quantiser whose codes go out of use (the collapse warning names them).
-COLLAPSE_KEYS = {"vq": "model.cosine=true, a lower model.codebook_dim, model.dead_code_threshold > 0",
+COLLAPSE_KEYS = {"vq": "model.cosine=true, a lower model.codebook_dim, model.dead_code_threshold > 0, "
+                       "model.diversity > 0",
                  "fsq": "model.diversity > 0, fewer model.fsq_levels", "lfq": "a smaller model.codebook_size"}
 
 
