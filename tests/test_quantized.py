@@ -110,9 +110,9 @@ def test_the_diversity_loss_spreads_the_encoder_over_every_code(quantizer, start
 
 
 @pytest.mark.parametrize("preset, overrides, message", [
-    ("fsq-f8", ["model.diversity=0.1", "model.quantizer=lfq"],
+    ("vq-f4", ["model.quantizer=lfq"],  # the preset's own diversity 0.1
      r"model.diversity weighs a codebook's or a grid's entropy: quantizer 'vq' or 'fsq', not 'lfq' \(it has its own "
-     r"entropy loss\)"),
+     r"entropy loss\): set model.diversity=0"),
     ("vq-f8", ["model.diversity=-1"], r"model.diversity must be >= 0, got -1.0"),
     ("vq-f8", ["model.diversity=nan"], r"model.diversity: expected a finite number, got nan"),
 ])

@@ -141,7 +141,7 @@ def _check_quantizer(cfg: QuantizedConfig, prefix: str) -> None:  # decay, FSQ l
                           f"quantizer 'lfq'), at most {MAX_CODES:,} codes in all, got {lv}")
     if cfg.quantizer == "lfq" and cfg.diversity:
         raise ConfigError(f"{prefix}diversity weighs a codebook's or a grid's entropy: quantizer 'vq' or 'fsq', "
-                          "not 'lfq' (it has its own entropy loss)")
+                          "not 'lfq' (it has its own entropy loss): set model.diversity=0")
     if cfg.quantizer == "lfq" and (cfg.codebook_size < 2 or cfg.codebook_size & (cfg.codebook_size - 1)):
         raise ConfigError(f"{prefix}codebook_size: quantizer 'lfq' needs a power of 2, got {cfg.codebook_size}")
 
