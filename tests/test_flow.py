@@ -59,6 +59,19 @@ def test_the_flow_objective_learns_a_mixture_of_two_gaussians():
     assert 0.45 < left < 0.55
 
 
+@pytest.mark.parametrize("backbone", ["unet", "transformer"])
+def test_the_cpu_attention_kernel_computes_the_default_kernels_velocity_and_gradients(backbone):
+    torch.manual_seed(0)
+    prior = FlowPrior(PriorConfig(backbone=backbone, width=32, depth=2), (4, 8, 8))
+    x, t = torch.randn(3, 4, 8, 8), torch.rand(3)
+    ours = prior(x, t)  # on a CPU: the plain matmul kernel
+    ours_grads = torch.autograd.grad(ours.square().sum(), list(prior.parameters()))
+    theirs = prior.velocity(x, t)  # PyTorch's default choice
+    theirs_grads = torch.autograd.grad(theirs.square().sum(), list(prior.parameters()))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ours_grads, theirs_grads))
+
+
 def test_prior_training_resumes_to_the_weights_of_a_straight_run(kl_run, tmp_path):
     train_prior(kl_run, tmp_path / "straight", overrides=SMALL_PRIOR, progress=False)
     with pytest.raises(KeyboardInterrupt):

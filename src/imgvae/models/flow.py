@@ -12,9 +12,11 @@ residual MLP with a sinusoidal time embedding.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from imgvae.config import ConfigError, PriorConfig
 from imgvae.models.transformer import PatchVelocity, time_features
@@ -131,10 +133,13 @@ class FlowPrior(nn.Module):
         return x * self._channels(self.std) + self._channels(self.mean)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Velocity at normalised points x (B, *latent_shape), times t (B,)."""
+        """Velocity at normalised points x (B, *latent_shape), times t (B,). On a CPU, attention
+        over the few latent positions takes the plain matmul kernel: 1.2-1.3x the steps/s of
+        PyTorch's flash kernel, whose backward is slow there (bench/RESULTS.md)."""
         if self.backbone == "mlp":
             return self.velocity(x.flatten(1), t).view_as(x)
-        return self.velocity(x, t)
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext():
+            return self.velocity(x, t)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, steps: int, solver: str = "heun") -> torch.Tensor:
