@@ -134,8 +134,8 @@ class FlowPrior(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocity at normalised points x (B, *latent_shape), times t (B,). On a CPU, attention
-        over the few latent positions takes the plain matmul kernel: 1.2-1.3x the steps/s of
-        PyTorch's flash kernel, whose backward is slow there (bench/RESULTS.md)."""
+        over the few latent positions takes the plain matmul kernel: PyTorch's flash kernel has a
+        slow backward there in bf16, and is no faster in fp32 (bench/prior_speed.py)."""
         if self.backbone == "mlp":
             return self.velocity(x.flatten(1), t).view_as(x)
         with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext():
