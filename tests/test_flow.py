@@ -111,6 +111,9 @@ def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_
     assert "is the flow prior of other weights" in capsys.readouterr().err
     assert main(["sample", str(other), "--prior", "flow", "-o", str(tmp_path / "s")]) == 2
     assert "has no flow prior" in capsys.readouterr().err
+    (other / "prior-flow-small").symlink_to(kl_run / "prior-flow")  # a prior run under another name
+    assert main(["sample", str(other), "--prior", "flow", "-o", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.endswith("first, or name one with --prior-run: prior-flow-small\n")
     seed = train_tiny_run(tmp_path / "seed", "train.epochs=1")
     for backbone in ("unet", "transformer"):
         with pytest.raises(ConfigError, match=f"prior.backbone: {backbone} needs a spatial latent"):
