@@ -80,7 +80,7 @@ def load_learned_prior(path: str | Path, device, kind: str = "flow", prior_run: 
     folder = Path(prior_run) if prior_run is not None else default_prior_run(path, kind)
     if not has_prior_run(folder):
         if required or prior_run is not None:
-            others = sorted(p.name for p in folder.parent.glob(f"{folder.name}*") if p != folder and has_prior_run(p))
+            others = sorted(p.name for p in folder.parent.glob(f"{folder.name}*") if has_prior_run(p))
             hint = f", or name one with --prior-run: {', '.join(others)}" if others else ""
             raise CheckpointError(f"{path} has no {kind} prior in {folder}: run `imgvae train-prior {path}` "
                                   f"first{hint}")

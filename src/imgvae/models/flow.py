@@ -25,6 +25,10 @@ SOLVERS = ("euler", "heun")
 
 
 SPATIAL = ("transformer", "unet")
+# The attention kernel of the spatial backbones on a CPU (None: PyTorch's own choice, its flash
+# kernel); bench/prior_speed.py sets both in turn.
+CPU_ATTENTION: SDPBackend | None = SDPBackend.MATH
+
 # prior.width / prior.depth "auto", per backbone: bench/RESULTS.md "Generation" chose them.
 DEFAULT_SIZE = {"transformer": (256, 6), "unet": (64, 2), "mlp": (512, 4)}
 
@@ -138,7 +142,8 @@ class FlowPrior(nn.Module):
         slow backward there in bf16, and is no faster in fp32 (bench/prior_speed.py)."""
         if self.backbone == "mlp":
             return self.velocity(x.flatten(1), t).view_as(x)
-        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext():
+        on_cpu = x.device.type == "cpu" and CPU_ATTENTION is not None
+        with sdpa_kernel(CPU_ATTENTION) if on_cpu else nullcontext():
             return self.velocity(x, t)
 
     @torch.no_grad()
