@@ -32,6 +32,14 @@ def kl_run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp("flow"), *KL)
 
 
+@pytest.fixture(scope="module")
+def kl_prior(kl_run):
+    """kl_run with a flow prior in its default place, trained by the CLI (auto is the UNet, which
+    the other tests train; this one is the transformer): the run folder the sampling tests use."""
+    assert main(["train-prior", str(kl_run), "--no-progress", *SMALL_PRIOR, "prior.backbone=transformer"]) == 0
+    return kl_run
+
+
 def test_the_flow_objective_learns_a_mixture_of_two_gaussians():
     torch.manual_seed(0)
     centres = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
@@ -86,9 +94,8 @@ def test_prior_training_resumes_to_the_weights_of_a_straight_run(kl_run, tmp_pat
     assert values["source"]["weights_sha256"] and values["latents"] == 32
 
 
-def test_sampling_is_deterministic_and_takes_euler_or_heun(kl_run, tmp_path, capsys):
-    # auto is the UNet (the other tests); here the transformer, end to end
-    assert main(["train-prior", str(kl_run), "--no-progress", *SMALL_PRIOR, "prior.backbone=transformer"]) == 0
+def test_sampling_is_deterministic_and_takes_euler_or_heun(kl_prior, tmp_path, capsys):
+    kl_run = kl_prior
     assert (kl_run / "prior-flow" / "checkpoints" / "last").exists()
     assert (kl_run / "grids" / "flow_prior_samples.png").is_file()
     outs = []
@@ -104,7 +111,8 @@ def test_sampling_is_deterministic_and_takes_euler_or_heun(kl_run, tmp_path, cap
     assert gen["images"] == 8 and 0 <= gen["floor"]["precision"] <= 1
 
 
-def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_run, tmp_path, capsys):
+def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_prior, tmp_path, capsys):
+    kl_run = kl_prior
     other = train_tiny_run(tmp_path / "other", *KL, "train.seed=5")
     assert main(["sample", str(other), "--prior", "flow", "-o", str(tmp_path / "s"),
                  "--prior-run", str(kl_run / "prior-flow")]) == 2
