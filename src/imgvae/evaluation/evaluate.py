@@ -7,11 +7,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics.functional.image import (
-    multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 from tqdm import tqdm
 
 from imgvae.config import Config
@@ -32,6 +27,12 @@ MS_SSIM_MIN_SIZE = 161  # 5 scales of an 11-px kernel
 
 def image_metrics(real: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image MSE, PSNR, SSIM (and MS-SSIM when the size allows) of [0, 1] images (B, 3, S, S)."""
+    from torchmetrics.functional.image import (  # imported here: torchmetrics brings scipy, seconds to import
+        multiscale_structural_similarity_index_measure,
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
     metrics = {
         "mse": (real - recon).pow(2).flatten(1).mean(1),
         "psnr": peak_signal_noise_ratio(recon, real, data_range=1.0, reduction="none", dim=(1, 2, 3)),
