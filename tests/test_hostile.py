@@ -218,11 +218,24 @@ def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int) -> None:
         time.sleep(0.01)
 
 
+SIGNAL_RUN = ["train.epochs=4", "train.ckpt_every=0"]  # 12 steps, no step checkpoints
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The photos the signal tests train on and the weights of their run without a stop."""
+    root = tmp_path_factory.mktemp("signals")
+    write_jpegs(root / "photos", 24, seed=1)
+    assert main(["train", "-o", str(root / "straight"), "--no-progress", *TINY, f"data.train=[{root / 'photos'}]",
+                 "data.eval=[]", *SIGNAL_RUN]) == 0
+    return root / "photos", load_file(str(root / "straight" / "checkpoints" / "last" / "model.safetensors"))
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(tmp_path, signum):
-    write_jpegs(tmp_path / "photos", 24, seed=1)
-    out, args = tmp_path / "run", ["train.epochs=4", "train.ckpt_every=0"]  # 12 steps, no step checkpoints
-    proc = _start_training(out, tmp_path / "photos", *args)
+def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(tmp_path, signum, straight_run):
+    photos, fresh = straight_run
+    out = tmp_path / "run"
+    proc = _start_training(out, photos, *SIGNAL_RUN)
     _wait_for_steps(out, proc, random.Random(signum).randint(2, 9))
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -233,11 +246,8 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(t
                                     f"continue with imgvae train --resume {out}")
     assert stopped_at < 12 and not (out / "metrics.json").exists()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
-    straight = _start_training(tmp_path / "straight", tmp_path / "photos", *args)
-    straight.communicate(timeout=120)
-    resumed, fresh = (load_file(str(p / "checkpoints" / "last" / "model.safetensors"))
-                      for p in (out, tmp_path / "straight"))
-    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    resumed = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+    assert resumed.keys() == fresh.keys() and all(torch.equal(resumed[k], fresh[k]) for k in fresh)
 
 
 @pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 3)])
@@ -475,11 +485,12 @@ def random_crop_run(tmp_path_factory):
 def test_evaluate_takes_the_users_images_as_they_are(random_crop_run, tmp_path, capsys):
     mine = tmp_path / "mine"
     write_jpegs(mine, 5, seed=8)
+    quick = "eval.generation_images=0"  # the views are the point here, not the samples' scores
     assert main(["evaluate", str(random_crop_run), "--limit", "100", "-o", str(tmp_path / "run.json"),
-                 "--no-progress"]) == 0
+                 "--no-progress", quick]) == 0
     as_run = json.loads((tmp_path / "run.json").read_text())
     assert as_run["images"] == 6 * 3 and as_run["preprocessing"]["crop"] == "random"  # the run's held-out views
-    assert main(["evaluate", str(random_crop_run), "--data", str(mine), "-o", str(tmp_path / "m.json"),
+    assert main(["evaluate", str(random_crop_run), "--data", str(mine), quick, "-o", str(tmp_path / "m.json"),
                  "--no-progress"]) == 0
     given = json.loads((tmp_path / "m.json").read_text())
     assert given["images"] == 5 and given["preprocessing"]["crop"] == "center"
@@ -487,12 +498,12 @@ def test_evaluate_takes_the_users_images_as_they_are(random_crop_run, tmp_path, 
     assert "one centre crop of min(64, shorter side) per image, resized to 32 px" in capsys.readouterr().out
     # Asked otherwise: KEY=VALUE, also after --data's list.
     assert main(["evaluate", str(random_crop_run), "--data", str(mine), "data.crop=random",
-                 "data.eval_views_per_image=2", "-o", str(tmp_path / "m2.json"), "--no-progress"]) == 0
+                 "data.eval_views_per_image=2", quick, "-o", str(tmp_path / "m2.json"), "--no-progress"]) == 0
     asked = json.loads((tmp_path / "m2.json").read_text())
     assert asked["images"] == 10 and asked["preprocessing"]["crop"] == "random"
     # ... and after the options, where argparse alone refuses them.
     assert main(["evaluate", str(random_crop_run), "--data", str(mine), "-o", str(tmp_path / "m3.json"),
-                 "--no-progress", "data.crop=random", "data.eval_views_per_image=2"]) == 0
+                 "--no-progress", "data.crop=random", "data.eval_views_per_image=2", quick]) == 0
     assert json.loads((tmp_path / "m3.json").read_text())["images"] == 10
 
 

@@ -128,17 +128,13 @@ def kill_and_resume(tmp_path, photos, attempts: int, seed: int, most_wait: float
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["epochs"] == 4
     straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(straight, photos, *args), check=True, capture_output=True)
+    assert main(_train_cmd(straight, photos, *args)[3:]) == 0  # in this process: the same weights, sooner
     assert_same_weights(out, straight)
 
 
-def test_sigkill_at_random_moments_loses_at_most_one_interval(tmp_path, photos):
-    kill_and_resume(tmp_path, photos, attempts=3, seed=0, most_wait=0.8)
-
-
 def test_chaos_ten_kills_in_a_row_end_with_the_weights_of_a_straight_run(tmp_path, photos):
-    """Ten kills in a row, each at a random moment of the resumed run: its first steps, a checkpoint
-    being written (every 2 steps), the switch to views batched on the device (epoch 2)."""
+    """Ten SIGKILLs in a row, each at a random moment of the resumed run: its first steps, a
+    checkpoint being written (every 2 steps), the switch to views batched on the device (epoch 2)."""
     kill_and_resume(tmp_path, photos, attempts=10, seed=1, most_wait=1.5)
 
 
@@ -381,7 +377,8 @@ GAN = ["loss.adversarial=0.1", "loss.adversarial_start=0"]
 @pytest.mark.parametrize("optimizer, extra, reads_per_step", [
     ("adam", [], 0), ("adam", GAN, 0), ("rmsprop", [], 1),
     ("adam", [*RESNET, "train.epochs=1", "train.precision=fp16", "train.grad_accum=2", "train.grad_clip=1"], 0),
-    ("adam", ["train.epochs=1", "model.name=kl-f8", "loss.perceptual=0.1", "train.precision=bf16"], 0)])
+    ("adam", ["train.epochs=1", "model.name=kl-f8", "model.base_channels=16", "loss.perceptual=0.1",
+              "train.precision=bf16"], 0)])
 def test_steps_wait_for_the_device_only_when_they_log(tmp_path, photos, optimizer, extra, reads_per_step):
     """Between log points a step reads nothing on the host with fused Adam (with the EMA, the GAN's
     discriminator, fp16's GradScaler, accumulation, clipping, a perceptual loss), or one flag with
