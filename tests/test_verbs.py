@@ -160,3 +160,18 @@ def test_the_command_line_parses_without_importing_torch():
     script = "import sys, imgvae.commands.cli as c; c.parse_args(['train', '-o', 'x']); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_a_missing_checkpoint_or_run_is_refused_before_torch_is_imported(tmp_path):
+    script = """
+import sys, imgvae.commands.cli as c
+for argv in (["sample", sys.argv[1], "-o", sys.argv[2]], ["train", "--resume", sys.argv[1]], ["report", sys.argv[1]]):
+    print(c.main(argv), "torch" in sys.modules)
+"""
+    missing = tmp_path / "no-run"
+    result = subprocess.run([sys.executable, "-c", script, str(missing), str(tmp_path / "out")], capture_output=True,
+                            text=True)
+    assert result.stdout.split("\n") == ["2 False"] * 3 + [""], result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f"imgvae: error: checkpoint {str(missing)!r} does not exist",
+                                          *[f"imgvae: error: {missing} is not a run folder (no config.yaml)"] * 2]
+    assert list(tmp_path.iterdir()) == []

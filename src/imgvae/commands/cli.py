@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from imgvae.commands.parser import build_parser, config_overrides, parse_args
 from imgvae.config import load_config
@@ -11,9 +12,20 @@ from imgvae.errors import ImgvaeError
 __all__ = ["build_parser", "main", "parse_args"]
 
 
+def refuse_missing_paths(args) -> None:
+    """A checkpoint or run folder that is not there: one line before the library (torch) is imported."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if isinstance(checkpoint, str) and not Path(checkpoint).exists():
+        raise ImgvaeError(f"checkpoint {checkpoint!r} does not exist")
+    run = args.resume if args.command == "train" else getattr(args, "run_dir", None)
+    if run and not (Path(run) / "config.yaml").is_file():
+        raise ImgvaeError(f"{run} is not a run folder (no config.yaml)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        refuse_missing_paths(args)
         if args.command in ("train", "prepare") and not getattr(args, "resume", None):
             # A bad key or value: one line before the library (torch) is imported; the verb reads it again.
             flags = {"seed": ("train", "seed"), "device": ("train", "device")} if args.command == "train" else {}
