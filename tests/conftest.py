@@ -97,6 +97,11 @@ def tiny_config(train_sources, eval_sources, *extra: str):
                                   f"data.eval={list(map(str, eval_sources))}", *extra))
 
 
+def tiny_train_args(out: Path, photos: Path, *extra: str) -> list[str]:
+    """`imgvae train` arguments of a TINY run on the photos, without held-out images."""
+    return ["train", "-o", str(out), "--no-progress", *TINY, f"data.train=[{photos}]", "data.eval=[]", *extra]
+
+
 def train_tiny_run(root: Path, *overrides: str, n_train: int = 16, n_eval: int = 6) -> Path:
     """Write train / eval JPEGs under root and train on them through the CLI -> the run folder."""
     write_jpegs(root / "train", n_train, seed=1)

@@ -33,7 +33,16 @@ from imgvae.io.checkpoint import load_checkpoint
 from imgvae.io.paths import open_model
 from imgvae.rundir import read_jsonl, write_text_atomic
 
-from conftest import TINY, decode_rgb, preprocess, smooth_image, train_tiny_run, write_coco_zip, write_jpegs
+from conftest import (
+    TINY,
+    decode_rgb,
+    preprocess,
+    smooth_image,
+    tiny_train_args,
+    train_tiny_run,
+    write_coco_zip,
+    write_jpegs,
+)
 
 MISSING_DATA = "data.train=[/no/such/folder]"  # were data read first, the error would name it
 
@@ -206,8 +215,7 @@ def test_results_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def _start_training(out: Path, photos: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "imgvae", "train", "-o", str(out), "--no-progress", *TINY, f"data.train=[{photos}]",
-           "data.eval=[]", *extra]
+    cmd = [sys.executable, "-m", "imgvae", *tiny_train_args(out, photos, *extra)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -226,8 +234,7 @@ def straight_run(tmp_path_factory):
     """The photos the signal tests train on and the weights of their run without a stop."""
     root = tmp_path_factory.mktemp("signals")
     write_jpegs(root / "photos", 24, seed=1)
-    assert main(["train", "-o", str(root / "straight"), "--no-progress", *TINY, f"data.train=[{root / 'photos'}]",
-                 "data.eval=[]", *SIGNAL_RUN]) == 0
+    assert main(tiny_train_args(root / "straight", root / "photos", *SIGNAL_RUN)) == 0
     return root / "photos", load_file(str(root / "straight" / "checkpoints" / "last" / "model.safetensors"))
 
 

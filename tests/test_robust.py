@@ -27,7 +27,7 @@ from imgvae.train.engine import train
 from imgvae.train.optim import build_optimizer, step_where
 from imgvae.train.task import Callback
 
-from conftest import TINY, tiny_config, write_jpegs
+from conftest import TINY, tiny_config, tiny_train_args, write_jpegs
 
 # A BatchNorm-free model: one image's gradient does not depend on its batch-mates,
 # so accumulation and DDP must reproduce one large batch.
@@ -94,11 +94,6 @@ def test_mid_epoch_resume_equals_a_straight_run(tmp_path, photos):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def _train_cmd(out, photos, *extra):
-    return [sys.executable, "-m", "imgvae", "train", "-o", str(out), "--no-progress", *TINY,
-            f"data.train=[{photos}]", "data.eval=[]", *extra]
-
-
 def kill_and_resume(tmp_path, photos, attempts: int, seed: int, most_wait: float) -> None:
     """SIGKILL a training process `attempts` times in a row at random moments, resuming each time,
     then finish: at most one checkpoint interval is lost each time, and the weights equal a
@@ -110,7 +105,7 @@ def kill_and_resume(tmp_path, photos, attempts: int, seed: int, most_wait: float
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for attempt in range(attempts):
         resume = [sys.executable, "-m", "imgvae", "train", "--resume", str(out), "--no-progress"]
-        cmd = _train_cmd(out, photos, *args) if attempt == 0 else resume
+        cmd = [sys.executable, "-m", "imgvae", *tiny_train_args(out, photos, *args)] if attempt == 0 else resume
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 60
         while not (out / "steps.jsonl").exists() and proc.poll() is None and time.time() < deadline:
@@ -128,7 +123,7 @@ def kill_and_resume(tmp_path, photos, attempts: int, seed: int, most_wait: float
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["epochs"] == 4
     straight = tmp_path / "straight"
-    assert main(_train_cmd(straight, photos, *args)[3:]) == 0  # in this process: the same weights, sooner
+    assert main(tiny_train_args(straight, photos, *args)) == 0  # in this process: the same weights, sooner
     assert_same_weights(out, straight)
 
 

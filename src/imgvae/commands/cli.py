@@ -8,6 +8,7 @@ from pathlib import Path
 from imgvae.commands.parser import build_parser, config_overrides, parse_args
 from imgvae.config import load_config
 from imgvae.errors import ImgvaeError
+from imgvae.rundir import CONFIG, CheckpointError
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -16,10 +17,10 @@ def refuse_missing_paths(args) -> None:
     """A checkpoint or run folder that is not there: one line before the library (torch) is imported."""
     checkpoint = getattr(args, "checkpoint", None)
     if isinstance(checkpoint, str) and not Path(checkpoint).exists():
-        raise ImgvaeError(f"checkpoint {checkpoint!r} does not exist")
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not exist")
     run = args.resume if args.command == "train" else getattr(args, "run_dir", None)
-    if run and not (Path(run) / "config.yaml").is_file():
-        raise ImgvaeError(f"{run} is not a run folder (no config.yaml)")
+    if run and not (Path(run) / CONFIG).is_file():
+        raise CheckpointError(f"{run} is not a run folder (no {CONFIG})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ from imgvae.config import ConfigError, load_config
 from imgvae.data.cache import prepare
 from imgvae.evaluation.compare import compare
 from imgvae.evaluation.report import format_table, write_report
-from imgvae.io.checkpoint import CheckpointError
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import open_model
 from imgvae.io.priors import PRIOR_NAMES, prior_sampler
@@ -37,9 +36,7 @@ def _train(args) -> None:
             raise ConfigError("--resume uses the run's own config.yaml; change keys with KEY=VALUE instead of --config")
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("give the run folder once: --resume OUT (without a different -o)")
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise CheckpointError(f"{args.resume} is not a run folder (no config.yaml)")
+        saved = Path(args.resume) / "config.yaml"  # cli.refuse_missing_paths checked that it is there
         refuse_changed_overrides(load_config(saved), overrides)
         train_and_evaluate(load_config(saved, overrides), args.resume, args.logs, resume=True,
                            progress=not args.no_progress)
