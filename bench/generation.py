@@ -19,14 +19,15 @@ import json
 import time
 from pathlib import Path
 
-from imgvae.commands.verbs import fit_checkpoint_prior, train_prior
 from imgvae.commands.workflow import train_and_evaluate
 from imgvae.config import load_config
 from imgvae.data.datasets import build_dataset
 from imgvae.evaluation.generation import generation_metrics
 from imgvae.io.paths import load_model
 from imgvae.io.pictures import save_labelled_rows
-from imgvae.io.priors import prior_sampler
+from imgvae.priors import SampleOptions, sampler
+from imgvae.priors.gmm import fit_checkpoint_prior
+from imgvae.priors.learned import train_prior
 
 MODELS = {"seed": "demo", "sharp": "sharp", "kl-f4": "kl-f4", "kl-f8": "kl-f8", "vq-f4": "vq-f4", "vq-f8": "vq-f8",
           "fsq-f8": "fsq-f8"}  # name -> preset
@@ -64,7 +65,7 @@ def make_priors(name: str, run: Path, args) -> dict[str, float]:
     for label, (_, out, keys) in learned(name, args).items():
         if not (out / "summary.json").is_file():
             train_prior(run, out, overrides=[f"prior.width={args.width}", f"prior.depth={args.depth}", *keys,
-                                             "prior.epochs=100000", f"train.time_limit={args.prior_minutes}",
+                                             "prior.epochs=100000", f"prior.time_limit={args.prior_minutes}",
                                              "prior.ema=0.999"], progress=False)
         seconds[label] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
     return seconds
@@ -72,11 +73,11 @@ def make_priors(name: str, run: Path, args) -> dict[str, float]:
 
 def samplers_of(name: str, run: Path, model, args, steps: int | None = None) -> dict:
     own = "uniform codes" if name in DISCRETE else "N(0, I)"
-    draws = {own: prior_sampler(run, model, "standard")[1]}
+    draws = {own: sampler(model, "standard")}
     if name not in DISCRETE:
-        draws["gmm-10"] = prior_sampler(run, model, "gmm")[1]
+        draws["gmm-10"] = sampler(model, "gmm")
     for label, (kind, out, _) in learned(name, args).items():
-        draws[label] = prior_sampler(run, model, kind, prior_run=out, steps=steps or args.steps[-1])[1]
+        draws[label] = sampler(model, kind, SampleOptions(prior_run=out, steps=steps or args.steps[-1]))
     return draws
 
 

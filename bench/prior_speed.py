@@ -1,4 +1,4 @@
-"""Flow-prior training speed on a CPU by attention kernel (flow.CPU_ATTENTION), side by side in
+"""Flow-prior training speed on a CPU by attention kernel (flow_net.CPU_ATTENTION), side by side in
 one run: each spatial backbone (diffusers' UNet2DModel, the patch transformer) at its default
 size over a sharp-shaped latent (4 x 16 x 16), one optimiser step of the rectified-flow loss at
 the precision training takes (train.precision=auto: bf16 where the CPU computes it natively,
@@ -18,16 +18,16 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-from imgvae.config import PriorConfig
-from imgvae.models import flow
+from imgvae.config import FlowConfig
+from imgvae.priors import flow, flow_net
 from imgvae.runtime import AUTOCAST_DTYPES, run_precision
 
 
 def latents_per_second(backbone: str, batch: int, kernel: SDPBackend | None, precision: str, steps: int) -> float:
     """Latents/s of the prior's training step (flow_loss, backward, AdamW) with attention `kernel`."""
-    flow.CPU_ATTENTION = kernel
+    flow_net.CPU_ATTENTION = kernel
     torch.manual_seed(0)
-    prior = flow.FlowPrior(PriorConfig(kind="flow", backbone=backbone), (4, 16, 16))
+    prior = flow.FlowPrior(FlowConfig(backbone=backbone), (4, 16, 16))
     optimizer = torch.optim.AdamW(prior.parameters(), 1e-3)
     z, noise, t = torch.randn(batch, 4, 16, 16), torch.randn(batch, 4, 16, 16), torch.rand(batch)
     dtype, enabled = AUTOCAST_DTYPES.get(precision, torch.float32), precision in AUTOCAST_DTYPES

@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-from imgvae.commands.verbs import evaluate_checkpoint, fit_checkpoint_prior
+from imgvae.commands.verbs import evaluate_checkpoint
 from imgvae.commands.workflow import train_and_evaluate
 from imgvae.config import load_config
 from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
-from imgvae.io.paths import load_model, load_prior
+from imgvae.io.paths import load_model
 from imgvae.io.pictures import save_labelled_rows
-from imgvae.models.generate import reconstruct, sample
+from imgvae.models.generate import reconstruct
+from imgvae.priors import gmm, standard
+from imgvae.priors.gmm import fit_checkpoint_prior
 
 # demo = the seed model and recipe; NAME+key=value+... adds overrides to a preset.
 PRESETS = ["demo", "demo+loss.sigma=scalar", "resnet", "kl-f8", "kl-f4", "sharp"]
@@ -98,10 +100,10 @@ def pictures(presets: list[str], out: Path, docs: Path, n: int = 8) -> None:
     for preset, run in zip(presets, runs):
         model, _ = load_model(run, "cpu")
         recon_rows.append((preset, reconstruct(model, normalize(truth))))
-        sample_rows.append((f"{preset}, N(0, I)", sample(model, n, seed=0)))
-        prior = load_prior(run)
+        sample_rows.append((f"{preset}, N(0, I)", standard.sample(model, n, seed=0)))
+        prior = gmm.load_prior(run)
         if prior is not None:
-            sample_rows.append((f"{preset}, fitted prior", sample(model, n, seed=0, prior=prior)))
+            sample_rows.append((f"{preset}, fitted prior", gmm.sample(model, n, 0, prior)))
     save_labelled_rows(recon_rows, docs / "quality_reconstructions.png")
     save_labelled_rows(sample_rows, docs / "quality_samples.png")
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
 from imgvae.io.checkpoint import load_checkpoint
-from imgvae.io.paths import load_model, load_prior
+from imgvae.io.paths import load_model
+from imgvae.priors.gmm import load_prior
 
 from conftest import write_jpegs
 
@@ -59,3 +61,47 @@ def test_old_run_resumes(old_run, tmp_path):
     state = load_checkpoint(run)[1]
     assert (state["epoch"], state["step"]) == (2, 4)
     assert [json.loads(line)["epoch"] for line in (run / "history.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# main at e789336 (2026-12-06), the last layout before the prior kinds had sections of their own: a
+# kl-f4 run with a fitted prior and a flow prior, a vq-f4 run with a token prior (tests/fixtures/README.md).
+PRIOR_RUNS = {"run_e789336_kl": ("flow", {"standard", "gmm", "flow"}), "run_e789336_vq": ("tokens", {"standard",
+                                                                                                    "tokens"})}
+
+
+@pytest.fixture(params=sorted(PRIOR_RUNS))
+def prior_run(tmp_path, request, monkeypatch):
+    """The run copied to tmp_path/run_kl or run_vq, with its photos, as it was made (in that folder)."""
+    name = request.param
+    run = tmp_path / f"run_{name.removeprefix('run_e789336_')}"
+    shutil.copytree(FIXTURES / name, run, symlinks=True)
+    write_jpegs(tmp_path / "photos", 8, seed=1)
+    monkeypatch.chdir(tmp_path)
+    return run, *PRIOR_RUNS[name]
+
+
+def test_a_run_with_learned_priors_evaluates_to_its_recorded_figures(prior_run, tmp_path):
+    run, _, priors = prior_run
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", run.name, "--no-progress", "--batch-size", "4", "eval.generation_images=12",
+                 "-o", str(out)]) == 0
+    now, then = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
+    assert now["reconstruction"]["psnr"]["mean"] == pytest.approx(then["reconstruction"]["psnr"]["mean"], rel=1e-6)
+    assert now["likelihood"]["neg_elbo_nats"] == pytest.approx(then["likelihood"]["neg_elbo_nats"], rel=1e-6)
+    for key, value in then["distribution"].items():
+        assert key == "note" or now["distribution"][key] == pytest.approx(value, rel=1e-4), key
+    assert set(now["generation"]["priors"]) == priors
+    for name, scores in then["generation"]["priors"].items():
+        assert now["generation"]["priors"][name]["fd_effnet"] == pytest.approx(scores["fd_effnet"], rel=1e-4), name
+
+
+def test_a_learned_prior_from_before_its_own_section_samples_and_resumes(prior_run, tmp_path):
+    run, kind, _ = prior_run
+    assert main(["sample", run.name, "--prior", kind, "-n", "4", "-o", str(tmp_path / "s")]) == 0
+    assert main(["train-prior", run.name, "--resume", "--no-progress", "prior.epochs=3"]) == 0
+    state = load_checkpoint(run / f"prior-{kind}")[1]
+    assert (state["epoch"], state["step"]) == (3, 12)  # 16 mirrored views, batches of 4
+    saved = yaml.safe_load((run / f"prior-{kind}" / "config.yaml").read_text())
+    assert "train" not in saved and saved["prior"]["kind"] == kind and saved["prior"]["precision"] == "fp32"
+    assert main(["train", "--resume", run.name, "--no-progress", "train.epochs=2", "eval.after_training=false"]) == 0
+    assert load_checkpoint(run)[1]["step"] == 4

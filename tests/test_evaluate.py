@@ -10,8 +10,9 @@ from PIL import Image
 
 from imgvae.evaluation.evaluate import evaluate, image_metrics
 from imgvae.evaluation.report import metric_rows
+from imgvae.metrics.distances import GaussianStats, frechet_distance
+from imgvae.metrics.features import EffNetFeatures
 from imgvae.models.base import VAE, DiagonalGaussian
-from imgvae.models.features import EffNetFeatures, GaussianStats, frechet_distance
 from imgvae.models.generate import lerp, slerp
 from imgvae.models.losses import bits_per_dim, discretized_log_likelihood
 
@@ -107,14 +108,14 @@ def fake_eval(tmp_path, active, sample_reference=()):
 
 def test_evaluate_active_units_and_kl_per_dim_on_collapsed_model(tmp_path):
     metrics, _ = fake_eval(tmp_path, active=3)
-    latent = metrics["latent"]
-    assert latent["active_units"] == 3 and latent["dims"] == 8
-    assert latent["kl_per_dim"][3:] == [0.0] * 5
-    assert all(v > 0 for v in latent["kl_per_dim"][:3])
+    latent = metrics.latent
+    assert latent.active_units == 3 and latent.dims == 8
+    assert latent.kl_per_dim[3:] == [0.0] * 5
+    assert all(v > 0 for v in latent.kl_per_dim[:3])
     # KL of N(mu, 1) from N(0, 1) is mu^2 / 2: dim i has mu = (i + 1) * mu_0.
-    kl = latent["kl_per_dim"]
+    kl = latent.kl_per_dim
     assert kl[1] == pytest.approx(4 * kl[0]) and kl[2] == pytest.approx(9 * kl[0])
-    assert metrics["likelihood"]["kl_nats"] == pytest.approx(sum(kl))
+    assert metrics.likelihood.kl_nats == pytest.approx(sum(kl))
 
 
 def test_evaluate_likelihood_and_psnr_by_hand(tmp_path):
@@ -127,18 +128,18 @@ def test_evaluate_likelihood_and_psnr_by_hand(tmp_path):
                           - (0.0 if k == 0 else phi(k / 127.5 - 1 - 1 / 255)))
              for k in range(256)}
     recon_nats = np.vectorize(table.get)(images).reshape(len(images), -1).sum(1).mean()
-    lik = metrics["likelihood"]
-    assert metrics["images"] == 10 and levels.shape == (10, 32, 32, 3)
-    assert lik["recon_nats"] == pytest.approx(recon_nats, rel=1e-9)
-    assert lik["kl_nats"] == 0.0 and metrics["latent"]["active_units"] == 0
-    assert lik["neg_elbo_bpd"] == pytest.approx(recon_nats / (3 * 32 * 32 * math.log(2)), rel=1e-9)
-    assert lik["neg_iw_nats"] == pytest.approx(recon_nats, rel=1e-9)
+    lik = metrics.likelihood
+    assert metrics.images == 10 and levels.shape == (10, 32, 32, 3)
+    assert lik.recon_nats == pytest.approx(recon_nats, rel=1e-9)
+    assert lik.kl_nats == 0.0 and metrics.latent.active_units == 0
+    assert lik.neg_elbo_bpd == pytest.approx(recon_nats / (3 * 32 * 32 * math.log(2)), rel=1e-9)
+    assert lik.neg_iw_nats == pytest.approx(recon_nats, rel=1e-9)
     # Reconstructions are mid-grey (0.5 rounds to 128/255): PSNR computed independently.
     mse = ((images / 255.0 - 128 / 255) ** 2).reshape(len(images), -1).mean(1)
-    assert metrics["reconstruction"]["psnr"]["mean"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
-    assert metrics["reconstruction"]["mse"]["mean"] == pytest.approx(mse.mean(), rel=1e-5)
-    assert metrics["reconstruction"]["ms_ssim"] is None
-    assert metrics["distribution"]["fd_effnet_recon"] > 0
+    assert metrics.reconstruction.psnr.mean == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-5)
+    assert metrics.reconstruction.mse.mean == pytest.approx(mse.mean(), rel=1e-5)
+    assert metrics.reconstruction.ms_ssim is None
+    assert metrics.distribution.fd_effnet_recon > 0
 
 
 def test_samples_scored_against_a_reference_set(tmp_path):
@@ -151,12 +152,12 @@ def test_samples_scored_against_a_reference_set(tmp_path):
     with torch.no_grad():
         reference.add(net(torch.from_numpy(eval_views(tmp_path / "train")).permute(0, 3, 1, 2).float().div(255)))
         grey.add(net(torch.full((6, 3, 32, 32), 128 / 255)))
-    dist = metrics["distribution"]
-    assert dist["fd_effnet_samples"] == pytest.approx(frechet_distance(reference, grey), rel=1e-4)
-    assert dist["fd_effnet_samples"] != pytest.approx(held_out["distribution"]["fd_effnet_samples"], rel=1e-2)
-    assert dist["fd_effnet_recon"] == held_out["distribution"]["fd_effnet_recon"]  # still against the held-out images
-    assert metrics["samples_reference"] == {"sources": [str(tmp_path / "train")], "images": 6, "held_out": False}
-    assert held_out["samples_reference"]["held_out"] and held_out["samples_reference"]["images"] == 10
+    dist = metrics.distribution
+    assert dist.fd_effnet_samples == pytest.approx(frechet_distance(reference, grey), rel=1e-4)
+    assert dist.fd_effnet_samples != pytest.approx(held_out.distribution.fd_effnet_samples, rel=1e-2)
+    assert dist.fd_effnet_recon == held_out.distribution.fd_effnet_recon  # still against the held-out images
+    assert metrics.samples_reference == {"sources": [str(tmp_path / "train")], "images": 6, "held_out": False}
+    assert held_out.samples_reference["held_out"] and held_out.samples_reference["images"] == 10
     assert ("samples scored against", f"6 images from {tmp_path / 'train'}") in metric_rows(metrics)
 
 

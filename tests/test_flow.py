@@ -11,12 +11,13 @@ import yaml
 from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
-from imgvae.commands.verbs import train_prior
-from imgvae.config import ConfigError, PriorConfig
-from imgvae.evaluation.generation import memorised_share, precision_recall
+from imgvae.config import ConfigError, FlowConfig
 from imgvae.io.checkpoint import CheckpointError
-from imgvae.io.priors import load_learned_prior
-from imgvae.models.flow import FlowPrior, draw_times, flow_loss
+from imgvae.io.paths import open_model
+from imgvae.metrics.distances import memorised_share, precision_recall
+from imgvae.priors import KINDS, runs
+from imgvae.priors.flow import FlowPrior, draw_times, flow_loss
+from imgvae.priors.learned import train_prior
 from test_engine import CrashAfter
 from test_interop import write_folder
 
@@ -24,7 +25,7 @@ from conftest import train_tiny_run, write_jpegs
 
 KL = ["model.name=kl-f8", "model.base_channels=8", "train.optimizer=adam", "train.epochs=1"]
 SMALL_PRIOR = ["prior.width=16", "prior.depth=1", "prior.epochs=2", "prior.batch_size=16", "prior.steps=4",
-               "train.precision=fp32", "train.ckpt_every_steps=1"]
+               "prior.precision=fp32", "prior.ckpt_every_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_the_flow_objective_learns_a_mixture_of_two_gaussians():
     torch.manual_seed(0)
     centres = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
     data = centres[torch.randint(0, 2, (4096,))] + 0.3 * torch.randn(4096, 2)
-    prior = FlowPrior(PriorConfig(width=64, depth=3), (2,))
+    prior = FlowPrior(FlowConfig(width=64, depth=3), (2,))
     prior.std.copy_(data.std(0))
     prior.mean.copy_(data.mean(0))
     opt = torch.optim.Adam(prior.parameters(), lr=2e-3, fused=True)
@@ -70,7 +71,7 @@ def test_the_flow_objective_learns_a_mixture_of_two_gaussians():
 @pytest.mark.parametrize("backbone", ["unet", "transformer"])
 def test_the_cpu_attention_kernel_computes_the_default_kernels_velocity_and_gradients(backbone):
     torch.manual_seed(0)
-    prior = FlowPrior(PriorConfig(backbone=backbone, width=32, depth=2), (4, 8, 8))
+    prior = FlowPrior(FlowConfig(backbone=backbone, width=32, depth=2), (4, 8, 8))
     x, t = torch.randn(3, 4, 8, 8), torch.rand(3)
     ours = prior(x, t)  # on a CPU: the plain matmul kernel
     ours_grads = torch.autograd.grad(ours.square().sum(), list(prior.parameters()))
@@ -137,15 +138,22 @@ def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_
 
 
 def test_a_prior_run_from_before_the_transformer_loads_and_resumes_as_its_unet(kl_run, tmp_path):
-    """Runs before the transformer backbone saved prior.backbone=auto for the UNet and no `backbone`."""
+    """Runs before the transformer backbone saved prior.backbone=auto for the UNet, no `backbone` or
+    `kind`, a prior section of every kind's keys and their recipe as a `train` section."""
     out = tmp_path / "old"
     train_prior(kl_run, out, overrides=[*SMALL_PRIOR, "prior.backbone=unet"], progress=False)
     values = yaml.safe_load((out / "config.yaml").read_text())
-    del values["backbone"], values["kind"]
-    values["prior"]["backbone"] = "auto"
+    section = values.pop("prior")
+    del values["kind"]
+    values["train"] = {k: v for k, v in section.items() if k not in ("kind", "after_training", "width", "depth",
+                                                                      "view_epochs", "steps", "backbone",
+                                                                      "patch_size", "time_sampling", "solver")}
+    values["prior"] = {"after_training": False, "kind": "gmm", "images": 10000, "components": 1, "backbone": "auto",
+                       "width": 16, "depth": 1, "time_sampling": "logit-normal", "view_epochs": 1, "epochs": 2,
+                       "batch_size": 16, "lr": 0.001, "ema": 0.999, "steps": 4, "solver": "heun"}
     (out / "config.yaml").write_text(yaml.safe_dump(values))
-    prior, cfg = load_learned_prior(kl_run, "cpu", "flow", prior_run=out)
-    assert prior.backbone == "unet" and cfg.width == 16
+    prior, cfg = runs.load(open_model(kl_run)[0], KINDS["flow"], "cpu", prior_run=out)
+    assert prior.backbone == "unet" and cfg.width == 16 and cfg.precision == "fp32"
     summary = train_prior(kl_run, out, resume=True, overrides=["prior.epochs=3"], progress=False)
     assert summary["steps"] == 6
 

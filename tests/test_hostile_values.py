@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgvae.commands.cli import main
-from imgvae.config import MODEL_CONFIGS, Config
+from imgvae.config import MODEL_CONFIGS, PRIOR_CONFIGS, Config
 
 from conftest import write_jpegs
 
@@ -31,10 +31,13 @@ SMALL_MODELS = {  # each architecture at 16 px, small
 BASE = ["data.image_size=16", "data.crop_size=64", "data.num_workers=0", "data.eval=[]", "train.batch_size=4",
         "train.epochs=1", "train.device=cpu", "train.precision=fp32", "eval.after_training=false",
         "eval.grid_size=2", "train.log_every=1"]
-SECTIONS = [(f.name, f.type) for f in dataclasses.fields(Config) if f.name != "model"]
-KEYS = [(section, f.name, "seed") for section, _ in SECTIONS
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("model", "prior")]
+# (section, key, the model it is tried on, the prior kind whose section it is)
+KEYS = [(section, f.name, "seed", "gmm") for section in SECTIONS
         for f in dataclasses.fields(type(getattr(Config(), section)))]
-KEYS += [("model", f.name, name) for name, cls in MODEL_CONFIGS.items() for f in dataclasses.fields(cls)]
+KEYS += [("model", f.name, name, "gmm") for name, cls in MODEL_CONFIGS.items() for f in dataclasses.fields(cls)]
+KEYS += [("prior", f.name, "seed" if kind != "tokens" else "vq-f4", kind) for kind, cls in PRIOR_CONFIGS.items()
+         for f in dataclasses.fields(cls)]
 PHOTOS = Path(tempfile.mkdtemp(prefix="imgvae-hostile-values-")) / "photos"
 write_jpegs(PHOTOS, 8, seed=7)
 
@@ -51,11 +54,11 @@ def as_yaml(value) -> str:
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(KEYS), st.sampled_from(HOSTILE))
 def test_a_hostile_value_for_any_key_is_refused_in_one_line_or_trains(key, value):
-    section, name, model = key
+    section, name, model, kind = key
     out = Path(tempfile.mkdtemp(prefix="imgvae-hostile-run-")) / "run"
     item = f"{section}.{name}={as_yaml(value)}"
     args = ["train", "-o", str(out), "--no-progress", *BASE, f"data.train=[{PHOTOS}]", f"model.name={model}",
-            *SMALL_MODELS[model], item]
+            *SMALL_MODELS[model], f"prior.kind={kind}", item]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(args)

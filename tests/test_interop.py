@@ -20,8 +20,8 @@ from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
 from imgvae.io.export import write_export
 from imgvae.io.paths import load_model, open_model
+from imgvae.metrics.features import LPIPS
 from imgvae.models.autoencoder_kl import AutoencoderKL
-from imgvae.models.features import LPIPS
 from imgvae.models.registry import build_vae
 
 from conftest import train_tiny_run, write_jpegs

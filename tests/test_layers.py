@@ -104,8 +104,9 @@ for module in {names!r}:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_the_report_loads_no_torch():
-    script = "import sys, imgvae.evaluation.report; print(sorted({n.split('.')[0] for n in sys.modules}))"
+def test_the_report_and_the_config_load_no_torch():
+    script = ("import sys, imgvae.evaluation.report, imgvae.config.reference; "
+              "print(sorted({n.split('.')[0] for n in sys.modules}))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not {"torch", "torchvision", "torchmetrics", "numpy", "PIL"} & set(ast.literal_eval(result.stdout))

@@ -9,8 +9,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from imgvae.config import LossConfig, load_config
 from imgvae.io.paths import load_model
+from imgvae.metrics.features import PerceptualDistance
 from imgvae.models.base import DiagonalGaussian, VAEOutput
-from imgvae.models.features import PerceptualDistance
 from imgvae.models.losses import (
     adaptive_gan_weight,
     discretized_log_likelihood,

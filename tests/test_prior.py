@@ -14,10 +14,9 @@ from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
 from imgvae.data.sources import SourceError
 from imgvae.io.checkpoint import CheckpointError
-from imgvae.io.paths import load_prior
 from imgvae.models.base import VAE, DiagonalGaussian
 from imgvae.models.generate import prior_noise
-from imgvae.models.prior import LatentPrior, fit_prior
+from imgvae.priors.gmm import LatentPrior, fit_prior, latents, load_prior
 
 from conftest import tiny_config, train_tiny_run, write_jpegs
 
@@ -162,7 +161,7 @@ def test_prior_noise_through_a_fitted_prior_keeps_the_seed(run):
     model, _ = load_model(run)
     prior = LatentPrior(torch.ones(1), torch.full((1, 16), 2.0), 3 * torch.eye(16)[None], images=1)
     plain = prior_noise(model, 3, seed=5)
-    torch.testing.assert_close(prior_noise(model, 3, seed=5, prior=prior), 2 + 3 * plain)
+    torch.testing.assert_close(latents(model, 3, seed=5, prior=prior), 2 + 3 * plain)
     # A mixture: each latent from the component drawn after the noise, with the same generator.
     mixture = LatentPrior(torch.tensor([0.3, 0.7]), torch.stack([torch.full((16,), -5.0), torch.full((16,), 5.0)]),
                           torch.stack([torch.eye(16), 2 * torch.eye(16)]), images=1)
@@ -171,7 +170,7 @@ def test_prior_noise_through_a_fitted_prior_keeps_the_seed(run):
     chosen = torch.multinomial(mixture.weights, 6, replacement=True, generator=generator)
     plain = prior_noise(model, 6, seed=5)
     expected = torch.where(chosen[:, None] == 0, -5 + plain, 5 + 2 * plain)
-    torch.testing.assert_close(prior_noise(model, 6, seed=5, prior=mixture), expected)
+    torch.testing.assert_close(latents(model, 6, seed=5, prior=mixture), expected)
     assert chosen.unique().tolist() == [0, 1]
 
 

@@ -14,6 +14,7 @@ from imgvae.commands.cli import main
 from imgvae.config import ConfigError, LossConfig, load_config, model_config
 from imgvae.evaluation.evaluate import codebook_health
 from imgvae.evaluation.report import format_table
+from imgvae.evaluation.results import Metrics
 from imgvae.models.base import Quantized
 from imgvae.models.losses import vae_loss
 from imgvae.models.quantized import code_usage, grid_entropy
@@ -60,7 +61,7 @@ def test_usage_is_counted_over_a_whole_set_on_constructed_indices():
     # Two batches that each use 2 codes use 4 together: usage is over the set, not a batch.
     both = torch.bincount(torch.tensor([0, 1]), minlength=8) + torch.bincount(torch.tensor([2, 3]), minlength=8)
     book = codebook_health(both, tokens=64)
-    assert book["used"] == 4 and book["usage"] == 0.5 and book["bits_per_image"] == 64 * 3 and book["set_tokens"] == 4
+    assert book.used == 4 and book.usage == 0.5 and book.bits_per_image == 64 * 3 and book.set_tokens == 4
 
 
 def test_a_dead_code_is_restarted_from_the_batch_and_used_again():
@@ -178,7 +179,8 @@ def test_the_vqgan_recipe_trains_stably_when_the_discriminator_starts(tmp_path, 
     book = metrics["codebook"]
     assert book["size"] == 32 and book["used"] + book["dead"] == 32 and book["bits_per_image"] == 64 * 5
     assert book["set_tokens"] == 64 * metrics["images"]  # every held-out image's 8 x 8 tokens, counted
-    assert f"over the whole set ({book['set_tokens'] / 32:.0f} tokens per code" in format_table(metrics)
+    table = format_table(Metrics.from_dict(metrics))
+    assert f"over the whole set ({book['set_tokens'] / 32:.0f} tokens per code" in table
     assert not [w for w in recwarn.list if "codebook collapse" in str(w.message)]
 
 
@@ -193,9 +195,9 @@ def test_collapse_is_warned_each_epoch_with_the_keys_that_help(tmp_path, extra, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["fit-prior", "{run}"], "fit-prior: model 'vq-f4' has a discrete latent"),
+    (["fit-prior", "{run}"], "fit-prior: the fitted prior (gmm) cannot model a discrete latent"),
     (["train-prior", "{run}", "-o", "{tmp}/prior", "prior.kind=flow"],
-     "train-prior: model 'vq-f4' has a discrete latent"),
+     "train-prior: the flow prior (flow) cannot model a discrete latent"),
     (["export", "{run}", "-o", "{tmp}/export", "--format", "diffusers"],
      "diffusers' VQModel cannot hold model 'vq-f4': its codes are compared by cosine (model.cosine=true)"),
 ])
@@ -206,7 +208,7 @@ def test_continuous_only_verbs_refuse_a_discrete_latent_in_one_line(tmp_path, ar
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert main(["train", "-o", str(tmp_path / "r2"), "model.name=vq-f4", "prior.after_training=true"]) == 2
-    assert "prior.after_training: model 'vq-f4' has a discrete latent" in capsys.readouterr().err
+    assert "prior.after_training: the fitted prior (gmm) cannot model a discrete latent" in capsys.readouterr().err
 
 
 def test_encode_writes_tokens_in_the_smallest_type_equal_to_a_direct_computation(tmp_path, capsys):

@@ -13,19 +13,20 @@ import torch
 from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
-from imgvae.commands.verbs import train_prior
-from imgvae.config import ConfigError, PriorConfig, model_config
+from imgvae.config import ConfigError, TokenConfig, model_config
 from imgvae.io.paths import load_model
-from imgvae.models.generate import decode_codes, sample
+from imgvae.models.generate import decode_codes
 from imgvae.models.registry import build_model
-from imgvae.models.tokens import TokenPrior, masked_share, token_loss
+from imgvae.priors.learned import train_prior
+from imgvae.priors.standard import sample
+from imgvae.priors.tokens import TokenPrior, masked_share, token_loss
 from test_engine import CrashAfter
 from test_quantized import SMALL, VQ_RUN
 
 from conftest import train_tiny_run, write_jpegs
 
 SMALL_PRIOR = ["prior.width=16", "prior.depth=1", "prior.epochs=2", "prior.batch_size=16", "prior.steps=4",
-               "train.precision=fp32", "train.ckpt_every_steps=1"]
+               "prior.precision=fp32", "prior.ckpt_every_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_the_masked_token_objective_learns_a_known_distribution_of_grids():
     torch.manual_seed(0)
     patterns = torch.tensor([[[0, 1, 2], [3, 4, 0]], [[4, 4, 3], [2, 1, 1]]])
     data = patterns[(torch.rand(2048) < 0.25).long()]
-    prior = TokenPrior(PriorConfig(width=32, depth=2), (2, 3), 5)
+    prior = TokenPrior(TokenConfig(width=32, depth=2), (2, 3), 5)
     opt = torch.optim.AdamW(prior.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
     for _ in range(600):
@@ -66,7 +67,7 @@ def test_the_masked_token_objective_learns_a_known_distribution_of_grids():
 
 
 def test_the_mask_follows_the_cosine_schedule():
-    prior = TokenPrior(PriorConfig(width=16, depth=1), (4, 4), 8)
+    prior = TokenPrior(TokenConfig(width=16, depth=1), (4, 4), 8)
     r = torch.tensor([0.0, 0.5, 1.0])
     masked = prior.mask(torch.zeros(3, 4, 4, dtype=torch.long), r, torch.rand(3, 16))
     assert masked.sum(1).tolist() == [16, int(torch.ceil(masked_share(torch.tensor(0.5)) * 16)), 1]
@@ -112,22 +113,23 @@ def test_each_prior_is_refused_on_the_other_kind_of_latent(vq_run, tmp_path, cap
     capsys.readouterr()
     cases = [
         (["train-prior", str(kl), "prior.kind=tokens", "-o", str(tmp_path / "p")],
-         "train-prior: prior.kind=tokens models a discrete latent's codes; model 'kl-f8' has a continuous latent"),
+         "train-prior: the token prior (tokens) cannot model a continuous latent; for this model use gmm or flow"),
         (["train-prior", str(vq_run), "prior.kind=flow", "-o", str(tmp_path / "p")],
-         "train-prior: model 'vq-f4' has a discrete latent (a grid of codes); the flow prior models continuous"),
+         "train-prior: the flow prior (flow) cannot model a discrete latent (a grid of codes); for this model use "
+         "tokens"),
         (["sample", str(kl), "--prior", "tokens", "-o", str(tmp_path / "s")],
-         "--prior tokens: a tokens prior models a discrete latent's codes"),
+         "--prior tokens: the token prior (tokens) cannot model a continuous latent"),
         (["sample", str(vq_run), "--prior", "flow", "-o", str(tmp_path / "s")],
-         "--prior flow: a flow prior models continuous latents"),
+         "--prior flow: the flow prior (flow) cannot model a discrete latent"),
         (["train", "-o", str(tmp_path / "t"), "model.name=kl-f8", "prior.after_training=true", "prior.kind=tokens"],
-         "prior.after_training: prior.kind=tokens models a discrete latent's codes"),
+         "prior.after_training: the token prior (tokens) cannot model a continuous latent"),
     ]
     for args, message in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
-    with pytest.raises(ConfigError, match="prior.backbone: a token prior is a transformer"):
+    with pytest.raises(ConfigError, match=r"prior.backbone: 'unet' is not one of \['auto', 'transformer'\]"):
         train_prior(vq_run, tmp_path / "u", overrides=[*SMALL_PRIOR, "prior.backbone=unet"], progress=False)
 
 

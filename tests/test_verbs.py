@@ -11,7 +11,7 @@ from PIL import Image
 
 from imgvae.commands.cli import main
 from imgvae.evaluation.report import build_report
-from imgvae.models.features import FeatureError, InceptionFeatures
+from imgvae.metrics.features import FeatureError, InceptionFeatures
 
 from conftest import train_tiny_run, write_jpegs
 

@@ -18,10 +18,6 @@ SUMMARY, METRICS, REPORT = "summary.json", "metrics.json", "report.html"
 CHECKPOINTS, GRIDS, LOGS = "checkpoints", "grids", "logs"
 # The seed's three pictures, written every epoch as grids/epoch_NNN_<kind>.png.
 GRID_KINDS = ("ground_truth", "reconstructions", "samples")
-FITTED_PRIOR_GRID = "fitted_prior_samples.png"  # samples of the prior fitted after training
-FLOW_PRIOR_GRID = "flow_prior_samples.png"  # samples of the flow prior trained on the final weights
-TOKEN_PRIOR_GRID = "token_prior_samples.png"  # samples of the token prior of a discrete model's final weights
-LEARNED_PRIOR_GRID = {"flow": FLOW_PRIOR_GRID, "tokens": TOKEN_PRIOR_GRID}
 
 
 class CheckpointError(ImgvaeError, ValueError):
@@ -31,6 +27,11 @@ class CheckpointError(ImgvaeError, ValueError):
 
 def epoch_grid(run: Path, epoch: int, kind: str) -> Path:
     return Path(run) / GRIDS / f"epoch_{epoch:03d}_{kind}.png"
+
+
+def prior_grid(title: str) -> str:
+    """The picture of a prior's samples of the final weights, in grids/: fitted_prior_samples.png, ..."""
+    return f"{title.replace(' ', '_')}_samples.png"
 
 
 def is_run(path: Path) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imgvae.commands.parser import build_parser, config_overrides, parse_args
 from imgvae.config import load_config
+from imgvae.config.reference import config_reference, format_reference
 from imgvae.errors import ImgvaeError
 from imgvae.rundir import CONFIG, CheckpointError
 
@@ -26,11 +27,13 @@ def refuse_missing_paths(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "config":  # the reference, read from the config's fields: no torch
+            print(format_reference(config_reference(args.key)))
+            return 0
         refuse_missing_paths(args)
         if args.command in ("train", "prepare") and not getattr(args, "resume", None):
             # A bad key or value: one line before the library (torch) is imported; the verb reads it again.
-            flags = {"seed": ("train", "seed"), "device": ("train", "device")} if args.command == "train" else {}
-            load_config(args.config, config_overrides(args, flags, flags_win=True))
+            load_config(args.config, config_overrides(args, flags_win=True))
         from imgvae.commands.handlers import COMMANDS  # the library: after parsing, so --help is quick
         from imgvae.data.datasets import SkippedFile
         from imgvae.runtime import one_line_warnings

@@ -11,26 +11,27 @@ from imgvae.commands.verbs import (
     encode_latents,
     evaluate_checkpoint,
     export_model,
-    fit_checkpoint_prior,
     interpolate_files,
     reconstruct_files,
     sample_files,
-    train_prior,
 )
 from imgvae.commands.workflow import train_and_evaluate
-from imgvae.config import ConfigError, load_config
+from imgvae.config import PRIOR_CONFIGS, ConfigError, load_config
+from imgvae.config.resume import refuse_changed_overrides
 from imgvae.data.cache import prepare
 from imgvae.evaluation.compare import compare
 from imgvae.evaluation.report import format_table, write_report
+from imgvae.evaluation.results import Metrics
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import open_model
-from imgvae.io.priors import PRIOR_NAMES, prior_sampler
+from imgvae.priors import SampleOptions, sampler
+from imgvae.priors.gmm import fit_checkpoint_prior
+from imgvae.priors.learned import train_prior
 from imgvae.runtime import pick_device
-from imgvae.train.engine import refuse_changed_overrides
 
 
 def _train(args) -> None:
-    overrides = config_overrides(args, {"seed": ("train", "seed"), "device": ("train", "device")}, flags_win=True)
+    overrides = config_overrides(args, flags_win=True)
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.yaml; change keys with KEY=VALUE instead of --config")
@@ -59,12 +60,7 @@ def _prepare(args) -> None:
 
 
 def _evaluate(args) -> None:
-    overrides = config_overrides(args, {
-        "iw_samples": ("eval", "iw_samples"), "batch_size": ("eval", "batch_size"), "limit": ("eval", "limit"),
-        "fid_weights": ("eval", "fid_weights"), "lpips_weights": ("eval", "lpips_weights"),
-        "sample_reference": ("eval", "sample_reference"),
-        "seed": ("eval", "seed"),
-    })
+    overrides = config_overrides(args)
     metrics, path = evaluate_checkpoint(args.checkpoint, args.data, args.out, overrides, device=args.device,
                                         progress=not args.no_progress)
     print(format_table(metrics))
@@ -73,8 +69,7 @@ def _evaluate(args) -> None:
 
 
 def _fit_prior(args) -> None:
-    overrides = config_overrides(args, {"limit": ("prior", "images"), "components": ("prior", "components"),
-                                  "batch_size": ("eval", "batch_size")})
+    overrides = config_overrides(args)
     prior, path = fit_checkpoint_prior(args.checkpoint, args.data, overrides, device=args.device,
                                        progress=not args.no_progress)
     print(f"imgvae: wrote {path} ({prior.describe()})")
@@ -87,7 +82,7 @@ def _export(args) -> None:
 
 
 def _encode(args) -> None:
-    overrides = config_overrides(args, {"batch_size": ("eval", "batch_size")})
+    overrides = config_overrides(args)
     manifest = encode_latents(args.checkpoint, args.out, args.data, logvar=args.logvar, overrides=overrides,
                               device=args.device, scale=args.latent_scale, progress=not args.no_progress)
     print(f"imgvae: {args.out}: {manifest['count']:,} latents of shape {manifest['latent_shape']} "
@@ -96,15 +91,15 @@ def _encode(args) -> None:
 
 
 def _compare(args) -> None:
-    overrides = config_overrides(args, {"iw_samples": ("eval", "iw_samples"), "fid_weights": ("eval", "fid_weights"),
-                                  "lpips_weights": ("eval", "lpips_weights")})
+    overrides = config_overrides(args)
     data = compare(args.models or [], args.data, args.out, image_size=args.image_size, overrides=overrides,
                    pictures=args.pictures, device=args.device, progress=not args.no_progress)
     width = max(len(m["name"]) for m in data["models"])
     for m in data["models"]:
-        rec = m["metrics"]["reconstruction"]
-        print(f"  {m['name']:<{width}}  PSNR {rec['psnr']['mean']:.2f} dB  SSIM {rec['ssim']['mean']:.3f}  "
-              f"fd_effnet {m['metrics']['distribution']['fd_effnet_recon']:.1f}  {m['img_per_s']:,.0f} img/s")
+        metrics = Metrics.from_dict(m["metrics"])
+        print(f"  {m['name']:<{width}}  PSNR {metrics.reconstruction.psnr.mean:.2f} dB  SSIM "
+              f"{metrics.reconstruction.ssim.mean:.3f}  fd_effnet {metrics.distribution.fd_effnet_recon:.1f}  "
+              f"{m['img_per_s']:,.0f} img/s")
     print(f"imgvae: wrote {Path(args.out) / 'compare.html'} and compare.json ({data['images']} images, "
           f"{data['image_size']} px)")
 
@@ -113,7 +108,7 @@ def _train_prior(args) -> None:
     summary = train_prior(args.checkpoint, args.out, args.data, config_overrides(args), resume=args.resume,
                           device=args.device, progress=not args.no_progress)
     if summary:  # rank 0
-        print(f"imgvae: {PRIOR_NAMES[summary['kind']]} trained, {summary['steps']} steps in "
+        print(f"imgvae: {PRIOR_CONFIGS[summary['kind']].title} trained, {summary['steps']} steps in "
               f"{summary['seconds_this_run']:.0f} s ({summary['skipped_steps']} non-finite skipped); checkpoint "
               f"{summary['checkpoint']}")
 
@@ -127,11 +122,11 @@ def _generate(args) -> None:
     elif args.command == "sample":
         if args.n < 1:
             raise ConfigError(f"-n must be >= 1, got {args.n}")
-        kind, draw = prior_sampler(folder, model, args.prior, temperature=args.temperature, steps=args.steps,
-                                   solver=args.solver, prior_run=args.prior_run)
+        options = SampleOptions(args.temperature, args.steps, args.solver, args.prior_run)
+        draw = sampler(model, args.prior, options)
         started = time.perf_counter()
         written = sample_files(model, args.n, args.out, args.seed, draw=draw)
-        print(f"imgvae: {args.n} samples from the {PRIOR_NAMES[kind]}, {args.n / (time.perf_counter() - started):.1f} "
+        print(f"imgvae: {args.n} samples from the {draw.title}, {args.n / (time.perf_counter() - started):.1f} "
               "samples/s (writing included)")
     else:
         if args.steps < 2:

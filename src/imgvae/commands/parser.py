@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import types
+import typing
 
 from imgvae import __version__
 from imgvae.config import PRESET_DIR, Config, merge_overrides
+from imgvae.config.reference import field_of
 
 EXPORT_FORMATS = ("diffusers", "safetensors")  # io.export.FORMATS (a test checks), named here: importing it takes torch
 
@@ -36,6 +39,20 @@ def _use_overrides(parser: argparse.ArgumentParser) -> None:
                         help="overrides of the run's data, eval and prior keys, e.g. data.crop_size=500")
 
 
+def _key_option(parser: argparse.ArgumentParser, flag: str, key: str, metavar: str | None = None,
+                default: str | None = None) -> None:
+    """An option that sets config key `key` (config_overrides reads it): its type and help are the
+    key's own (its field's); `default` says where its value comes from when not given."""
+    field, tp = field_of(key)
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    kind = {"nargs": "+"} if typing.get_origin(args[0]) is list else {"type": args[0]}
+    where = f"; default: {default}" if default else ""
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, metavar=metavar, help=f"{field.metadata['help']} ({key}{where})", **kind)
+    parser.set_defaults(config_keys={**(parser.get_default("config_keys") or {}), dest: key})
+
+
 def _device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -57,8 +74,8 @@ def _add_train(sub) -> None:
     t.add_argument("-l", "--logs", metavar="LOGS", help="TensorBoard log folder (default: OUT/logs)")
     _config_args(t)
     t.add_argument("--resume", metavar="OUT", help="continue the run in this results folder")
-    t.add_argument("--seed", type=int, help="random seed (same as train.seed=N)")
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (same as train.device=...)")
+    _key_option(t, "--seed", "train.seed", "N")
+    _key_option(t, "--device", "train.device", "DEVICE")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in log files)")
 
 
@@ -106,17 +123,15 @@ def _add_evaluate(sub) -> None:
     e.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="your images, one centre view each (default: the run's data.eval, as the run saw it)")
     e.add_argument("-o", "--out", metavar="FILE", help="metrics file (default: RUN/metrics.json)")
-    e.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound "
-                   "(eval.iw_samples, default 8)")
-    e.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
-    e.add_argument("--limit", type=int, metavar="N", help="only the first N images (eval.limit; default: all)")
-    e.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity InceptionV3 weights file: adds real FID")
-    e.add_argument("--lpips-weights", metavar="PATH",
-                   help="torchvision AlexNet (or VGG16) ImageNet weights file: adds LPIPS")
-    e.add_argument("--sample-reference", nargs="+", metavar="SOURCE",
-                   help="score samples against these images, not the held-out ones: use training data when the "
-                   "held-out images come from other scenes (default: the held-out images, right for COCO val2017)")
-    _common(e, "seed of the evaluation's noise (eval.seed; default: the run's train.seed)", None)
+    _key_option(e, "--iw-samples", "eval.iw_samples", "K", "the run's")
+    _key_option(e, "--batch-size", "eval.batch_size", "N", "the run's")
+    _key_option(e, "--limit", "eval.limit", "N", "the run's")
+    _key_option(e, "--fid-weights", "eval.fid_weights", "PATH")
+    _key_option(e, "--lpips-weights", "eval.lpips_weights", "PATH")
+    _key_option(e, "--sample-reference", "eval.sample_reference", "SOURCE", "the held-out images: right for COCO "
+                "val2017; give training data when the held-out images come from other scenes")
+    _key_option(e, "--seed", "eval.seed", "N", "the run's train.seed")
+    _device_args(e)
 
 
 def _add_generation(sub) -> None:
@@ -180,11 +195,9 @@ def _add_fit_prior(sub) -> None:
     _use_overrides(f)
     f.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="your images, one centre view each (default: the run's data.train, its training crops)")
-    f.add_argument("--limit", type=int, metavar="N",
-                   help="images, spread evenly over the data (prior.images, default 10000; 0: all)")
-    f.add_argument("--components", type=int, metavar="K",
-                   help="Gaussians in the mixture (prior.components; 1 = one Gaussian)")
-    f.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's batch size)")
+    _key_option(f, "--limit", "prior.images", "N", "the run's")
+    _key_option(f, "--components", "prior.components", "K", "the run's")
+    _key_option(f, "--batch-size", "eval.batch_size", "N", "the run's")
     _device_args(f)
 
 
@@ -193,19 +206,21 @@ def _add_train_prior(sub) -> None:
         "train-prior", help="train a learned prior in a model's latent space, for samples that are scenes",
         description="Encode the model's training views once (PRIOR/latents: means and log-variances, or a "
         "discrete latent's codes), then train a prior on them with the training engine (checkpoints, --resume, "
-        "SIGTERM, time limit, bf16, EMA): for a continuous latent a flow-matching prior (a transformer over latent "
-        "patches for spatial latents, an MLP for flat ones), for a discrete one a masked-token transformer "
-        "(MaskGIT). It lives in PRIOR (default: prior-flow/ or prior-tokens/ beside the model) and records the "
-        "model's weights by their SHA-256; `sample` and `evaluate` then use it.",
+        "SIGTERM, time limit, bf16, EMA): for a continuous latent a flow-matching prior (diffusers' UNet for spatial "
+        "latents, or a transformer over latent patches with prior.backbone=transformer; an MLP for flat ones), for a "
+        "discrete one a masked-token transformer (MaskGIT). Its training recipe is its prior section's "
+        "(prior.epochs, prior.lr, prior.time_limit, ...). It lives in PRIOR (default: prior-flow/ or "
+        "prior-tokens/ beside the model) and records the model's weights by their SHA-256; `sample` and `evaluate` "
+        "then use it.",
         epilog="examples:\n  imgvae train-prior runs/sharp\n"
-        "  imgvae train-prior runs/sharp prior.epochs=400 prior.width=128 train.time_limit=10\n"
+        "  imgvae train-prior runs/sharp prior.epochs=400 prior.width=128 prior.time_limit=10\n"
         "  imgvae train-prior /models/sd-vae-ft-mse --data ~/photos -o priors/sd data.image_size=256\n"
         "  imgvae train-prior runs/sharp --resume",
         formatter_class=RAW)
     t.add_argument("checkpoint", metavar="RUN_OR_MODEL")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="the model's data and prior keys (prior.epochs, prior.width, ...) and the prior run's train "
-                   "keys (train.time_limit, train.precision, ...)")
+                   help="the model's data keys and the prior's (prior.epochs, prior.width, prior.time_limit, "
+                   "prior.precision, ...)")
     t.add_argument("-o", "--out", metavar="PRIOR",
                    help="the prior's run folder (default: prior-flow/ or prior-tokens/ beside the model)")
     t.add_argument("--data", nargs="+", metavar="SOURCE",
@@ -255,7 +270,7 @@ def _add_interop(sub) -> None:
     n.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
     n.add_argument("--data", nargs="+", metavar="SOURCE", help="images (default: the run's data.train)")
     n.add_argument("--logvar", action="store_true", help="also store the posterior log-variances")
-    n.add_argument("--batch-size", type=int, help="images per batch (eval.batch_size; default: the run's)")
+    _key_option(n, "--batch-size", "eval.batch_size", "N", "the run's")
     _latent_scale_arg(n)
     _device_args(n)
 
@@ -284,9 +299,9 @@ def _add_compare(sub) -> None:
     c.add_argument("-o", "--out", metavar="DIR", required=True, help="folder for compare.html and compare.json")
     c.add_argument("--image-size", type=int, metavar="S", help="resolution (default: the first model's)")
     c.add_argument("--pictures", type=int, default=8, metavar="K", help="images per picture row (default 8)")
-    c.add_argument("--iw-samples", type=int, metavar="K", help="samples of the importance-weighted bound (default 8)")
-    c.add_argument("--fid-weights", metavar="PATH", help="InceptionV3 weights file: adds rFID and sample FID")
-    c.add_argument("--lpips-weights", metavar="PATH", help="torchvision AlexNet weights file: adds LPIPS")
+    _key_option(c, "--iw-samples", "eval.iw_samples", "K")
+    _key_option(c, "--fid-weights", "eval.fid_weights", "PATH")
+    _key_option(c, "--lpips-weights", "eval.lpips_weights", "PATH")
     _device_args(c)
 
 
@@ -303,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_prior(sub)
     _add_interop(sub)
     _add_compare(sub)
+    keys = sub.add_parser("config", help="every config key: its type, bounds, default and help",
+                          description="Print the config reference, read from the typed config itself: every key of "
+                          "every section (the model section per architecture, the prior section per kind), or those "
+                          "of one section or key.",
+                          epilog="examples:\n  imgvae config\n  imgvae config train\n  imgvae config prior.width",
+                          formatter_class=RAW)
+    keys.add_argument("key", nargs="?", metavar="SECTION_OR_KEY", help="e.g. train, model, prior.width")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html",
                          description="One self-contained HTML page: config, training curves, per-epoch pictures, "
                          "evaluation metrics and KL per latent dimension. Train writes it at the end.")
@@ -335,11 +357,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def config_overrides(args, flags: dict[str, tuple[str, str]] | None = None, flags_win: bool = False) -> dict:
-    """The command line's config overrides as one nested dict: the options in `flags` ({option:
-    (section, key)}) and the KEY=VALUE items; the items win unless flags_win."""
+def config_overrides(args, flags_win: bool = False) -> dict:
+    """The command line's config overrides as one nested dict: the options that set a key
+    (_key_option) and the KEY=VALUE items; the items win unless flags_win."""
     values: dict = {}
-    for option, (section, key) in (flags or {}).items():
-        if getattr(args, option) is not None:
-            values.setdefault(section, {})[key] = getattr(args, option)
+    for dest, key in (getattr(args, "config_keys", None) or {}).items():
+        if getattr(args, dest) is not None:
+            section, _, name = key.partition(".")
+            values.setdefault(section, {})[name] = getattr(args, dest)
     return merge_overrides(args.overrides, values) if flags_win else merge_overrides(values, args.overrides)

@@ -1,6 +1,7 @@
 """What each `imgvae` verb does, as a function a notebook calls with paths: open the model a
 path names, read the images, call the library, write the files. cli.py only parses arguments
-and calls these; `imgvae train` is workflow.train_and_evaluate."""
+and calls these; `imgvae train` is workflow.train_and_evaluate, `fit-prior` and `train-prior`
+are priors.gmm.fit_checkpoint_prior and priors.learned.train_prior."""
 
 from __future__ import annotations
 
@@ -10,55 +11,28 @@ from pathlib import Path
 
 import torch
 
-from imgvae import rundir
-from imgvae.config import (
-    ConfigError,
-    DataConfig,
-    TrainConfig,
-    from_dict,
-    merge_overrides,
-    to_dict,
-    with_overrides,
-)
-from imgvae.data.datasets import ONE_CENTRE_VIEW, EpochViews, build_dataset, load_image_file
+from imgvae.config import ConfigError, DataConfig
+from imgvae.data.datasets import build_dataset, load_image_file
 from imgvae.data.decode import normalize
 from imgvae.data.sources import SourceError
 from imgvae.evaluation.evaluate import evaluate
 from imgvae.evaluation.generation import score_priors
+from imgvae.evaluation.results import Metrics
 from imgvae.io.export import FORMATS, export_format, write_export
 from imgvae.io.latents import encode_dataset, latent_moments, latent_scale, scale_choice
-from imgvae.io.paths import load_prior, open_model, run_dir_of
+from imgvae.io.paths import open_for, open_model, provenance_of
 from imgvae.io.pictures import save_grid
-from imgvae.io.priors import (
-    default_prior_run,
-    prior_sampler,
-    read_prior_run,
-    weights_digest,
-    weights_file,
-)
 from imgvae.models.base import VAE
-from imgvae.models.flow import backbone_of
-from imgvae.models.generate import interpolate, reconstruct, sample
-from imgvae.models.prior import PRIOR_FILE, LatentPrior, fit_prior
-from imgvae.models.quantized import learned_prior_kind, refuse_prior
-from imgvae.models.tokens import TokenPrior
+from imgvae.models.generate import interpolate, reconstruct
+from imgvae.priors import sampler
+from imgvae.priors.gmm import fitted_prior_of
 from imgvae.rundir import METRICS, write_text_atomic
 from imgvae.runtime import pick_device
-from imgvae.train.engine import fit
-from imgvae.train.prior import FlowTask, TokenTask, prior_recipe
-
-
-def open_for(checkpoint: str | Path, sources: list[str] | None, overrides, device: str, one_view: bool = False):
-    """The model at `checkpoint` with the use overrides -> (model, cfg, folder). Images a user
-    gives (sources), or every image when one_view, are read as they are: one centre view each,
-    unless the overrides say otherwise."""
-    given = merge_overrides({"data": ONE_CENTRE_VIEW} if sources or one_view else None, overrides)
-    return open_model(checkpoint, pick_device(device), overrides=given)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None, out: str | Path | None = None,
                         overrides: list[str] | dict | None = None, device: str = "auto", progress: bool = True
-                        ) -> tuple[dict, Path]:
+                        ) -> tuple[Metrics, Path | None]:
     """Evaluate a model as its config's `eval` section says (overrides of the data, eval and prior
     sections such as "eval.iw_samples=64" change it; its fitted prior when it has one) on `sources`,
     one centre view per image, or by default on its data.eval as the run saw it, and write
@@ -68,35 +42,17 @@ def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None
     sources = sources or cfg.data.eval
     if not sources:
         raise ConfigError("no evaluation data: pass --data SOURCE (the run's config has no data.eval)")
-    metrics = {"checkpoint": str(folder), **evaluate(model, cfg, sources, prior=load_prior(folder), progress=progress)}
+    metrics = evaluate(model, cfg, sources, prior=fitted_prior_of(model), progress=progress)
+    metrics.checkpoint = str(folder)
     if cfg.eval.generation_images:
-        if (generation := score_priors(folder, model, cfg, sources, progress)) is not None:
-            metrics["generation"] = generation
-    run = run_dir_of(folder)
+        metrics.generation = score_priors(model, cfg, sources, progress)
+    run = provenance_of(model).run
     path = Path(out) if out else (run / METRICS if run is not None else None)
     if path is None:  # a model without a run folder: nothing is written unless asked (-o)
         return metrics, None
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(metrics, indent=2))
+    write_text_atomic(path, json.dumps(metrics.to_dict(), indent=2))
     return metrics, path
-
-
-def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = None,
-                         overrides: list[str] | dict | None = None, *,
-                         device: str = "auto", progress: bool = True) -> tuple[LatentPrior, Path]:
-    """Fit a prior for a model (its EMA weights when it has them) on `sources` (one centre view
-    each; default: its config's data.train, with the training crops of epoch 1, no flips), as its
-    config's `prior` section says (prior.images, prior.components; overrides such as
-    "prior.components=10" change them), and write CKPT/prior.safetensors, which `sample` and
-    `evaluate` then use."""
-    model, cfg, folder = open_for(checkpoint, sources, overrides, device)
-    refuse_prior(cfg.model, "gmm", "fit-prior")
-    dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
-    prior = fit_prior(model, dataset, limit=cfg.prior.images, components=cfg.prior.components,
-                      batch_size=cfg.eval_batch_size, seed=cfg.train.seed, progress=progress)
-    path = folder / PRIOR_FILE
-    prior.save(path)
-    return prior, path
 
 
 def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] | None = None, *,
@@ -111,58 +67,6 @@ def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] |
     return encode_dataset(model, dataset, out, specs, folder, batch=cfg.eval_batch_size,
                           num_workers=cfg.data.num_workers, logvar=logvar, chunk=chunk, progress=progress,
                           model_cfg=cfg.model, scale=scale)
-
-
-def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: list[str] | None = None,
-                overrides: list[str] | dict | None = None, *, resume: bool = False, device: str = "auto",
-                progress: bool = True, callbacks=()) -> dict:
-    """Train the learned prior of a model (its EMA weights when kept) with the engine: a flow prior
-    for a continuous latent, a token prior (MaskGIT) for a discrete one, into `out` (default:
-    prior-flow/ or prior-tokens/ beside it). The training views of its data.train (or `sources`,
-    one centre view each) are encoded once into out/latents, then prior.epochs are trained.
-    Overrides: the model's data / prior keys, and train.* keys of the prior's own run (device,
-    precision, time_limit, ...). resume: continue the run in `out`. -> its summary."""
-    values = merge_overrides(overrides)
-    run_keys = values.pop("train", {})
-    model, cfg, folder = open_for(checkpoint, sources, values, device)
-    kind = learned_prior_kind(cfg.model)
-    refuse_prior(cfg.model, kind if cfg.prior.kind == "gmm" else cfg.prior.kind, "train-prior")
-    out = Path(out) if out else default_prior_run(checkpoint, kind)
-    recipe = to_dict(prior_recipe(cfg.train, cfg.prior))  # the autoencoder run's train section, the prior's recipe
-    if resume:  # the prior run's own keys, under those given now (prior.epochs=N continues it)
-        saved, saved_prior = read_prior_run(out)
-        given = values.get("prior", {})
-        cfg = with_overrides(cfg, merge_overrides({"prior": to_dict(saved_prior)}, {"prior": given}))
-        asked = {k: v for k, v in to_dict(prior_recipe(cfg.train, cfg.prior)).items() if k in given}
-        recipe = saved["train"] | asked
-    if kind == "flow":
-        backbone_of(cfg.prior, model.latent_shape)  # a backbone that cannot take this latent: refused before any work
-    else:
-        TokenPrior(cfg.prior, model.token_shape, 2)  # the same for a token prior's keys
-    tc = from_dict({"train": recipe | {"device": device} | run_keys})
-    source = {"path": str(checkpoint), "weights": str(weights_file(checkpoint)),
-              "weights_sha256": weights_digest(checkpoint), "model": cfg.model.name}
-    latents = out / "latents"
-    if not (latents / "manifest.json").is_file():
-        specs = sources or cfg.data.train
-        views = EpochViews(build_dataset(specs, cfg.data, train=True, seed=cfg.train.seed), cfg.prior.view_epochs,
-                           mirror=cfg.data.hflip)
-        encode_dataset(model, views, latents, specs, folder, batch=cfg.eval_batch_size,
-                       num_workers=cfg.data.num_workers, logvar=kind == "flow", progress=progress, model_cfg=cfg.model)
-
-    def make_task(run: TrainConfig, procs):
-        shown = model.to(procs.device) if procs.main else None
-        if kind == "flow":
-            return FlowTask(cfg.prior, run, procs, latents, source, shown)
-        return TokenTask(cfg.prior, run, procs, latents, source, shown, codebook_size=model.codebook_size)
-
-    summary = fit(make_task, tc.train, out, resume=resume, progress=progress, callbacks=callbacks)
-    run = run_dir_of(checkpoint)
-    if summary and run is not None:  # its samples beside the run's other pictures, for the report
-        _, draw = prior_sampler(checkpoint, model, kind, prior_run=out)
-        n = cfg.eval.grid_size
-        save_grid(draw(n * n, cfg.train.seed), n, run / rundir.GRIDS / rundir.LEARNED_PRIOR_GRID[kind])
-    return summary
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = None, sources: list[str] | None = None,
@@ -206,13 +110,12 @@ def reconstruct_files(model: VAE, cfg: DataConfig, paths: list[str | Path], out_
     return written + [out / "reconstructions.png"]
 
 
-def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, temperature: float = 1.0,
-                 prior: LatentPrior | None = None, draw=None) -> list[Path]:
-    """n prior samples (from draw(n, seed), default N(0, T^2 I) or the fitted prior):
+def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, draw=None) -> list[Path]:
+    """n prior samples (from draw(n, seed), default the model's best prior, priors.sampler):
     out_dir/samples/sample_NNN.png each (a folder of exactly n images, as folder-based FID tools
     read them) and out_dir/samples.png, the grid, beside it."""
     out = Path(out_dir)
-    images = draw(n, seed) if draw is not None else sample(model, n, seed, temperature, prior)
+    images = (draw or sampler(model))(n, seed)
     written = []
     for i, image in enumerate(images):
         written.append(out / "samples" / f"sample_{i:03d}.png")

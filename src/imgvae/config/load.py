@@ -1,99 +1,71 @@
 """Reading, checking and writing a run's config: YAML files and presets, KEY=VALUE overrides,
-every value checked (types, ranges, finite numbers) before any work; keys that moved between
-sections, and old runs' flat model sections, read from where they were, so old runs' config.yaml
-loads."""
+every value checked (types, ranges, finite numbers: each field's own rule, config/fields.py)
+before any work; keys that moved between sections, and old runs' flat model and prior sections,
+read from where they were, so old runs' config.yaml loads."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from pathlib import Path
-from typing import Literal
 
 import yaml
 
-from imgvae.config.checks import ConfigError, validate
-from imgvae.config.sections import MODEL_CONFIGS, Config, ModelConfig
+from imgvae.config.fields import ConfigError, check_bounds, coerce
+from imgvae.config.model_sections import MODEL_CONFIGS, ModelConfig
+from imgvae.config.prior_sections import PRIOR_CONFIGS, PriorConfig
+from imgvae.config.run_config import Config
 from imgvae.rundir import write_text_atomic
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 
 
-def _describe(tp) -> str:
-    """A type as an error message names it: an integer, a number, 'auto', null, a list."""
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "text", type(None): "null"}
-    return names.get(tp, "a list" if typing.get_origin(tp) in (list, tuple) else str(tp))
+MAX_DEPTH = 16  # nesting of a config value: deeper is a typo or an attack (Python's recursion ends near 1000)
 
 
-def _coerce(value, tp, key: str):
-    """Check/convert a YAML value to the annotated type, or raise ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not {' or '.join(_describe(arg) for arg in args)}")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], key) for v in value]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")
+def _depth(value) -> int:
+    """How deeply a YAML value nests lists and mappings, counted without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        node, level = todo.pop()
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
+            todo += [(child, level + 1) for child in children]
+    return deepest
+
+
+def _section_class(cls, values: dict, prefix: str) -> tuple[type, dict]:
+    """The class of a section whose class a key chooses (model.name, prior.kind) and its values."""
+    if cls is ModelConfig:
+        return _model_section(values, prefix)
+    if cls is PriorConfig:
+        return _prior_section(values, prefix)
+    return cls, values
+
+
+def validate(cfg, prefix: str) -> None:
+    """A section, built from its values, checked: each field's bounds, then the rules that tie its
+    keys together (its check()); ConfigError names the first bad key."""
+    check_bounds(cfg, prefix)
+    try:
+        cfg.check() if hasattr(cfg, "check") else None
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def _build(cls, values: dict, prefix: str = ""):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
-    if cls is ModelConfig:
-        cls, values = _model_section(values, prefix)
+    cls, values = _section_class(cls, values, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
-    if unknown and prefix == "model.":
-        more = f" (also unknown: {['model.' + k for k in unknown[1:]]})" if unknown[1:] else ""
-        raise ConfigError(f"model.{unknown[0]} is not a key of model {values.get('name', 'seed')!r}; its keys: "
+    chooser = {"model.": ("name", "model", "seed"), "prior.": ("kind", "prior", "gmm")}.get(prefix)
+    if unknown and chooser:
+        by, section, default = chooser
+        more = f" (also unknown: {[prefix + k for k in unknown[1:]]})" if unknown[1:] else ""
+        raise ConfigError(f"{prefix}{unknown[0]} is not a key of {section} {values.get(by, default)!r}; its keys: "
                           f"{names}{more}")
     if unknown:
         raise ConfigError(
@@ -106,7 +78,7 @@ def _build(cls, values: dict, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            kwargs[name] = coerce(value, tp, prefix + name)
     cfg = cls(**kwargs)
     validate(cfg, prefix)
     return cfg
@@ -128,6 +100,30 @@ def _model_section(values: dict, prefix: str) -> tuple[type, dict]:
         kept = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in values.items() if k in kept}
     return cls, values
+
+
+# Every key of the one prior section that run folders of 2026-12-01 to 2026-12-06 saved, whatever the kind
+# (later ones more): such a section is read as the kind it names.
+FLAT_PRIOR_KEYS = {"after_training", "kind", "images", "components", "backbone", "width", "depth", "time_sampling",
+                   "view_epochs", "epochs", "batch_size", "lr", "ema", "steps", "solver"}
+
+
+def _prior_section(values: dict, prefix: str) -> tuple[type, dict]:
+    """The section class of values["kind"] and its values; a whole flat section saved by an older
+    run keeps only the keys of its kind."""
+    kind = values.get("kind", "gmm")
+    if kind not in PRIOR_CONFIGS:
+        raise ConfigError(f"{prefix}kind: {kind!r} is not one of {list(PRIOR_CONFIGS)}")
+    cls = PRIOR_CONFIGS[kind]
+    if FLAT_PRIOR_KEYS <= set(values):
+        kept = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in kept}
+    return cls, values
+
+
+def section_of(cls, values: dict, prefix: str):
+    """One section (e.g. a learned prior run's own) built from its values and checked."""
+    return _build(cls, values, prefix)
 
 
 def to_dict(cfg) -> dict:
@@ -179,6 +175,8 @@ def _migrate(values: dict) -> dict:
 def from_dict(values: dict) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"config: expected a mapping, got {values!r}")
+    if _depth(values) > MAX_DEPTH:
+        raise ConfigError(f"config: values nested more than {MAX_DEPTH} levels deep")
     return _build(Config, _migrate(values))
 
 
@@ -197,10 +195,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        value = _yaml_value(raw, f"override {key}")
         path = key.split(".")
         for *where, moved_value in _moved(*path, value) if len(path) == 2 else [(*path, value)]:
             _assign(nested, where, moved_value, item)
@@ -229,11 +224,31 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset {presets}")
 
 
+def _yaml_value(text: str, where: str):
+    """YAML text parsed, or one line naming where it came from and the line of the fault; values
+    nested beyond MAX_DEPTH refused (PyYAML and the checks recurse)."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}:{at} not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: values nested too deeply") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ConfigError(f"{where}: values nested more than {MAX_DEPTH} levels deep")
+    return value
+
+
 def read_yaml(path: Path) -> dict:
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    values = _yaml_value(text, str(path)) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return values
@@ -262,6 +277,15 @@ def merge_overrides(*overrides: list[str] | dict | None) -> dict:
 def with_overrides(cfg: Config, overrides: list[str] | dict | None) -> Config:
     """cfg with overrides (strings or a nested dict) applied and checked."""
     return from_dict(_deep_merge(to_dict(cfg), _override_values(overrides))) if overrides else cfg
+
+
+def with_prior_kind(cfg: Config, kind: str) -> Config:
+    """cfg with a prior section of `kind`: its own when it is of that kind, else that kind's defaults."""
+    if cfg.prior.kind == kind:
+        return cfg
+    if kind not in PRIOR_CONFIGS:
+        raise ConfigError(f"prior.kind: {kind!r} is not one of {list(PRIOR_CONFIGS)}")
+    return dataclasses.replace(cfg, prior=PRIOR_CONFIGS[kind]())
 
 
 def save_config(cfg: Config, path: Path) -> None:

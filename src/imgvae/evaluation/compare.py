@@ -19,12 +19,13 @@ from imgvae.data.decode import normalize
 from imgvae.evaluation.compare_page import write_compare_page
 from imgvae.evaluation.evaluate import evaluate
 from imgvae.evaluation.generation import score_priors
-from imgvae.io.paths import load_prior, model_source, open_model
+from imgvae.evaluation.results import Metrics
+from imgvae.io.paths import model_source, open_model
 from imgvae.io.pictures import save_labelled_rows
-from imgvae.io.priors import available_priors, prior_sampler
 from imgvae.models.base import VAE, inference
 from imgvae.models.generate import reconstruct
-from imgvae.models.prior import LatentPrior
+from imgvae.priors import available, sampler
+from imgvae.priors.gmm import LatentPrior, fitted_prior_of
 from imgvae.rundir import write_text_atomic
 from imgvae.runtime import pick_device
 
@@ -73,7 +74,7 @@ def open_candidates(pairs: list[tuple[str, str]], size: int | None, overrides: d
             model, cfg, folder = open_model(path, device, overrides=settings)
         except ConfigError as e:
             raise ConfigError(f"{name} ({path}): {e}") from None
-        candidates.append(Candidate(name, path, kind, native, model, cfg, load_prior(folder), folder))
+        candidates.append(Candidate(name, path, kind, native, model, cfg, fitted_prior_of(model), folder))
     return candidates
 
 
@@ -118,8 +119,7 @@ def compare(specs: list[str], sources: list[str], out_dir: str | Path, *, image_
     for c in tqdm(candidates, desc="models", disable=not progress, dynamic_ncols=True):
         metrics = evaluate(c.model, c.cfg, sources, prior=c.prior, progress=progress, held_out=views, per_image=True)
         if c.cfg.eval.generation_images:  # every prior it has, against the training distribution
-            if (generation := score_priors(c.folder, c.model, c.cfg, sources, progress)) is not None:
-                metrics["generation"] = generation
+            metrics.generation = score_priors(c.model, c.cfg, sources, progress)
         batch = first_images(views, min(len(views), c.cfg.eval_batch_size))
         results.append(_model_entry(c, metrics, speed(c.model, batch)))
     data = {"image_size": size, "sources": list(sources), "images": results[0]["metrics"]["images"],
@@ -130,14 +130,14 @@ def compare(specs: list[str], sources: list[str], out_dir: str | Path, *, image_
     return data
 
 
-def _model_entry(c: Candidate, metrics: dict, images_per_second: float) -> dict:
-    per_image = metrics.pop("per_image")
+def _model_entry(c: Candidate, metrics: Metrics, images_per_second: float) -> dict:
+    per_image, metrics.per_image = metrics.per_image, None
     return {
         "name": c.name, "path": c.path, "kind": c.kind, "native_size": c.native_size,
         "parameters": sum(p.numel() for p in c.model.parameters()), "latent_shape": list(c.model.latent_shape),
         "latent_numbers": int(torch.Size(c.model.latent_shape).numel()), "img_per_s": images_per_second,
         "has_likelihood": c.kind != "diffusers", "fitted_prior": c.prior is not None,
-        "metrics": metrics, "per_image": per_image,
+        "metrics": metrics.to_dict(), "per_image": per_image,
     }
 
 
@@ -167,13 +167,11 @@ def _pictures(candidates: list[Candidate], views: ImageDataset, data: dict, out:
         save_labelled_rows([("images", images.float() / 255), (c.name, reconstruct(c.model, normalize(images)))],
                            out / f"worst_{i}.png", label_width=120)
         files["worst"][c.name] = {"file": f"worst_{i}.png", "keys": worst}
-    names = {"standard": "N(0, I)", "gmm": "fitted prior", "flow": "flow prior", "tokens": "token prior"}
-
-    def label(c, kind):
-        return "uniform codes" if kind == "standard" and hasattr(c.model, "token_shape") else names[kind]
-
-    samples = [(f"{c.name}, {label(c, kind)}", prior_sampler(c.folder, c.model, kind)[1](k, 0))
-               for c in candidates for kind in available_priors(c.folder)]
+    samples = []
+    for c in candidates:
+        for kind in available(c.model):
+            drawn = sampler(c.model, kind)
+            samples.append((f"{c.name}, {drawn.title}", drawn(k, 0)))
     save_labelled_rows(samples, out / "samples.png")
     files["samples"] = "samples.png"
     return files

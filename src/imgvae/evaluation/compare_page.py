@@ -3,6 +3,7 @@ in bold), PSNR against latent size, the pictures; the report's charts and style,
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import os
@@ -10,50 +11,59 @@ from pathlib import Path
 
 from imgvae import rundir
 from imgvae.evaluation.report import SERIES_COLOURS, _fmt, _log_ticks, _ticks, describe_views, html_page
+from imgvae.evaluation.results import Metrics, Scores, Spread, prior_title
 
-COMPARE_ROWS = [
-    ("PSNR dB", lambda m: m["metrics"]["reconstruction"]["psnr"]["mean"], "high"),
-    ("SSIM", lambda m: m["metrics"]["reconstruction"]["ssim"]["mean"], "high"),
-    ("MS-SSIM", lambda m: (m["metrics"]["reconstruction"]["ms_ssim"] or {}).get("mean"), "high"),
-    ("LPIPS", lambda m: (m["metrics"]["reconstruction"].get("lpips") or {}).get("mean"), "low"),
-    ("rFID (FID of reconstructions)", lambda m: m["metrics"]["distribution"].get("fid_recon"), "low"),
-    ("fd_effnet of reconstructions", lambda m: m["metrics"]["distribution"]["fd_effnet_recon"], "low"),
-    ("fd_effnet of samples, N(0, I)", lambda m: m["metrics"]["distribution"]["fd_effnet_samples"], "low"),
-    ("fd_effnet of samples, fitted prior", lambda m: m["metrics"]["distribution"].get("fd_effnet_samples_fitted"),
-     "low"),
-    ("FID of samples", lambda m: m["metrics"]["distribution"].get("fid_samples"), "low"),
-    ("-ELBO bits/dim", lambda m: m["metrics"]["likelihood"]["neg_elbo_bpd"] if m["has_likelihood"] else None, "low"),
+# What compare measures of a model itself, beside its evaluation: (label, value, which is better).
+MODEL_ROWS = [
     ("latent numbers per image", lambda m: m["latent_numbers"], None),
-    ("bits per image (discrete latents: tokens x log2 codes)",
-     lambda m: m["metrics"].get("codebook", {}).get("bits_per_image"), "low"),
-    ("codebook usage over the set", lambda m: m["metrics"].get("codebook", {}).get("usage"), "high"),
     ("parameters", lambda m: m["parameters"], None),
     ("encode + decode img/s (this machine)", lambda m: m["img_per_s"], "high"),
 ]
 
 
-def _generation_rows() -> list:
-    """Each prior's generation scores (metrics.generation), then the reconstruction floor's."""
-    priors = {"standard": "N(0, I)", "gmm": "fitted prior", "flow": "flow prior"}
-    scores = {"fd_effnet": ("fd_effnet vs training", "low"), "precision": ("precision", "high"),
-              "recall": ("recall", "high"), "memorised": ("memorised share", "low")}
-    rows = [(f"{label} samples: {what}", lambda m, p=prior, k=key: _generation(m, p, k), better)
-            for prior, label in priors.items() for key, (what, better) in scores.items()]
-    return rows + [("reconstruction floor: fd_effnet vs training", lambda m: _generation(m, None, "fd_effnet"), "low")]
+def metric_table(models: list[dict]) -> list[tuple[str, list, str | None]]:
+    """(label, each model's value, which is better) for every result field that has a "better"
+    (results.metric), then each prior's generation scores and the floor's, then MODEL_ROWS."""
+    metrics = [Metrics.from_dict(m["metrics"]) for m in models]
+    rows = []
+    for index, section in enumerate(metrics[0].sections()):
+        for f in dataclasses.fields(section):
+            if f.metadata.get("better"):
+                values = [_value(m, type(section), f.name) for m in metrics]
+                if f.name == "neg_elbo_bpd":  # a diffusers folder's decoder has no likelihood of its own
+                    values = [v if m["has_likelihood"] else None for v, m in zip(values, models)]
+                rows.append((f.metadata["label"], values, f.metadata["better"]))
+    return rows + _generation_rows(metrics) + [(label, [value(m) for m in models], better)
+                                                for label, value, better in MODEL_ROWS]
 
 
-def _generation(model: dict, prior: str | None, key: str) -> float | None:
-    """A prior's generation score (metrics.generation), the reconstruction floor's with prior None."""
-    gen = model["metrics"].get("generation") or {}
-    scores = gen.get("floor") if prior is None else gen.get("priors", {}).get(prior)
-    return None if scores is None else scores[key]
+def _value(metrics: Metrics, section: type, name: str):
+    """A field of a model's result section (None when the model has no such section: no codebook)."""
+    part = next((p for p in metrics.sections() if isinstance(p, section)), None)
+    value = None if part is None else getattr(part, name)
+    return value.mean if isinstance(value, Spread) else value
+
+
+def _generation_rows(metrics: list[Metrics]) -> list[tuple[str, list, str | None]]:
+    """Each prior's generation scores (every prior any model has), then the reconstruction floor's."""
+    gens = [m.generation for m in metrics]
+    priors = dict.fromkeys(name for g in gens if g for name in g.priors)
+    rows = []
+    for name in priors:
+        title = prior_title(name, any(m.discrete for m in metrics))
+        for f in dataclasses.fields(Scores):
+            values = [getattr(g.priors[name], f.name) if g and name in g.priors else None for g in gens]
+            rows.append((f"{title} samples: {f.metadata['label']}", values, f.metadata["better"]))
+    if any(gens):
+        rows.append(("reconstruction floor: fd_effnet vs training", [g.floor.fd_effnet if g else None for g in gens],
+                     "low"))
+    return rows
 
 
 def compare_rows(models: list[dict]) -> list[tuple[str, list[float | None], set[int]]]:
     """(label, each model's value, the columns holding the best value); rows no model has are left out."""
-    rows, table = [], COMPARE_ROWS[:-4] + _generation_rows() + COMPARE_ROWS[-4:]  # after the samples' rows
-    for label, value, better in table:
-        values = [value(m) for m in models]
+    rows = []
+    for label, values, better in metric_table(models):
         present = [v for v in values if v is not None]
         if not present:
             continue
@@ -148,7 +158,8 @@ def build_compare_page(data: dict) -> str:
             "every model saw these same pixels, with the same evaluation noise. Best value per row in bold.")
     if resized:
         note += f" Evaluated at {data['image_size']} px although made for another size: {', '.join(resized)}."
-    points = [(m["name"], m["latent_numbers"], m["metrics"]["reconstruction"]["psnr"]["mean"]) for m in models]
+    points = [(m["name"], m["latent_numbers"], Metrics.from_dict(m["metrics"]).reconstruction.psnr.mean)
+              for m in models]
     return html_page(f"imgvae compare: {', '.join(m['name'] for m in models)}", [
         ("models", "Models", _models_table(data) + f"<p class='note'>{html.escape(note)}</p>"),
         ("metrics", "Metrics", _compare_table(models)),

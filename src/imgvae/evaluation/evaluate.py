@@ -14,12 +14,14 @@ from imgvae.data.datasets import BadFiles, ImageDataset, build_dataset, preproce
 from imgvae.data.decode import denormalize, normalize
 from imgvae.data.loading import eval_loader, loader_workers
 from imgvae.data.sources import SourceError
+from imgvae.evaluation.results import Codebook, Distribution, Latent, Likelihood, Metrics, Reconstruction, Spread
+from imgvae.metrics.distances import GaussianStats, frechet_distance
+from imgvae.metrics.features import LPIPS, feature_networks
 from imgvae.models.base import VAE, Quantized
-from imgvae.models.features import LPIPS, GaussianStats, feature_networks, frechet_distance
 from imgvae.models.generate import prior_noise
 from imgvae.models.losses import LIKELIHOOD_FAMILY, bits_per_dim, discretized_log_likelihood
-from imgvae.models.prior import LatentPrior
 from imgvae.models.quantized import code_usage
+from imgvae.priors.gmm import LatentPrior, latents
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): unit u is active if Cov_x(E[z_u | x]) > 0.01
 MS_SSIM_MIN_SIZE = 161  # 5 scales of an 11-px kernel
@@ -59,11 +61,6 @@ def log_weights(model: VAE, x: torch.Tensor, family: str, samples: int) -> tuple
         log_px.append(lp)
         log_w.append(lp + log_p - log_q)
     return torch.stack(log_px), torch.stack(log_w)
-
-
-def _mean_std(values: torch.Tensor) -> dict[str, float]:
-    values = values.double()
-    return {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 else 0.0}
 
 
 class _Tally:
@@ -112,8 +109,8 @@ class _Samples:
     def add(self, tally: _Tally, count: int) -> None:
         device = next(self.model.parameters()).device
         for kind, p in zip(self.kinds, (None, self.prior)):
-            noise = prior_noise(self.model, count, self.seed, prior=p).to(device)
-            tally.add_features(kind, denormalize(self.model.decode(noise).float()))
+            z = prior_noise(self.model, count, self.seed) if p is None else latents(self.model, count, self.seed, p)
+            tally.add_features(kind, denormalize(self.model.decode(z.to(device)).float()))
         self.seed += 1
 
 
@@ -164,7 +161,7 @@ def _reference_pass(dataset, loader, tally: _Tally, samples: _Samples, bad: BadF
 
 @torch.no_grad()
 def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | None = None,
-             progress: bool = True, held_out: ImageDataset | None = None, per_image: bool = False) -> dict:
+             progress: bool = True, held_out: ImageDataset | None = None, per_image: bool = False) -> Metrics:
     """All metrics over the whole held-out set `sources` (preprocessed as cfg.data's eval
     split), as cfg.eval says (iw_samples, batch_size, limit, seed, fid_weights,
     sample_reference). Deterministic for a given seed: reconstructions decode the
@@ -203,20 +200,20 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
         _reference_pass(*loader_of(ec.sample_reference), tally, samples, bad, progress)
         if tally.references < 2:
             raise SourceError(f"scoring samples needs at least 2 readable images in {ec.sample_reference}")
-    metrics = _metrics(tally, cfg, sources, model, prior, family, bad) | {"preprocessing": preprocessing(dataset.cfg)}
-    weights = {n.name: n.weights for n in [*networks, lpips] if hasattr(n, "weights")}
-    if weights:  # which files FID / LPIPS came from, and whether they are the published ones
-        metrics["feature_weights"] = weights
+    metrics = _metrics(tally, cfg, sources, model, prior, family, bad)
+    metrics.preprocessing = preprocessing(dataset.cfg)
+    # Which files FID / LPIPS came from, and whether they are the published ones.
+    metrics.feature_weights = {n.name: n.weights for n in [*networks, lpips] if hasattr(n, "weights")} or None
     if per_image:
         values = {k: torch.cat(tally.per_image[k]).tolist() for k in ("index", "psnr", "ssim", "lpips")
                   if k in tally.per_image}
-        metrics["per_image"] = {"keys": [dataset.view_name(int(i)) for i in values.pop("index")], **values}
+        metrics.per_image = {"keys": [dataset.view_name(int(i)) for i in values.pop("index")], **values}
     return metrics
 
 
 def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: LatentPrior | None, family: str,
-             bad: BadFiles) -> dict:
-    """The metrics.json dict of a finished tally."""
+             bad: BadFiles) -> Metrics:
+    """The typed results of a finished tally."""
     values = {k: torch.cat(v) for k, v in tally.per_image.items()}
     n, size, ec = tally.images, cfg.data.image_size, cfg.eval
     dims = 3 * size * size
@@ -225,54 +222,41 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
     reference = "reference" if ec.sample_reference else "real"  # the real images samples are scored against
     scale = "learned scale" if model.scale != "none" else "scale 1 on the [-1, 1] scale"
     nets = dict.fromkeys(name for name, _ in tally.features)
-    return {
-        "images": n,
-        "image_size": size,
-        "sources": list(sources),
-        "seed": cfg.eval_seed,
-        "skipped_files": len(bad),
-        "reconstruction": {
-            "note": "posterior mean decoded, rounded to 8 bits; metrics on [0, 1] pixels, mean and std over images",
-            **{k: _mean_std(values[k]) for k in ("mse", "psnr", "ssim")},
-            "ms_ssim": _mean_std(values["ms_ssim"]) if "ms_ssim" in values else None,
-            "lpips": _mean_std(values["lpips"]) if "lpips" in values else None,
-        },
-        "likelihood": {
-            "discretisation": f"the decoder's {family} (its mean and {scale}) integrated over the 256 8-bit bins "
+    return Metrics(
+        images=n, image_size=size, sources=list(sources), seed=cfg.eval_seed, skipped_files=len(bad),
+        reconstruction=Reconstruction(**{k: _spread(values[k]) if k in values else None
+                                         for k in ("mse", "psnr", "ssim", "ms_ssim", "lpips")}),
+        likelihood=Likelihood(
+            discretisation=f"the decoder's {family} (its mean and {scale}) integrated over the 256 8-bit bins "
             "of each subpixel; bits/dim divide nats by 3*S*S*ln 2",
-            "neg_elbo_nats": float(neg_elbo.mean()),
-            "recon_nats": float(values["recon_nats"].mean()),
-            "kl_nats": float(values["kl_nats"].mean()),
-            "neg_elbo_bpd": float(bits_per_dim(neg_elbo.mean(), dims)),
-            "iw_samples": ec.iw_samples,
-            "neg_iw_nats": float(values["iw_nats"].mean()),
-            "neg_iw_bpd": float(bits_per_dim(values["iw_nats"].mean(), dims)),
-        },
-        "latent": {
-            "dims": len(tally.kl_sum),
-            "active_units": int((mean_var > ACTIVE_THRESHOLD).sum()),
-            "active_threshold": ACTIVE_THRESHOLD,
-            "kl_per_dim": [float(v) for v in tally.kl_sum / n],
-            "posterior_mean_var": [float(v) for v in mean_var],
-        },
-        "distribution": {
-            "note": f"Fréchet distances over {n} images per set ({tally.references} for samples); with fewer images "
+            neg_elbo_nats=float(neg_elbo.mean()), recon_nats=float(values["recon_nats"].mean()),
+            kl_nats=float(values["kl_nats"].mean()), neg_elbo_bpd=float(bits_per_dim(neg_elbo.mean(), dims)),
+            iw_samples=ec.iw_samples, neg_iw_nats=float(values["iw_nats"].mean()),
+            neg_iw_bpd=float(bits_per_dim(values["iw_nats"].mean(), dims))),
+        latent=Latent(dims=len(tally.kl_sum), active_units=int((mean_var > ACTIVE_THRESHOLD).sum()),
+                      active_threshold=ACTIVE_THRESHOLD, kl_per_dim=[float(v) for v in tally.kl_sum / n],
+                      posterior_mean_var=[float(v) for v in mean_var]),
+        distribution=Distribution(
+            note=f"Fréchet distances over {n} images per set ({tally.references} for samples); with fewer images "
             "than feature dimensions they are biased upwards: compare only at equal n",
             **{f"{net}_{kind}": frechet_distance(tally.features[net, "real" if kind == "recon" else reference],
                                                  tally.features[net, kind])
-               for net in nets for kind in ("recon", *tally.sample_kinds)},
-        },
-        "samples_reference": {"sources": list(ec.sample_reference or sources), "images": tally.references,
-                              "held_out": not ec.sample_reference},
-        "prior": {"samples": "N(0, I)",
-                  **({"samples_fitted": f"{prior.describe()} (prior.safetensors)"} if prior is not None else {})},
-        **({"codebook": codebook_health(tally.codes, tally.tokens)} if tally.codes is not None else {}),
-    }
+               for net in nets for kind in ("recon", *tally.sample_kinds)}),
+        samples_reference={"sources": list(ec.sample_reference or sources), "images": tally.references,
+                           "held_out": not ec.sample_reference},
+        prior={"samples": "N(0, I)",
+               **({"samples_fitted": f"{prior.describe()} (prior.safetensors)"} if prior is not None else {})},
+        codebook=codebook_health(tally.codes, tally.tokens) if tally.codes is not None else None,
+    )
 
 
-def codebook_health(counts: torch.Tensor, tokens: int) -> dict:
+def _spread(values: torch.Tensor) -> Spread:
+    values = values.double()
+    return Spread(mean=float(values.mean()), std=float(values.std()) if len(values) > 1 else 0.0)
+
+
+def codebook_health(counts: torch.Tensor, tokens: int) -> Codebook:
     """A discrete latent's codebook over the whole evaluated set (code_usage), and its rate:
     bits per image = tokens x log2(codebook size); set_tokens: the tokens counted, all images."""
-    return {"note": "codes used over the whole set, not per batch", **code_usage(counts), "tokens": tokens,
-            "set_tokens": int(counts.sum()),
-            "bits_per_image": tokens * math.log2(len(counts))}
+    return Codebook(**code_usage(counts), tokens=tokens, set_tokens=int(counts.sum()),
+                    bits_per_image=tokens * math.log2(len(counts)))

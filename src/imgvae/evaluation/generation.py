@@ -17,51 +17,12 @@ from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import denormalize, normalize
 from imgvae.data.loading import eval_loader
 from imgvae.data.sources import SourceError
-from imgvae.io.paths import run_dir_of
-from imgvae.io.priors import available_priors, prior_sampler
+from imgvae.evaluation.results import Generation, Scores
+from imgvae.io.paths import provenance_of
+from imgvae.metrics.distances import K_NEAREST, scores
+from imgvae.metrics.features import EffNetFeatures
 from imgvae.models.base import VAE, inference
-from imgvae.models.features import EffNetFeatures, GaussianStats, frechet_distance
-
-K_NEAREST = 3  # Kynkäänniemi et al.'s k
-
-
-def pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (len(a), len(b)) in float64."""
-    return torch.cdist(a.double(), b.double())
-
-
-def knn_radii(features: torch.Tensor, k: int = K_NEAREST) -> torch.Tensor:
-    """Each point's distance to its k-th nearest other point of the same set."""
-    d = pairwise(features, features)
-    d.fill_diagonal_(float("inf"))
-    return d.kthvalue(k, dim=1).values
-
-
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K_NEAREST) -> tuple[float, float]:
-    """Precision: the share of fake points inside the real manifold (the union of balls around
-    each real point reaching its k-th real neighbour); recall: the share of real points inside
-    the fake manifold."""
-    d = pairwise(fake, real)
-    precision = (d <= knn_radii(real, k)[None]).any(1).double().mean()
-    recall = (d.T <= knn_radii(fake, k)[None]).any(1).double().mean()
-    return float(precision), float(recall)
-
-
-def memorised_share(train: torch.Tensor, samples: torch.Tensor) -> float:
-    """The share of samples whose nearest training point is closer than training points typically
-    are to their own nearest neighbour (the median of those distances): copies score 1."""
-    typical = knn_radii(train, 1).median()
-    return float((pairwise(samples, train).min(1).values < typical).double().mean())
-
-
-def scores(train: torch.Tensor, images: torch.Tensor) -> dict:
-    """fd_effnet, precision, recall and memorised share of a set of features against the training set's."""
-    a, b = GaussianStats(), GaussianStats()
-    a.add(train)
-    b.add(images)
-    precision, recall = precision_recall(train, images)
-    return {"fd_effnet": frechet_distance(a, b), "precision": precision, "recall": recall,
-            "memorised": memorised_share(train, images)}
+from imgvae.priors import SampleOptions, available, sampler
 
 
 @torch.no_grad()
@@ -72,24 +33,27 @@ def features_of(net: EffNetFeatures, images: torch.Tensor, batch_size: int) -> t
 
 @torch.no_grad()
 def generation_metrics(model: VAE, train_views, samplers: dict[str, Callable[[int, int], torch.Tensor]], *,
-                       images: int, batch_size: int, seed: int, held_out=None, progress: bool = False) -> dict:
+                       images: int, batch_size: int, seed: int, held_out=None, progress: bool = False,
+                       reference: list[str] = ()) -> Generation:
     """Scores of each prior's samples (samplers: {name: (n, seed) -> [0, 1] images}) against
-    `images` training views spread evenly over train_views, and of the reconstructions of those
-    views (the floor); with held_out views, of real held-out images too (what a perfect prior
-    scores, memorised share included). -> {"images", "floor", "held_out", "priors": {name: scores}}."""
+    `images` training views spread evenly over train_views (made from the sources `reference`),
+    and of the reconstructions of those views (the floor); with held_out views, of real held-out
+    images too (what a perfect prior scores, memorised share included)."""
     real = _views(train_views, images, batch_size)
     with inference(model) as device:
         net = EffNetFeatures().to(device)
         recon = torch.cat([denormalize(model(normalize(chunk.to(device)), sample=False).x_hat.float()).cpu()
                            for chunk in real.split(batch_size)])
         train = features_of(net, real.float() / 255, batch_size)
-        result = {"images": len(real), "k": K_NEAREST, "floor": scores(train, features_of(net, recon, batch_size))}
+
+        def scored(images: torch.Tensor) -> Scores:
+            return Scores(**scores(train, features_of(net, images, batch_size)))
+
+        result = Generation(reference=list(reference), images=len(real), k=K_NEAREST, floor=scored(recon))
         if held_out is not None:
-            result["held_out"] = scores(train, features_of(net, _views(held_out, len(real), batch_size) / 255,
-                                                           batch_size))
-        result["priors"] = {}
+            result.held_out = scored(_views(held_out, len(real), batch_size) / 255)
         for name, draw in tqdm(samplers.items(), desc="generation", disable=not progress, dynamic_ncols=True):
-            result["priors"][name] = scores(train, features_of(net, draw(len(real), seed), batch_size))
+            result.priors[name] = scored(draw(len(real), seed))
     return result
 
 
@@ -101,13 +65,15 @@ def _views(dataset, count: int, batch_size: int) -> torch.Tensor:
     return torch.cat([images for images, _, _ in loader if len(images)])
 
 
-def score_priors(checkpoint: str | Path, model: VAE, cfg: Config, sources: list[str], progress: bool = False,
-                 prior_run: str | Path | None = None) -> dict | None:
-    """Every prior the model has, scored by generation_metrics against the training distribution:
-    eval.sample_reference, else the run's data.train views; the images evaluated when the model has
-    no run or its training data cannot be read here (the result's "reference" says which). The
-    evaluated images are the real held-out ones. None when there are too few images to score."""
-    reference = cfg.eval.sample_reference or (cfg.data.train if run_dir_of(checkpoint) else sources)
+def score_priors(model: VAE, cfg: Config, sources: list[str], progress: bool = False,
+                 prior_run: str | Path | None = None) -> Generation | None:
+    """Every prior the model (as open_model read it) has, scored by generation_metrics against the
+    training distribution: eval.sample_reference, else the run's data.train views; the images
+    evaluated when the model has no run or its training data cannot be read here (the result's
+    "reference" says which). The evaluated images are the real held-out ones. None when there are
+    too few images to score."""
+    where = provenance_of(model)
+    reference = cfg.eval.sample_reference or (cfg.data.train if where and where.run else sources)
     try:
         train_views = build_dataset(reference, cfg.data, train=True, seed=cfg.train.seed)
     except SourceError:  # e.g. a run moved from the machine it was trained on
@@ -116,9 +82,8 @@ def score_priors(checkpoint: str | Path, model: VAE, cfg: Config, sources: list[
     held_out = build_dataset(sources, cfg.data, train=False, seed=cfg.train.seed)
     if min(len(train_views), len(held_out), cfg.eval.generation_images) <= K_NEAREST:
         return None  # no k-nearest-neighbour manifold on so few images
-    samplers = dict(prior_sampler(checkpoint, model, kind, prior_run=prior_run)
-                    for kind in available_priors(checkpoint, prior_run))
-    result = generation_metrics(model, train_views, samplers, images=cfg.eval.generation_images,
-                                batch_size=cfg.eval_batch_size, seed=cfg.eval_seed, held_out=held_out,
-                                progress=progress)
-    return {"reference": list(reference), **result}
+    options = SampleOptions(prior_run=prior_run)
+    samplers = {kind: sampler(model, kind, options) for kind in available(model, prior_run)}
+    return generation_metrics(model, train_views, samplers, images=cfg.eval.generation_images,
+                              batch_size=cfg.eval_batch_size, seed=cfg.eval_seed, held_out=held_out,
+                              progress=progress, reference=reference)

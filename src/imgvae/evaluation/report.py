@@ -11,64 +11,22 @@ import math
 from pathlib import Path
 
 from imgvae import rundir
+from imgvae.config.prior_sections import PRIOR_CONFIGS
+from imgvae.evaluation.results import Metrics
 
 SERIES_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
-def metric_rows(metrics: dict) -> list[tuple[str, str]]:
-    """(label, value) rows summarising a metrics dict: the printed table and the report's."""
-    rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
-    rows = [("images", f"{metrics['images']} from {', '.join(metrics['sources'])}")]
-    if "preprocessing" in metrics:
-        rows.append(("views", describe_views(metrics["preprocessing"])))
-    if "samples_reference" in metrics and not metrics["samples_reference"]["held_out"]:
-        ref = metrics["samples_reference"]
+def metric_rows(metrics: Metrics) -> list[tuple[str, str]]:
+    """(label, value) rows summarising the metrics: the printed table and the report's."""
+    rows = [("images", f"{metrics.images} from {', '.join(metrics.sources)}")]
+    if metrics.preprocessing is not None:
+        rows.append(("views", describe_views(metrics.preprocessing)))
+    ref = metrics.samples_reference
+    if ref is not None and not ref["held_out"]:
         rows.append(("samples scored against", f"{ref['images']} images from {', '.join(ref['sources'])}"))
-    absent = {"ms_ssim": "n/a (needs >= 161 px)", "lpips": "n/a (needs eval.lpips_weights)"}
-    for k in ("mse", "psnr", "ssim", "ms_ssim", "lpips"):
-        v = rec.get(k)
-        rows.append((k.upper().replace("_", "-"), f"{v['mean']:.4f} ± {v['std']:.4f}" if v else absent[k]))
-    rows += [
-        ("-ELBO nats/image", f"{lik['neg_elbo_nats']:.1f} (recon {lik['recon_nats']:.1f} + KL {lik['kl_nats']:.1f})"),
-        ("-ELBO bits/dim", f"{lik['neg_elbo_bpd']:.4f}"),
-        (f"-IW bound (K={lik['iw_samples']}) bits/dim",
-         f"{lik['neg_iw_bpd']:.4f} ({lik['neg_iw_nats']:.1f} nats/image)"),
-        ("active units", f"{lat['active_units']} / {lat['dims']} (Cov_x E[z|x] > {lat['active_threshold']})"),
-    ]
-    if "codebook" in metrics:  # a discrete latent
-        book = metrics["codebook"]
-        count = ""  # metrics written before set_tokens existed: no count
-        if "set_tokens" in book:
-            per_code = book["set_tokens"] / book["size"]
-            few = "; too few to see rare codes: more images count better" if per_code < 16 else ""
-            count = f" ({per_code:.0f} tokens per code{few})"
-        rows += [("codebook usage", f"{book['used']} / {book['size']} codes ({book['usage']:.1%}) over the whole set"
-                                    f"{count}; {book['dead']} dead; perplexity {book['perplexity']:.1f}"),
-                 ("bits per image", f"{book['bits_per_image']:.0f} ({book['tokens']} tokens x "
-                                    f"{math.log2(book['size']):.2f} bits)")]
-    return rows + [(k, f"{v:.3f}") for k, v in dist.items() if k != "note"] + generation_rows(metrics)
-
-
-def generation_rows(metrics: dict) -> list[tuple[str, str]]:
-    """Each prior's sample scores against the training distribution, the reconstruction floor
-    and (when scored) real held-out images."""
-    gen = metrics.get("generation")
-    if not gen:
-        return []
-
-    def line(s: dict) -> str:
-        return (f"fd_effnet {s['fd_effnet']:.1f}, precision {s['precision']:.2f}, recall {s['recall']:.2f}, "
-                f"memorised {s['memorised']:.0%}")
-
-    rows = [("generation", f"against {gen['images']} training views of {', '.join(gen.get('reference', []))}; "
-                           f"k = {gen['k']} nearest neighbours")]
-    own = "uniform codes" if "codebook" in metrics else "N(0, I)"  # a model's own prior
-    names = {"standard": own, "gmm": "fitted prior", "flow": "flow prior", "tokens": "token prior"}
-    rows += [(f"  samples, {names.get(name, name)}", line(s)) for name, s in gen["priors"].items()]
-    rows.append(("  floor: reconstructions", line(gen["floor"])))
-    if "held_out" in gen:
-        rows.append(("  real held-out images", line(gen["held_out"])))
-    return rows
+    rows += [row for part in metrics.sections() for row in part.rows()]
+    return rows + (metrics.generation.rows(metrics.discrete) if metrics.generation else [])
 
 
 def describe_views(p: dict) -> str:
@@ -82,8 +40,8 @@ def describe_views(p: dict) -> str:
     return f"{crop} per image, resized to {p['image_size']} px"
 
 
-def format_table(metrics: dict) -> str:
-    """The printed summary of a metrics dict."""
+def format_table(metrics: Metrics) -> str:
+    """The printed summary of the metrics."""
     rows = metric_rows(metrics)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -194,14 +152,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{cells}</table>"
 
 
-def _metrics_section(metrics: dict | None) -> str:
-    if metrics is None:
+def _metrics_section(values: dict | None) -> str:
+    if values is None:
         return "<p>No metrics.json in this run yet: run <code>imgvae evaluate RUN_DIR</code>.</p>"
-    rec, lik, lat, dist = (metrics[k] for k in ("reconstruction", "likelihood", "latent", "distribution"))
-    rows = metric_rows(metrics)
-    notes = ". ".join(html.escape(n) for n in (rec["note"], lik["discretisation"], dist["note"]))
+    metrics = Metrics.from_dict(values)
+    rec, lik, lat, dist = metrics.reconstruction, metrics.likelihood, metrics.latent, metrics.distribution
+    notes = ". ".join(html.escape(n) for n in (rec.note, lik.discretisation, dist.note))
     notes = f"<p class='note'>{notes}.</p>"
-    return _table(rows) + notes + kl_chart(lat["kl_per_dim"], lat["posterior_mean_var"], lat["active_threshold"])
+    return _table(metric_rows(metrics)) + notes + kl_chart(lat.kl_per_dim, lat.posterior_mean_var, lat.active_threshold)
 
 
 STYLE = """
@@ -256,8 +214,8 @@ def _grids(run: Path, history: list[dict]) -> str:
             rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
     head = "<tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>"
     grids = f'<table class="grids">{head}{"".join(rows)}</table>' if rows else "<p>No picture grids yet.</p>"
-    for name, what in ((rundir.FITTED_PRIOR_GRID, "fitted prior"), (rundir.FLOW_PRIOR_GRID, "flow prior"),
-                       (rundir.TOKEN_PRIOR_GRID, "token prior")):
+    for what in (section.title for section in PRIOR_CONFIGS.values()):
+        name = rundir.prior_grid(what)
         if (run / rundir.GRIDS / name).is_file():
             grids += (f'<h3>Samples from the {what} (final weights)</h3><table class="grids"><tr><td>'
                       f'<img src="{rundir.GRIDS}/{name}" alt="samples from the {what}"></td></tr></table>')

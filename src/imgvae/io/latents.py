@@ -144,7 +144,7 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
     arrays = {"latents": (shape, np.float32), "posterior_var": ((len(dataset), channels), np.float32)}
     if logvar:
         arrays["logvar"] = (shape, np.float32)
-    if hasattr(model, "token_shape"):  # a discrete latent: its code indices too
+    if model.discrete:  # its code indices too
         arrays["tokens"] = ((len(dataset), *model.token_shape), token_dtype(model.codebook_size))
     output = ChunkedOutput(Path(out), plan, arrays)
     started = time.time()

@@ -136,6 +136,7 @@ class VAE(nn.Module):
     `decoder_output` (B, out_channels, S, S), out_channels = 6 with scale "pixel"."""
 
     latent_shape: tuple[int, ...]
+    discrete = False  # a grid of codes (models/quantized.py: codes(), token_shape, codebook_size), not N(mu, sigma)
 
     def __init__(self, scale: str = "none"):
         super().__init__()

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from imgvae.config import ConfigError, ModelConfig
+from imgvae.config import ModelConfig
 from imgvae.models.autoencoder_kl import kl_blocks
 from imgvae.models.base import VAE, Quantized, register
 
@@ -43,6 +43,8 @@ class QuantizedAutoencoder(VAE):
     """vq-f4 / vq-f8: tokens on a (S / f, S / f) grid, f = 2**downsamplings; the encoder gives
     latent_channels per position, the quantiser replaces them by a code, the decoder draws the
     image from the codes. Any image_size divisible by f."""
+
+    discrete = True
 
     def __init__(self, cfg: ModelConfig, image_size: int, scale: str, downsamplings: int):
         super().__init__(scale)
@@ -138,23 +140,3 @@ def code_usage(counts: torch.Tensor) -> dict:
     used = int((counts > 0).sum())
     return {"size": len(counts), "used": used, "dead": len(counts) - used, "usage": used / len(counts),
             "perplexity": float(entropy.exp())}
-
-
-def is_discrete(cfg: ModelConfig) -> bool:
-    return cfg.name in ("vq-f4", "vq-f8")
-
-
-def learned_prior_kind(cfg: ModelConfig) -> str:
-    """The prior `imgvae train-prior` trains for this model: tokens for a discrete latent, else flow."""
-    return "tokens" if is_discrete(cfg) else "flow"
-
-
-def refuse_prior(cfg: ModelConfig, kind: str, what: str) -> None:
-    """One line (`what` says who asked) when prior `kind` cannot model this model's latent: the
-    gmm and flow priors model continuous latents, the token prior a discrete one's codes."""
-    if is_discrete(cfg) and kind in ("gmm", "flow"):
-        raise ConfigError(f"{what}: model {cfg.name!r} has a discrete latent (a grid of codes); the {kind} prior "
-                          "models continuous latents: use prior.kind=tokens (`imgvae train-prior` trains it)")
-    if not is_discrete(cfg) and kind == "tokens":
-        raise ConfigError(f"{what}: prior.kind=tokens models a discrete latent's codes; model {cfg.name!r} has a "
-                          "continuous latent: use prior.kind=flow or gmm")

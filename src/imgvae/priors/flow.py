@@ -1,0 +1,166 @@
+"""A learned prior in an autoencoder's latent space: a small denoiser trained with the
+flow-matching (rectified-flow) objective. Noise x0 ~ N(0, I) and a normalised latent x1 are
+joined by the straight path x_t = (1 - t) x0 + t x1; the network predicts its velocity
+x1 - x0. Sampling integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (a latent) with Euler
+or Heun steps, then undoes the normalisation; the autoencoder's decoder draws the image. Its
+velocity networks are in flow_net.py.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.attention import sdpa_kernel
+
+from imgvae.config import ConfigError, FlowConfig
+from imgvae.models.base import VAE, inference
+from imgvae.models.generate import decode
+from imgvae.priors import flow_net
+from imgvae.priors.learned import SAMPLES_SHOWN, LatentTask, LearnedPrior
+from imgvae.priors.registry import SampleOptions, register
+from imgvae.train.task import Micro
+
+SOLVERS = ("euler", "heun")
+
+
+class FlowPrior(nn.Module):
+    """The velocity network of one autoencoder's latents, with their normalisation: latents
+    are (z - mean) / std per channel while the flow sees them (buffers, saved with the weights)."""
+
+    def __init__(self, cfg: FlowConfig, latent_shape: tuple[int, ...]):
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        channels = latent_shape[0]
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+        self.backbone, self.velocity = flow_net.velocity_network(cfg, self.latent_shape)
+
+    def _channels(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (len(self.latent_shape) - 1)))
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self._channels(self.mean)) / self._channels(self.std)
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._channels(self.std) + self._channels(self.mean)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Velocity at normalised points x (B, *latent_shape), times t (B,). On a CPU, attention
+        over the few latent positions takes the plain matmul kernel: PyTorch's flash kernel has a
+        slow backward there in bf16, and is no faster in fp32 (bench/prior_speed.py)."""
+        if self.backbone == "mlp":
+            return self.velocity(x.flatten(1), t).view_as(x)
+        on_cpu = x.device.type == "cpu" and flow_net.CPU_ATTENTION is not None
+        with sdpa_kernel(flow_net.CPU_ATTENTION) if on_cpu else nullcontext():
+            return self.velocity(x, t)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, steps: int, solver: str = "heun") -> torch.Tensor:
+        """Integrate the flow from noise (n, *latent_shape) at t = 0 to t = 1 in `steps` steps
+        -> latents on the autoencoder's own scale, same device as the noise."""
+        if solver not in SOLVERS:
+            raise ConfigError(f"solver {solver!r} is not one of {list(SOLVERS)}")
+        if steps < 1:
+            raise ConfigError(f"the ODE needs at least 1 step, got {steps}")
+        x, dt = noise.float(), 1.0 / steps
+        for i in range(steps):
+            t = torch.full((len(x),), i * dt, device=x.device)
+            v = self(x, t).float()
+            if solver == "heun" and i + 1 < steps:  # the last step stays Euler: v at t = 1 is not trained on
+                v = 0.5 * (v + self(x + dt * v, t + dt).float())
+            x = x + dt * v
+        return self.denormalise(x)
+
+
+def flow_loss(prior: FlowPrior, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow objective for latents z (B, *latent_shape) on the autoencoder's scale:
+    mean squared error between the predicted and the straight path's velocity."""
+    x1 = prior.normalise(z)
+    tt = t.view(-1, *([1] * (x1.dim() - 1)))
+    xt = (1 - tt) * noise + tt * x1
+    return (prior(xt, t).float() - (x1 - noise)).pow(2).mean()
+
+
+def draw_times(n: int, sampling: str, generator: torch.Generator, device) -> torch.Tensor:
+    """Training times t (n,): logit-normal (SD3's, most weight mid-path) or uniform on [0, 1]."""
+    if sampling == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+
+
+def sample(model: VAE, prior: FlowPrior, n: int, seed: int, steps: int, solver: str = "heun",
+           temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+    """n images from a flow prior (on the model's device): noise drawn on the CPU from `seed` (the
+    same images on any device), scaled by T, carried to latents by the ODE in `steps` steps,
+    decoded. -> [0, 1] (n, 3, S, S)."""
+    noise = temperature * torch.randn(n, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
+    with inference(model) as device:
+        images = [decode(model, prior.sample(chunk.to(device), steps, solver)) for chunk in noise.split(batch_size)]
+    return torch.cat(images)
+
+
+class FlowTask(LatentTask):
+    """Train a FlowPrior on the latents in `latents` (an `imgvae encode` folder with logvar.npy)
+    of the autoencoder `source` describes ({"path", "weights_sha256", ...})."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.latent_shape = tuple(np.load(self.latents / "latents.npy", mmap_mode="r").shape[1:])
+
+    def read_rows(self) -> torch.Tensor:
+        """(mean, logvar) rows (N, 2, *latent_shape)."""
+        mean = np.load(self.latents / "latents.npy", mmap_mode="r")
+        logvar = np.load(self.latents / "logvar.npy", mmap_mode="r")
+        return torch.stack([torch.from_numpy(np.asarray(a[self.valid])) for a in (mean, logvar)], 1)
+
+    def build_model(self, fresh: bool) -> FlowPrior:
+        prior = FlowPrior(self.cfg, self.latent_shape)
+        if fresh:  # per-channel statistics of the aggregate posterior: Var[mu] + E[sigma^2]
+            mean, logvar = self.rows[:, 0].double(), self.rows[:, 1].double()
+            dims = [0] + list(range(2, mean.dim()))
+            prior.mean.copy_(mean.mean(dims).float())
+            prior.std.copy_((mean.var(dims) + logvar.exp().mean(dims)).sqrt().clamp(min=1e-6).float())
+        self.model = prior.to(self.device)
+        return self.model
+
+    def inputs(self, batch: torch.Tensor, micro: Micro) -> dict:
+        """(mean, logvar) rows -> a posterior sample, noise and times, drawn for the global batch
+        and indexed by this process's positions."""
+        generator, shape = self.generator(micro), (self.total, *self.latent_shape)
+        eps = torch.randn(shape, generator=generator, device=self.device)
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        t = draw_times(self.total, self.cfg.time_sampling, generator, self.device)
+        batch = batch.to(self.device, non_blocking=True)
+        at = self.positions(len(batch), micro)
+        z = batch[:, 0] + torch.exp(0.5 * batch[:, 1]) * eps[at]
+        return {"z": z, "noise": noise[at], "t": t[at]}
+
+    def forward(self, model, inputs: dict) -> torch.Tensor:
+        return flow_loss(model, inputs["z"], inputs["noise"], inputs["t"])
+
+    def begin(self) -> None:
+        self.shown_noise = torch.randn(SAMPLES_SHOWN, *self.latent_shape, generator=torch.Generator().manual_seed(0))
+
+    def draw(self, model: FlowPrior) -> torch.Tensor:
+        return decode(self.autoencoder, model.sample(self.shown_noise.to(self.device), self.cfg.steps,
+                                                     self.cfg.solver))
+
+
+class FlowKind(LearnedPrior):
+    name, task, logvar = "flow", FlowTask, True
+
+    def resolve(self, section: FlowConfig, model: VAE) -> FlowConfig:
+        return replace(section, backbone=flow_net.backbone_of(section, model.latent_shape))
+
+    def build(self, section: FlowConfig, latent_shape, model: VAE) -> FlowPrior:
+        return FlowPrior(section, latent_shape)
+
+    def draw(self, model: VAE, prior: FlowPrior, options: SampleOptions):
+        return lambda n, seed: sample(model, prior, n, seed, options.steps, options.solver, options.temperature)
+
+
+register(FlowKind())
