@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend
 
 from imgvae.config import FlowConfig
 from imgvae.priors import flow, flow_net
-from imgvae.runtime import AUTOCAST_DTYPES, run_precision
+from imgvae.train.precision import AUTOCAST_DTYPES, run_precision
 
 
 def latents_per_second(backbone: str, batch: int, kernel: SDPBackend | None, precision: str, steps: int) -> float:

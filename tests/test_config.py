@@ -14,7 +14,7 @@ from imgvae.config import (
     save_config,
     to_dict,
 )
-from imgvae.runtime import run_precision
+from imgvae.train.precision import run_precision
 
 
 def test_seed_preset_is_the_seed_recipe():
@@ -35,7 +35,7 @@ def test_precision_auto_is_bf16_where_the_device_has_it_natively(monkeypatch):
     assert run_precision("fp16", gpu) == "fp16" and run_precision("fp32", cpu) == "fp32"
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native)
-        monkeypatch.setattr("imgvae.runtime.cpu_has_native_bf16", lambda: not native)
+        monkeypatch.setattr("imgvae.train.precision.cpu_has_native_bf16", lambda: not native)
         assert run_precision("auto", gpu) == expected and run_precision("auto", cpu) != expected
     monkeypatch.undo()
     assert run_precision("auto", cpu) in ("bf16", "fp32")  # torch's own CPU probes answer

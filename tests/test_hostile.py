@@ -261,7 +261,7 @@ def test_a_signal_stops_at_the_next_step_with_a_checkpoint_and_resume_is_exact(t
 def test_a_second_signal_stops_at_once(signum, returncode):
     script = """
 import sys, time
-from imgvae.runtime import StopSignals
+from imgvae.train.processes import StopSignals
 try:
     with StopSignals() as signals:
         print("ready", flush=True)

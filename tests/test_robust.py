@@ -290,7 +290,7 @@ def test_keep_freed_memory_stops_page_faulting_large_blocks_in_again():
     script = """
 import resource, sys, torch
 torch.set_num_threads(1)  # with 2 threads on a loaded machine, some blocks were still mapped afresh
-from imgvae.runtime import keep_freed_memory
+from imgvae.train.precision import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 x = torch.ones(16 * 2**20)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         with one_line_warnings(SkippedFile):
             COMMANDS[args.command](args)
     except ImgvaeError as e:
-        stopped = getattr(e, "exit_code", None)  # runtime.Stopped: by a signal, with a checkpoint to resume from
+        stopped = getattr(e, "exit_code", None)  # Stopped: by a signal, with a checkpoint to resume from
         if stopped is not None:
             from imgvae.runtime import is_main_process
 

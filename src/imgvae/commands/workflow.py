@@ -36,7 +36,7 @@ def train_and_evaluate(cfg: Config, out_dir: str | Path, log_dir: str | Path | N
                        progress: bool = True) -> dict:
     """train(...), then (rank 0 only) prior.after_training, eval.after_training and
     report.html. -> the run summary ({} on other ranks)."""
-    check_after_training(checked_config(cfg, resume))
+    check_after_training(checked_config(cfg, resume, out_dir))
     summary = train(cfg, out_dir, log_dir, resume=resume, progress=progress)
     if not is_main_process():
         return summary

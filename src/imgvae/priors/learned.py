@@ -22,8 +22,9 @@ from imgvae.io.pictures import save_grid
 from imgvae.models.base import VAE
 from imgvae.priors import runs
 from imgvae.priors.registry import PriorKind, SampleOptions, learned_for, refuse, sampler, with_steps
-from imgvae.runtime import Processes, RunError
+from imgvae.runtime import RunError
 from imgvae.train.engine import fit
+from imgvae.train.processes import Processes
 from imgvae.train.task import Micro
 
 SAMPLES_SHOWN = 16  # the per-epoch picture: decoded samples of the prior being trained

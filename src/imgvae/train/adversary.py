@@ -18,8 +18,8 @@ from torch.func import functional_call
 from imgvae.config import LossConfig
 from imgvae.models.discriminator import PatchDiscriminator
 from imgvae.models.losses import adaptive_gan_weight, hinge_discriminator_loss
-from imgvae.runtime import autocast
 from imgvae.train.optim import step_if
+from imgvae.train.precision import autocast
 
 
 class Adversary:

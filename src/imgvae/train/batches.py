@@ -19,7 +19,8 @@ from imgvae.data.loading import (
     make_loader,
     resident_images,
 )
-from imgvae.runtime import Processes, RunError
+from imgvae.runtime import RunError
+from imgvae.train.processes import Processes
 
 
 class ImageBatches:

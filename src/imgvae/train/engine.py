@@ -25,17 +25,9 @@ from imgvae.config.resume import refuse_changes
 from imgvae.io import checkpoint as ckpt
 from imgvae.io.paths import with_pretrained_architecture
 from imgvae.models.registry import check_model
-from imgvae.runtime import (
-    Processes,
-    RunError,
-    Stopped,
-    StopSignals,
-    allow_tf32,
-    keep_freed_memory,
-    run_precision,
-    start_processes,
-    stop_processes,
-)
+from imgvae.runtime import RunError
+from imgvae.train.precision import allow_tf32, keep_freed_memory, run_precision
+from imgvae.train.processes import Processes, Stopped, StopSignals, start_processes, stop_processes
 from imgvae.train.records import Recorder
 from imgvae.train.state import TooManyBadSteps, TrainState
 from imgvae.train.stop import StopPolicy
@@ -66,9 +58,7 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     summary (also written to out_dir/summary.json); the others return {}.
     commands.workflow.train_and_evaluate adds the prior, the evaluation and the report.
     """
-    cfg = checked_config(cfg, resume)
-    if resume and (Path(out_dir) / rundir.CONFIG).is_file():
-        refuse_changes(load_config(Path(out_dir) / rundir.CONFIG), cfg)
+    cfg = checked_config(cfg, resume, out_dir)
 
     def make_task(tc: TrainConfig, procs: Processes) -> VAETask:
         return VAETask(replace(cfg, train=tc), procs)  # config.yaml records the precision used
@@ -76,13 +66,15 @@ def train(cfg: Config, out_dir: str | Path, log_dir: str | Path | None = None, r
     return fit(make_task, cfg.train, out_dir, log_dir, resume, progress, callbacks)
 
 
-def checked_config(cfg: Config, resume: bool) -> Config:
+def checked_config(cfg: Config, resume: bool, out_dir: str | Path | None = None) -> Config:
     """cfg as the run will use it (a pretrained diffusers folder sets the architecture), refused
     before any data is read when it cannot work: a model the config cannot build, a missing FID
-    weights file."""
+    weights file, a resume of out_dir that changes what its checkpoints were made with."""
     if cfg.model.pretrained and not resume:
         cfg = with_pretrained_architecture(cfg)
     check_model(cfg)
+    if resume and out_dir is not None and (Path(out_dir) / rundir.CONFIG).is_file():
+        refuse_changes(load_config(Path(out_dir) / rundir.CONFIG), cfg)
     for key in ("fid_weights", "lpips_weights"):
         path = getattr(cfg.eval, key)
         if cfg.eval.after_training and path and not Path(path).is_file():

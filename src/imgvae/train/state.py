@@ -18,8 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from imgvae.config import TrainConfig
-from imgvae.runtime import Processes, RunError, RunningMean, autocast, grad_scaler
+from imgvae.runtime import RunError
 from imgvae.train.optim import build_optimizer, step_if, update_ema
+from imgvae.train.precision import autocast, grad_scaler
+from imgvae.train.processes import Processes, RunningMean
 from imgvae.train.task import Callback, Micro, Task
 
 

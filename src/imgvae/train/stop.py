@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from imgvae.runtime import Processes, StopSignals
+from imgvae.train.processes import Processes, StopSignals
 
 
 class StopPolicy:

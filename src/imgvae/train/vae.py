@@ -24,9 +24,9 @@ from imgvae.models.generate import decode, prior_noise, reconstruct
 from imgvae.models.losses import kl_weight, vae_loss
 from imgvae.models.quantized import code_usage
 from imgvae.models.registry import build_vae
-from imgvae.runtime import Processes, RunningMean
 from imgvae.train.adversary import Adversary
 from imgvae.train.batches import ImageBatches
+from imgvae.train.processes import Processes, RunningMean
 from imgvae.train.task import Micro
 
 
