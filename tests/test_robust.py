@@ -345,11 +345,12 @@ class HostReads(TorchDispatchMode):
 
     READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
              "aten.equal.default"}
-    # Innermost frames of the engine's files (train/engine.py, state.py, vae.py, batches.py) that run
+    # Innermost frames of the engine's files (train/engine.py, state.py, vae.py, batches.py, task.py) that run
     # inside a step; settle, stop votes and logging are the sync points, outside.
-    FILES = ("/imgvae/train/engine.py", "/imgvae/train/state.py", "/imgvae/train/vae.py", "/imgvae/train/batches.py")
+    FILES = ("/imgvae/train/engine.py", "/imgvae/train/state.py", "/imgvae/train/vae.py", "/imgvae/train/batches.py",
+             "/imgvae/train/task.py")
     INSIDE_STEP = {"run", "step", "_micro_step", "_apply", "inputs", "forward", "loss", "adversary_pair", "steps",
-                   "__iter__", "step_randomness", "advance"}
+                   "__iter__", "step_randomness", "step_generator", "global_positions", "advance"}
 
     def __init__(self):
         super().__init__()

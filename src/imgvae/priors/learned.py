@@ -25,7 +25,7 @@ from imgvae.priors.registry import PriorKind, SampleOptions, learned_for, refuse
 from imgvae.runtime import RunError
 from imgvae.train.engine import fit
 from imgvae.train.processes import Processes
-from imgvae.train.task import Micro
+from imgvae.train.task import Micro, global_positions, step_generator
 
 SAMPLES_SHOWN = 16  # the per-epoch picture: decoded samples of the prior being trained
 
@@ -87,12 +87,11 @@ class LatentTask:
 
     def generator(self, micro: Micro) -> torch.Generator:
         """The step's random numbers, drawn for the global batch from (seed, step): any process count."""
-        return torch.Generator(self.device).manual_seed(self.tc.seed * 1_000_003 + micro.step)
+        return step_generator(self.tc.seed, micro.step, self.device)
 
     def positions(self, n: int, micro: Micro) -> torch.Tensor:
         """This process's rows of the global batch's random numbers."""
-        return self.procs.rank + self.procs.world_size * (micro.index * self.tc.batch_size
-                                                          + torch.arange(n, device=self.device))
+        return global_positions(self.procs, micro, self.tc.batch_size, n)
 
     @property
     def total(self) -> int:

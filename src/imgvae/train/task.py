@@ -26,6 +26,20 @@ class Micro:
     total_steps: int
 
 
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The generator of optimiser step `step`'s random numbers. A task draws them for the step's
+    global batch (batch_size x grad_accum x processes) and each process takes its rows
+    (global_positions), so a run resumed mid-epoch, or split over N processes, draws the same."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def global_positions(procs, micro: Micro, batch_size: int, n: int) -> torch.Tensor:
+    """Where this process's n examples of micro-batch `micro` sit in the step's global batch:
+    DistributedSampler gives rank r the positions r, r + W, ..., so its micro-batch m holds
+    r + W * (m * B + j)."""
+    return procs.rank + procs.world_size * (micro.index * batch_size + torch.arange(n, device=procs.device))
+
+
 class Batches(Protocol):
     """A task's training data as the engine reads it: a fixed number of batches per epoch, an
     epoch's order set by (epoch, batches already done) so that a resumed run repeats it."""

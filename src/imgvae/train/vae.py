@@ -27,26 +27,21 @@ from imgvae.models.registry import build_vae
 from imgvae.train.adversary import Adversary
 from imgvae.train.batches import ImageBatches
 from imgvae.train.processes import Processes, RunningMean
-from imgvae.train.task import Micro
+from imgvae.train.task import Micro, global_positions, step_generator
 
 
-def step_randomness(cfg: TrainConfig, step: int, micro: int, n: int, latent_shape, procs: Processes):
-    """(flip mask (n,), reparametrisation noise (n, *latent_shape)) for this process's
-    n images in micro-batch `micro` of optimiser step `step`.
-
-    Draws are made for the step's global batch (batch_size x grad_accum x processes)
-    and indexed by global position: DistributedSampler gives rank r the epoch
-    positions r, r + W, ..., so its micro-batch m holds r + W * (m * B + j). One
-    process with a W * A times larger batch therefore draws the same values.
-    They are drawn on the training device (a copy from pageable host memory would make
-    the host wait for the GPU every step), so CUDA runs draw other values than CPU runs.
-    """
+def step_randomness(cfg: TrainConfig, micro: Micro, n: int, latent_shape, procs: Processes):
+    """(flip mask (n,), reparametrisation noise (n, *latent_shape)) for this process's n images
+    in micro-batch `micro`, drawn for the step's global batch (task.step_generator): one process
+    with a W * A times larger batch draws the same values. They are drawn on the training device
+    (a copy from pageable host memory would make the host wait for the GPU every step), so CUDA
+    runs draw other values than CPU runs."""
     device = procs.device
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    generator = step_generator(cfg.seed, micro.step, device)
     total = cfg.batch_size * cfg.grad_accum * procs.world_size
     flips = torch.rand(total, generator=generator, device=device) < 0.5
     noise = torch.randn(total, *latent_shape, generator=generator, device=device)
-    positions = procs.rank + procs.world_size * (micro * cfg.batch_size + torch.arange(n, device=device))
+    positions = global_positions(procs, micro, cfg.batch_size, n)
     return flips[positions], noise[positions]
 
 
@@ -122,8 +117,7 @@ class VAETask:
     def inputs(self, images: torch.Tensor, micro: Micro) -> VAEInputs:
         """uint8 micro-batch -> normalised, flipped model input on the device, with its noise."""
         cfg = self.cfg
-        flips, noise = step_randomness(cfg.train, micro.step, micro.index, len(images), self.model.latent_shape,
-                                       self.procs)
+        flips, noise = step_randomness(cfg.train, micro, len(images), self.model.latent_shape, self.procs)
         x = to_model_input(images, self.device, flips if cfg.data.hflip else None)
         x = x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
         return VAEInputs(x, noise)
