@@ -10,7 +10,7 @@ import types
 import typing
 
 from imgvae import __version__
-from imgvae.config import PRESET_DIR, Config, merge_overrides
+from imgvae.config import PRESET_DIR, PRIOR_CONFIGS, Config, merge_overrides
 from imgvae.config.reference import field_of
 
 EXPORT_FORMATS = ("diffusers", "safetensors")  # io.export.FORMATS (a test checks), named here: importing it takes torch
@@ -157,7 +157,7 @@ def _add_generation(sub) -> None:
     s.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help="noise scale: N(0, T^2 I), T times the fitted prior's spread around its means, or T times "
                    "the flow's starting noise (default 1)")
-    s.add_argument("--prior", choices=["auto", "flow", "tokens", "gmm", "standard", "fitted"], default="auto",
+    s.add_argument("--prior", choices=["auto", "standard", *PRIOR_CONFIGS, "fitted"], default="auto",
                    help="auto (default): the learned prior (flow, or tokens for a discrete latent) if the model has "
                    "one, else the fitted one, else the model's own (N(0, I) or uniform codes); fitted is gmm")
     s.add_argument("--steps", type=int, metavar="N", help="flow: ODE steps; tokens: decoding iterations (default: "
