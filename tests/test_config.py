@@ -143,3 +143,47 @@ def test_each_architecture_saves_only_its_own_keys_and_old_flat_sections_still_l
     model = from_dict({"model": flat}).model
     assert (model.name, model.base_channels, model.blocks, model.latent_channels) == ("kl-f8", 16, 2, 8)
     assert not hasattr(model, "levels")
+
+
+def test_every_key_declares_its_rule_and_help_and_the_reference_lists_them(capsys):
+    from imgvae.commands.cli import main
+    from imgvae.config.reference import config_reference, sections
+
+    for _, cls, prefix in sections():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{prefix}{f.name} has no help"
+    rows = {r["key"]: r for _, found in config_reference() for r in found}
+    assert rows["train.lr"]["bounds"] == "> 0, <= 10" and rows["prior.components"]["default"] == 1
+    assert main(["config", "prior.time_limit"]) == 0
+    out = capsys.readouterr().out
+    assert "[prior (kind flow: the flow prior)]" in out and "prior.time_limit = 0.0  (a number, >= 0" in out
+    assert main(["config", "train.nope"]) == 2
+    assert "no config key or section 'train.nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prior.width=32"], r"prior.width is not a key of prior 'gmm'; its keys: \['kind', 'after_training', 'images'"),
+    (["prior.kind=mixture"], "prior.kind: 'mixture' is not one of"),
+    (["prior.kind=flow", "prior.lr=nan"], "prior.lr: expected a finite number"),
+    (["prior.kind=flow", "prior.width=12"], "prior.width must be auto or a power of 2 from 8 to 2048, got 12"),
+    (["train.ema=1"], "train.ema must be < 1, got 1.0"),
+])
+def test_a_prior_section_is_its_kinds_and_checked_as_every_other(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    flow = load_config(None, ["prior.kind=flow", "prior.width=32", "prior.time_limit=2"]).prior
+    assert (flow.width, flow.time_limit, flow.optimizer, flow.ema, flow.title) == (32, 2.0, "adamw", 0.999,
+                                                                                   "flow prior")
+
+
+def test_yaml_errors_and_deep_nesting_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line 3, column 1 not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="override train.lr: values nested more than 16 levels deep"):
+        load_config(None, ["train.lr=" + "[" * 500 + "]" * 500])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train:\n  lr: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: values nested"):
+        load_config(deep)

@@ -4,6 +4,7 @@ opens (a diffusers folder too), is refused with the wrong weights or a backbone 
 and generation is measured with precision / recall and a memorisation check."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,12 @@ def test_a_prior_of_other_weights_or_a_backbone_that_does_not_fit_is_refused(kl_
     (other / "prior-flow-small").symlink_to(kl_run / "prior-flow")  # a prior run under another name
     assert main(["sample", str(other), "--prior", "flow", "-o", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.endswith("first, or name one with --prior-run: prior-flow-small\n")
+    # A prior run copied beside other weights is refused on resume too, before it trains or rewrites anything.
+    shutil.copytree(kl_run / "prior-flow", other / "prior-flow")
+    before = (other / "prior-flow" / "config.yaml").read_text()
+    assert main(["train-prior", str(other), "--resume", "prior.epochs=3", "--no-progress"]) == 2
+    assert "is the flow prior of other weights" in capsys.readouterr().err
+    assert (other / "prior-flow" / "config.yaml").read_text() == before
     seed = train_tiny_run(tmp_path / "seed", "train.epochs=1")
     for backbone in ("unet", "transformer"):
         with pytest.raises(ConfigError, match=f"prior.backbone: {backbone} needs a spatial latent"):
@@ -156,6 +163,19 @@ def test_a_prior_run_from_before_the_transformer_loads_and_resumes_as_its_unet(k
     assert prior.backbone == "unet" and cfg.width == 16 and cfg.precision == "fp32"
     summary = train_prior(kl_run, out, resume=True, overrides=["prior.epochs=3"], progress=False)
     assert summary["steps"] == 6
+
+
+def test_a_priors_train_keys_are_read_as_its_own_with_a_notice(kl_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["train-prior", str(kl_run), "-o", str(out), "--no-progress", *SMALL_PRIOR, "prior.epochs=1",
+                 "train.time_limit=5", "train.lr=2e-3"]) == 0
+    err = capsys.readouterr().err
+    assert "a prior's training keys are prior.*: read train.time_limit, train.lr as prior.time_limit, prior.lr" in err
+    section = yaml.safe_load((out / "config.yaml").read_text())["prior"]
+    assert (section["time_limit"], section["lr"], section["kind"]) == (5.0, 2e-3, "flow")
+    assert main(["train-prior", str(kl_run), "-o", str(tmp_path / "q"), "train.channels_last=true"]) == 2
+    assert "train.channels_last is not a key of a prior's training" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_a_prior_on_a_diffusers_folders_latents_end_to_end(tmp_path):

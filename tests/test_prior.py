@@ -183,3 +183,12 @@ def test_prior_after_training_fits_at_the_end_and_reports_its_samples(tmp_path):
     page = (out / "report.html").read_text()
     assert "Samples from the fitted prior" in page
     assert all((out / ref).is_file() for ref in re.findall(r'src="([^"]+)"', page))
+
+
+def test_every_prior_section_has_a_registered_kind():
+    from imgvae.config import PRIOR_CONFIGS
+    from imgvae.priors import KINDS
+
+    assert list(KINDS) == ["standard", "gmm", "flow", "tokens"]  # a model's own first, learned ones last
+    assert set(KINDS) == {"standard", *PRIOR_CONFIGS}
+    assert all(KINDS[name].section is cls for name, cls in PRIOR_CONFIGS.items())

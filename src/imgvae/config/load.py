@@ -237,7 +237,7 @@ def _yaml_value(text: str, where: str):
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}:{at} not valid YAML ({problem})") from None
     except RecursionError:
-        raise ConfigError(f"{where}: values nested too deeply") from None
+        raise ConfigError(f"{where}: values nested more than {MAX_DEPTH} levels deep") from None
     if _depth(value) > MAX_DEPTH:
         raise ConfigError(f"{where}: values nested more than {MAX_DEPTH} levels deep")
     return value
