@@ -12,7 +12,7 @@ from imgvae.data.cache import prepare
 from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import load_view
 from imgvae.data.loading import DeviceBatches, loader_workers, make_loader, resident_images
-from imgvae.data.sources import SourceError, open_source
+from imgvae.data.sources import SourceError, open_source, read_keys
 from imgvae.train.engine import train
 
 from conftest import decode_rgb, preprocess, smooth_image, tiny_config, write_jpegs
@@ -163,7 +163,7 @@ def test_manifest_is_json_with_provenance(tmp_path, image_folder):
     prepare([str(image_folder)], DataConfig(image_size=16), tmp_path / "c", workers=1, progress=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["format"] == "imgvae-cache" and manifest["sources"] == [str(image_folder)]
-    assert len((tmp_path / "c" / "keys.txt").read_text().splitlines()) == 24
+    assert len(read_keys(tmp_path / "c")) == 24
 
 
 def test_a_resident_cache_trains_bit_identical_to_the_loader(tmp_path, image_folder, capsys):
@@ -245,7 +245,7 @@ def test_prepare_on_a_device_decodes_jpegs_in_batches_as_pil_does(tmp_path, imag
     assert on_device["decoder"] == "torchvision decode_jpeg on cpu" and pil["decoder"] == "PIL"
     assert on_device["skipped"] == pil["skipped"] and len(pil["skipped"]) == 3
     a, b = (np.load(tmp_path / name / "images.npy").astype(int) for name in ("device", "pil"))
-    keys = (tmp_path / "pil" / "keys.txt").read_text().splitlines()
+    keys = read_keys(tmp_path / "pil")
     valid = np.load(tmp_path / "pil" / "valid.npy")
     for row in valid:
         diff = np.abs(a[row] - b[row])

@@ -94,6 +94,9 @@ class Regression:
     def likely_keys(self):
         return f"lr={self.tc.lr}"
 
+    def resume_command(self, out):
+        return f"resume {out}"
+
 
 class CrashAfter(Callback):
     def __init__(self, name):

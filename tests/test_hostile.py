@@ -75,7 +75,7 @@ def test_sample_refuses_a_temperature_not_above_zero(tmp_path, temperature, caps
     assert main(["train", "-o", str(run), "--no-progress", *TINY, "train.epochs=1", "data.train=[embedded:train]",
                  "data.eval=[]", "data.views_per_image=4", "data.crop=random"]) == 0
     assert main(["sample", str(run), "--temperature", temperature, "-o", str(tmp_path / "s")]) == 2
-    assert f"the temperature must be > 0, got {float(temperature)}" in capsys.readouterr().err
+    assert f"argument --temperature: must be > 0 and <= 1,000, got {temperature}" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

@@ -18,6 +18,7 @@ from imgvae.config import PRESET_DIR, DataConfig, load_config
 from imgvae.data import cache
 from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
+from imgvae.data.sources import read_keys
 from imgvae.io.export import write_export
 from imgvae.io.paths import load_model, open_model
 from imgvae.metrics.features import LPIPS
@@ -209,7 +210,7 @@ def test_encode_latents_against_a_direct_computation_and_resume(kl_run, tmp_path
     z = np.load(tmp_path / "z" / "latents.npy", mmap_mode="r")
     logvar = np.load(tmp_path / "z" / "logvar.npy")
     valid = np.load(tmp_path / "z" / "valid.npy")
-    keys = (tmp_path / "z" / "keys.txt").read_text().splitlines()
+    keys = read_keys(tmp_path / "z")
     model, cfg = load_model(kl_run)
     views = build_dataset([str(photos)], cfg.data, train=False, seed=0)  # one centre view each: the folder's auto
     with torch.no_grad():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from imgvae.commands.cli import main
 from imgvae.config import ConfigError, LossConfig, load_config, model_config
+from imgvae.data.sources import read_keys
 from imgvae.evaluation.evaluate import codebook_health
 from imgvae.evaluation.report import format_table
 from imgvae.evaluation.results import Metrics
@@ -228,7 +229,7 @@ def test_encode_writes_tokens_in_the_smallest_type_equal_to_a_direct_computation
     assert manifest["tokens"] == {"shape": [8, 8], "codebook_size": 32, "dtype": "uint8"}
     model, cfg = load_model(run)
     views = build_dataset(cfg.data.train, cfg.data, train=False, seed=0)
-    keys = (out / "keys.txt").read_text().split()
+    keys = read_keys(out)
     x = normalize(torch.stack([views.load(i) for i in range(len(views))]))
     with torch.no_grad():
         direct = model.encode(x).indices.numpy()

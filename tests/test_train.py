@@ -92,7 +92,7 @@ def test_occupied_output_folder_is_refused(tmp_path, image_folder, capsys):
     cfg = tiny_config([image_folder], [], "train.epochs=1")
     train(cfg, tmp_path / "run", progress=False)
     before = weights(tmp_path / "run")
-    with pytest.raises(RunError, match="already holds a run; continue it with --resume"):
+    with pytest.raises(RunError, match="already holds a run; continue it with imgvae train --resume"):
         train(cfg, tmp_path / "run", progress=False)
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "run").items())
     handle = lock_run(tmp_path / "run")  # a live run holds the lock

@@ -81,8 +81,8 @@ def test_reconstruct_sample_interpolate(run, tmp_path):
     (["reconstruct", "{run}", "{missing}", "-o", "{tmp}"], "cannot be read"),
     (["reconstruct", "{run}", "{notimage}", "-o", "{tmp}"], "not a readable image"),
     (["sample", "{tmp}", "-o", "{tmp}"], "is not a checkpoint"),
-    (["sample", "{run}", "-n", "0", "-o", "{tmp}"], "-n must be >= 1"),
-    (["interpolate", "{run}", "{notimage}", "{notimage}", "--steps", "1"], "--steps must be >= 2"),
+    (["sample", "{run}", "-n", "0", "-o", "{tmp}"], "argument -n: must be >= 1"),
+    (["interpolate", "{run}", "{notimage}", "{notimage}", "--steps", "1"], "argument --steps: must be >= 2"),
     (["evaluate", "{run}", "--iw-samples", "0"], "iw_samples must be >= 1"),
     (["evaluate", "{run}", "--data", "{missing}"], "does not exist"),
     (["evaluate", "{run}", "--fid-weights", "{missing}"], "no such file"),
@@ -93,7 +93,7 @@ def test_verb_errors_are_one_line_exit_2(run, tmp_path, args, message, capsys):
     values = {"run": run, "tmp": tmp_path, "missing": tmp_path / "nope.jpg", "notimage": tmp_path / "notimage.jpg"}
     assert main([a.format(**values) for a in args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("imgvae: error:") and message in err and err.count("\n") == 1
+    assert err.startswith("imgvae") and "error:" in err and message in err and err.count("\n") == 1
 
 
 def test_report_has_every_section_and_only_existing_files(run):

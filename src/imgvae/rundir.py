@@ -34,6 +34,24 @@ def prior_grid(title: str) -> str:
     return f"{title.replace(' ', '_')}_samples.png"
 
 
+def recorded(run: Path, path: Path) -> str:
+    """A path as a run folder records it: relative to the folder when inside it (a run folder can be
+    copied or moved and resumed there), else absolute (e.g. TensorBoard logs given with -l)."""
+    path, run = Path(path).absolute(), Path(run).absolute()
+    return str(path.relative_to(run)) if path.is_relative_to(run) else str(path)
+
+
+def resolved(run: Path, path: str) -> Path:
+    """A path a run folder recorded (recorded), as a path to use: relative ones are in the run folder.
+    Runs before relative paths recorded their own logs/ absolutely: a copy of such a run uses its own."""
+    path = Path(path)
+    if not path.is_absolute():
+        return Path(run) / path
+    if path.name == LOGS and path.parent.absolute() != Path(run).absolute():
+        return Path(run) / LOGS
+    return path
+
+
 def is_run(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 

@@ -25,7 +25,12 @@ def refuse_missing_paths(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse said why, in one line (parser.Parser); --help and --version exit 0
+        if e.code:
+            return e.code
+        raise
     try:
         if args.command == "config":  # the reference, read from the config's fields: no torch
             print(format_reference(config_reference(args.key)))
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only folder, a missing file
         print(f"imgvae: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("imgvae: interrupted; the last finished checkpoint is kept", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training says what it kept (train.processes.Interrupted)
+        print(f"imgvae: {getattr(e, 'message', 'interrupted')}", file=sys.stderr)
         return 130
     return 0

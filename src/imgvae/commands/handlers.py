@@ -56,7 +56,7 @@ def _prepare(args) -> None:
     manifest = prepare(specs, cfg.data, args.out, workers=args.workers, progress=not args.no_progress,
                        device=device)
     print(f"imgvae: {args.out}: {manifest['count']:,} images of {cfg.data.image_size}x{cfg.data.image_size} "
-          f"({manifest['rows'] - manifest['count']} unreadable files skipped, listed in manifest.json)")
+          f"({len(manifest['skipped'])} unreadable files skipped, listed in manifest.json)")
 
 
 def _evaluate(args) -> None:
@@ -86,7 +86,7 @@ def _encode(args) -> None:
     manifest = encode_latents(args.checkpoint, args.out, args.data, logvar=args.logvar, overrides=overrides,
                               device=args.device, scale=args.latent_scale, progress=not args.no_progress)
     print(f"imgvae: {args.out}: {manifest['count']:,} latents of shape {manifest['latent_shape']} "
-          f"({manifest['rows'] - manifest['count']} unreadable files skipped); "
+          f"({len(manifest['skipped'])} unreadable files left out, listed in manifest.json); "
           f"{describe_scale(manifest['latent_scale'])}")
 
 
@@ -110,7 +110,7 @@ def _train_prior(args) -> None:
     if summary:  # rank 0
         print(f"imgvae: {PRIOR_CONFIGS[summary['kind']].title} trained, {summary['steps']} steps in "
               f"{summary['seconds_this_run']:.0f} s ({summary['skipped_steps']} non-finite skipped); checkpoint "
-              f"{summary['checkpoint']}")
+              f"{Path(summary['folder']) / summary['checkpoint']}")
 
 
 def _generate(args) -> None:

@@ -29,6 +29,33 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a refusal in one line: "imgvae VERB: error: MESSAGE (see imgvae VERB --help)"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite `kind` from low (or above it, when low_open) to high."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value > low if low_open else value >= low) or not value <= high:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g} and <= {high:,}, "
+                                             f"got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+SEED = number(int, 0, 2**31 - 1)
+MAX_SAMPLES = 1_000_000  # -n: images written one block at a time (verbs.SAMPLE_BLOCK), so memory stays flat
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE", help=f"YAML config file or preset name ({PRESETS})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -60,7 +87,7 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
 
 def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed (default 0): same seed, same output",
             seed_default: int | None = 0) -> None:
-    parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    parser.add_argument("--seed", type=SEED, default=seed_default, help=seed_help)
     _device_args(parser)
 
 
@@ -83,7 +110,7 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", help="preprocess a dataset once into a fast uint8 cache",
         description="Decode, crop and resize every image of the configured sources once, in parallel, "
-        "into CACHE (images.npy + keys.txt + manifest.json). Interrupted? Run the same command again: "
+        "into CACHE (images.npy + keys.json + manifest.json). Interrupted? Run the same command again: "
         "it resumes. Train on it with data.train=[CACHE] (and data.eval=[EVAL_CACHE]).",
         epilog="examples:\n"
         "  imgvae prepare --config seed -o cache/coco-train          # data.train: train2017 + test2017\n"
@@ -97,7 +124,8 @@ def _add_prepare(sub) -> None:
     _config_args(p)
     p.add_argument("--split", choices=["train", "eval"], default="train",
                    help="prepare data.train (default) or data.eval")
-    p.add_argument("--workers", type=int, help="processes decoding on the CPU (default: all CPU cores)")
+    p.add_argument("--workers", type=number(int, 1, 256), help="processes decoding on the CPU (default: all CPU "
+                   "cores)")
     p.add_argument("--device", default="auto",
                    help="where JPEGs are decoded, cropped and resized: cpu (PIL, in --workers processes), cuda, "
                    "cuda:1 ... (nvJPEG, in batches; needs data.exact_decode=false); auto (default): cuda when "
@@ -153,15 +181,16 @@ def _add_generation(sub) -> None:
                        "  imgvae sample runs/sharp --prior gmm -o gmm/", formatter_class=RAW)
     s.add_argument("checkpoint", metavar="CKPT")
     _use_overrides(s)
-    s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--temperature", type=float, default=1.0, metavar="T",
+    s.add_argument("-n", type=number(int, 1, MAX_SAMPLES), default=64,
+                   help=f"number of samples, 1 to {MAX_SAMPLES:,} (default 64); samples.png shows the first 256")
+    s.add_argument("--temperature", type=number(float, 0, 1000, low_open=True), default=1.0, metavar="T",
                    help="noise scale: N(0, T^2 I), T times the fitted prior's spread around its means, or T times "
                    "the flow's starting noise (default 1)")
     s.add_argument("--prior", choices=["auto", "standard", *PRIOR_CONFIGS, "fitted"], default="auto",
                    help="auto (default): the learned prior (flow, or tokens for a discrete latent) if the model has "
                    "one, else the fitted one, else the model's own (N(0, I) or uniform codes); fitted is gmm")
-    s.add_argument("--steps", type=int, metavar="N", help="flow: ODE steps; tokens: decoding iterations (default: "
-                   "the prior's prior.steps)")
+    s.add_argument("--steps", type=number(int, 1, 10_000), metavar="N",
+                   help="flow: ODE steps; tokens: decoding iterations (default: the prior's prior.steps)")
     s.add_argument("--solver", choices=["euler", "heun"], help="flow: ODE solver (default: the prior's prior.solver)")
     s.add_argument("--prior-run", metavar="DIR", help="the learned prior's run folder (default: prior-flow/ or "
                    "prior-tokens/ beside the model)")
@@ -175,7 +204,7 @@ def _add_generation(sub) -> None:
     i.add_argument("image_a", metavar="IMG_A")
     i.add_argument("image_b", metavar="IMG_B")
     _use_overrides(i)
-    i.add_argument("--steps", type=int, default=8, help="decoded points, ends included (default 8)")
+    i.add_argument("--steps", type=number(int, 2, 1000), default=8, help="decoded points, ends included (default 8)")
     i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
     _common(i)
 
@@ -251,7 +280,7 @@ def _add_interop(sub) -> None:
     x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (the KL models) or safetensors")
     x.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images for the latent scaling (default: the run's data.train, its training crops)")
-    x.add_argument("--images", type=int, default=10_000, metavar="N", dest="scaling_images",
+    x.add_argument("--images", type=number(int, 0, 10**9), default=10_000, metavar="N", dest="scaling_images",
                    help="images for the latent scaling, spread over the data (default 10000; 0: all)")
     _latent_scale_arg(x)
     _device_args(x)
@@ -259,7 +288,8 @@ def _add_interop(sub) -> None:
     n = sub.add_parser(
         "encode", help="latents of every image, for a second-stage model",
         description="Encode every image (one centre view each) into DIR: latents.npy (N x latent shape, the "
-        "posterior means, memory-mapped when read), logvar.npy with --logvar, keys.txt (the source of each row), "
+        "posterior means, memory-mapped when read), logvar.npy with --logvar, posterior_var.npy (each image's mean "
+        "posterior variance per channel), tokens.npy for a discrete latent, keys.json (the source of each row), "
         "valid.npy and manifest.json with per-channel mean/std, scaling_factor and shift_factor. Interrupted? "
         "Run the same command again: it resumes.",
         epilog="examples:\n  imgvae encode runs/kl-f8 --data cache/coco-train -o latents/coco-kl-f8\n"
@@ -297,8 +327,10 @@ def _add_compare(sub) -> None:
                    help="two or more models (and KEY=VALUE overrides of data and eval keys)")
     c.add_argument("--data", nargs="+", metavar="SOURCE", required=True, help="the images")
     c.add_argument("-o", "--out", metavar="DIR", required=True, help="folder for compare.html and compare.json")
-    c.add_argument("--image-size", type=int, metavar="S", help="resolution (default: the first model's)")
-    c.add_argument("--pictures", type=int, default=8, metavar="K", help="images per picture row (default 8)")
+    c.add_argument("--image-size", type=number(int, 1, 4096), metavar="S",
+                   help="resolution (default: the first model's)")
+    c.add_argument("--pictures", type=number(int, 1, 64), default=8, metavar="K",
+                   help="images per picture row (default 8)")
     _key_option(c, "--iw-samples", "eval.iw_samples", "K")
     _key_option(c, "--fid-weights", "eval.fid_weights", "PATH")
     _key_option(c, "--lpips-weights", "eval.lpips_weights", "PATH")
@@ -306,7 +338,7 @@ def _add_compare(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgvae",
+    parser = Parser(prog="imgvae",
                                      description="Train, inspect and compare VAEs on natural-scene images.")
     parser.add_argument("--version", action="version", version=f"imgvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -110,17 +110,30 @@ def reconstruct_files(model: VAE, cfg: DataConfig, paths: list[str | Path], out_
     return written + [out / "reconstructions.png"]
 
 
+SAMPLE_BLOCK = 64  # images drawn, decoded and written at a time: any -n in flat memory
+GRID_MAX = 256  # samples.png shows at most this many (16 x 16)
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The seed of block `block` of a sample run: the run's own for the first (so -n 64 draws what a
+    single draw(64, seed) does), then one no other (seed, block) pair shares."""
+    return seed + block * 2**32
+
+
 def sample_files(model: VAE, n: int, out_dir: str | Path, seed: int, draw=None) -> list[Path]:
-    """n prior samples (from draw(n, seed), default the model's best prior, priors.sampler):
-    out_dir/samples/sample_NNN.png each (a folder of exactly n images, as folder-based FID tools
-    read them) and out_dir/samples.png, the grid, beside it."""
-    out = Path(out_dir)
-    images = (draw or sampler(model))(n, seed)
-    written = []
-    for i, image in enumerate(images):
-        written.append(out / "samples" / f"sample_{i:03d}.png")
-        save_grid(image[None], 1, written[-1])
-    save_grid(images, math.ceil(math.sqrt(n)), out / "samples.png")
+    """n prior samples (draw(n, seed), default the model's best prior, priors.sampler), drawn SAMPLE_BLOCK
+    at a time: out_dir/samples/sample_NNN.png each (a folder of exactly n images, as folder-based FID
+    tools read them) and out_dir/samples.png, a grid of the first GRID_MAX, beside it."""
+    out, draw = Path(out_dir), draw or sampler(model)
+    digits = max(3, len(str(n - 1)))
+    written, shown = [], []
+    for block, start in enumerate(range(0, n, SAMPLE_BLOCK)):
+        images = draw(min(SAMPLE_BLOCK, n - start), block_seed(seed, block))
+        for i, image in enumerate(images, start):
+            written.append(out / "samples" / f"sample_{i:0{digits}d}.png")
+            save_grid(image[None], 1, written[-1])
+        shown += list(images[: GRID_MAX - len(shown)])
+    save_grid(torch.stack(shown), math.ceil(math.sqrt(len(shown))), out / "samples.png")
     return written + [out / "samples.png"]
 
 

@@ -18,7 +18,7 @@ from imgvae.runtime import is_main_process
 from imgvae.train.engine import checked_config, train
 
 
-def tensorboard_hparams(cfg: Config, summary: dict, metrics: Metrics | None) -> None:
+def tensorboard_hparams(cfg: Config, out: Path, summary: dict, metrics: Metrics | None) -> None:
     """The run's config as text and hyperparameters in TensorBoard, with its final metrics."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -27,7 +27,7 @@ def tensorboard_hparams(cfg: Config, summary: dict, metrics: Metrics | None) -> 
     final = {f"final/{k.replace('/', '_')}": v for k, v in summary["final"].items()}
     if metrics is not None:
         final |= {f"final/{name}": value for name, value in metrics.summary().items()}
-    with SummaryWriter(summary["logs"]) as writer:
+    with SummaryWriter(str(rundir.resolved(out, summary["logs"]))) as writer:
         writer.add_text("config", "<pre>" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "</pre>")
         writer.add_hparams(hparams, final, run_name=".")
 
@@ -48,10 +48,11 @@ def train_and_evaluate(cfg: Config, out_dir: str | Path, log_dir: str | Path | N
     if cfg.eval.after_training and cfg.data.eval:
         metrics, path = evaluate_checkpoint(checkpoints, device=device, progress=progress)
         print(f"imgvae: evaluation of the final checkpoint ({path}):\n{format_table(metrics)}")
-    tensorboard_hparams(cfg, summary, metrics)
+    tensorboard_hparams(cfg, out, summary, metrics)
     print(f"imgvae: report {write_report(out)}")
     print(f"imgvae: done, {summary['epochs']} epochs, {summary['steps']} steps ({summary['skipped_steps']} "
           f"non-finite skipped); {summary['skipped_files']} unreadable files skipped; checkpoint "
-          f"{summary['checkpoint']}, grids in {out / rundir.GRIDS}, TensorBoard logs in {summary['logs']}")
+          f"{out / summary['checkpoint']}, grids in {out / rundir.GRIDS}, TensorBoard logs in "
+          f"{rundir.resolved(out, summary['logs'])}")
     return summary
 

@@ -8,6 +8,7 @@ half-written cache is never read.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -29,7 +30,6 @@ from imgvae.data.sources import (
     CACHE_FORMAT,
     CACHE_VERSION,
     IMAGES,
-    KEYS,
     MANIFEST,
     PARTIAL_SUFFIX,
     VALID,
@@ -39,6 +39,7 @@ from imgvae.data.sources import (
     open_sources,
     preprocessing_signature,
     resolve_auto,
+    write_keys,
 )
 from imgvae.rundir import append_jsonl, read_jsonl
 
@@ -138,6 +139,21 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
     })
 
 
+def reserve(path: Path) -> None:
+    """Give a memory-mapped file all its blocks now: writing into the map of a file its disk cannot
+    hold kills the process (SIGBUS), where a reservation fails in one line (no space left)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: nothing to do
+            return
+        raise OSError(e.errno, f"{e.strerror} ({os.fstat(fd).st_size / 2**20:,.1f} MB needed): make room and "
+                               "run the same command again, it resumes", str(path)) from None
+    finally:
+        os.close(fd)
+
+
 class ChunkedOutput:
     """Arrays of plan["rows"] rows written chunk by chunk into OUT.partial/NAME.npy, memory-
     mapped: resumable (a chunk counts as done once its rows are on disk; a partial output
@@ -163,6 +179,8 @@ class ChunkedOutput:
                 open_memmap(self.partial / f"{name}.npy", "w+", dtype, shape).flush()
             open_memmap(self.partial / DONE, "w+", np.bool_, (-(-plan["rows"] // self.chunk),)).flush()
             (self.partial / PLAN).write_text(json.dumps(plan))
+        for name in [*arrays, DONE.removesuffix(".npy")]:
+            reserve(self.partial / f"{name}.npy")
         self.arrays = {name: np.load(self.partial / f"{name}.npy", mmap_mode="r+") for name in arrays}
         self.done = np.load(self.partial / DONE, mmap_mode="r+")
 
@@ -193,7 +211,7 @@ class ChunkedOutput:
         self.done.flush()
 
     def index(self, source, specs: list[str]) -> tuple[np.ndarray, dict[str, str]]:
-        """Write keys.txt (every row's file: source.key(row), of a source or a dataset) and valid.npy
+        """Write keys.json (every row's file: source.key(row), of a source or a dataset) and valid.npy
         (the rows that were read) -> (valid rows, {key: reason} of the skipped ones)."""
         rows = self.plan["rows"]
         skipped = {b["row"]: b for b in read_jsonl(self.partial / SKIPPED)}  # a chunk redone repeats its lines
@@ -201,7 +219,7 @@ class ChunkedOutput:
         if len(valid) == 0:
             raise SourceError(f"none of the {rows} files in {', '.join(specs)} is a readable image")
         np.save(self.partial / VALID, valid)
-        (self.partial / KEYS).write_text("".join(source.key(r) + "\n" for r in range(rows)))
+        write_keys(self.partial, (source.key(r) for r in range(rows)))
         return valid, {b["key"]: b["reason"] for b in sorted(skipped.values(), key=lambda b: b["row"])}
 
     def complete(self, manifest: dict) -> dict:

@@ -196,6 +196,12 @@ class SkippedFile(UserWarning):
     """An unreadable file, skipped; the command line shows it as one line (runtime.one_line_warnings)."""
 
 
+def left_out_before(dataset) -> dict[str, str]:
+    """{key: reason} of the files the dataset's prepared caches left out when they were prepared."""
+    return {key: f"{reason}; left out when {source.name} was prepared"
+            for source in dataset.source.sources for key, reason in getattr(source, "skipped", {}).items()}
+
+
 class BadFiles:
     """Warns once per unreadable file and counts them for the run summary."""
 
@@ -211,12 +217,10 @@ class BadFiles:
 
     def add_cached(self, dataset: ImageDataset) -> None:
         """The files the dataset's prepared caches left out, with the reasons they recorded."""
-        for source in dataset.source.sources:
-            for key, reason in getattr(source, "skipped", {}).items():
-                if key not in self.reasons:
-                    self.reasons[key] = reason
-                    warnings.warn(f"skipping unreadable image {key} ({reason}; left out when {source.name} was "
-                                  "prepared)", SkippedFile)
+        for key, reason in left_out_before(dataset).items():
+            if key not in self.reasons:
+                self.reasons[key] = reason
+                warnings.warn(f"skipping unreadable image {key} ({reason})", SkippedFile)
 
     def __len__(self) -> int:
         return len(self.reasons)

@@ -24,11 +24,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # A prepared cache folder (written by cache.prepare):
 #   images.npy     (rows, 3, S, S) uint8, memory-mapped when read
-#   keys.txt       the source file of each row
+#   keys.json      the source file of each row, a JSON list (any file name a file system allows);
+#                  caches before it kept keys.txt, one key a line, which a name with a newline broke
 #   valid.npy      rows that decoded (unreadable files leave a zero row, not listed)
 #   manifest.json  format, preprocessing, sources, counts, skipped files
 CACHE_FORMAT, CACHE_VERSION = "imgvae-cache", 1
-MANIFEST, IMAGES, KEYS, VALID = "manifest.json", "images.npy", "keys.txt", "valid.npy"
+MANIFEST, IMAGES, KEYS, VALID = "manifest.json", "images.npy", "keys.json", "valid.npy"
+OLD_KEYS = "keys.txt"
 PARTIAL_SUFFIX = ".partial"  # a cache being built; renamed when complete
 
 
@@ -217,7 +219,7 @@ class CacheSource:
         self.preprocessing = manifest["preprocessing"]
         self.skipped: dict[str, str] = manifest.get("skipped", {})  # {key: reason} left out when it was prepared
         self.valid = np.load(self.root / VALID)
-        self.keys = (self.root / KEYS).read_text().splitlines()
+        self.keys = read_keys(self.root)
         self._images, self._pid = None, None
 
     def __len__(self) -> int:
@@ -249,6 +251,19 @@ class CacheSource:
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
+
+
+def write_keys(folder: Path, keys) -> None:
+    """Every row's key, as a JSON list: names with newlines, any unicode, undecodable bytes survive."""
+    (Path(folder) / KEYS).write_text(json.dumps(list(keys)))
+
+
+def read_keys(folder: Path) -> list[str]:
+    """The keys write_keys wrote, or an older folder's keys.txt (one key a line)."""
+    folder = Path(folder)
+    if (folder / KEYS).is_file():
+        return json.loads((folder / KEYS).read_text())
+    return (folder / OLD_KEYS).read_text().splitlines()
 
 
 def _starts_like_zip(path: Path) -> bool:

@@ -193,8 +193,9 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
     family = LIKELIHOOD_FAMILY[cfg.loss.likelihood]
     _held_out_pass(model, dataset, loader, tally, family, cfg, None if ec.sample_reference else samples, bad, progress,
                    lpips)
-    if tally.images == 0:
-        raise SourceError(f"no readable image in {sources}")
+    if tally.images < 2:  # a Fréchet distance, a standard deviation need two
+        raise SourceError(f"evaluating needs at least 2 readable images; {sources} gave {tally.images}"
+                          f"{' (eval.limit=' + str(ec.limit) + ')' if ec.limit else ''}")
     tally.references = 0 if ec.sample_reference else tally.images
     if ec.sample_reference:
         _reference_pass(*loader_of(ec.sample_reference), tally, samples, bad, progress)

@@ -10,6 +10,7 @@ crash at any moment leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,28 @@ from imgvae.rundir import CheckpointError
 FORMAT_VERSION = 1
 WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
 READ_ATTEMPTS = 5
+
+
+def readable_by_group(path: Path) -> None:
+    """The permissions the user's umask gives a new file (safetensors writes 0600 whatever it is)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """A safetensors file with the permissions of any other file the user writes."""
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    readable_by_group(path)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception in one line: its first line; a pickle that weights_only refused, in imgvae's words
+    (torch's advice to load it anyway is advice a user must not follow on a file they did not make)."""
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+        return "it holds objects other than tensors and plain values, which could run code when loaded"
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"
 
 
 def _fsync(path: Path) -> None:
@@ -61,7 +84,7 @@ def save_checkpoint(ckpt_root: Path, name: str, model: torch.nn.Module, state: d
         tmp.mkdir()
         files = {WEIGHTS: model, **{f"{key}.safetensors": module for key, module in (extra or {}).items()}}
         for filename, module in files.items():
-            save_file(_plain_weights(module), str(tmp / filename))
+            save_weights(_plain_weights(module), tmp / filename)
         torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE)
         for f in (*files, STATE):
             _fsync(tmp / f)
@@ -133,7 +156,7 @@ def _load_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch's mmap of a lost file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def load_extra(path: str | Path, key: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
@@ -146,7 +169,7 @@ def _read_state(folder: Path, device) -> dict:
     try:
         state = torch.load(folder / STATE, map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects, EOF/RuntimeError when truncated
-        raise CheckpointError(f"{folder / STATE}: refused or unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{folder / STATE}: refused or unreadable ({one_line(e)})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else None
         raise CheckpointError(f"{folder / STATE}: format version {found!r}, this imgvae reads {FORMAT_VERSION}")
@@ -158,8 +181,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return _read_whole(path, lambda folder: (_load_safetensors(folder / WEIGHTS, device), _read_state(folder, device)))
 
 
+def refuse_non_finite(weights: dict, source: str | Path) -> None:
+    """One line when weights hold NaN or infinite values (a diverged run's): nothing computed from
+    them would mean anything, and linear algebra on their outputs can crash the process."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = ", ..." if len(bad) > 1 else ""
+        raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or infinite values ({bad[0]}{more}): "
+                              "a diverged run's weights; use an earlier checkpoint")
+
+
 def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> None:
-    """load_state_dict(strict=True) with a message naming the checkpoint."""
+    """load_state_dict(strict=True) with a message naming the checkpoint; non-finite weights refused."""
+    refuse_non_finite(weights, source)
     try:
         unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import yaml
-from safetensors.torch import save_file
 
 from imgvae.config import Config, ConfigError, to_dict
+from imgvae.io.checkpoint import save_weights
 from imgvae.io.interop import diffusers_network, vq_model_network
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import EXPORT_FORMAT, run_dir_of
@@ -70,7 +70,7 @@ def write_export(model: VAE, cfg: Config, source: Path, out: Path, fmt: str, sta
 
 def _save_plain(model: VAE, cfg: Config, stats: dict, scale: dict, folder: Path) -> None:
     folder.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_weights(model.state_dict(), folder / "model.safetensors")
     config = {"format": EXPORT_FORMAT, "version": 1, "config": to_dict(cfg), "latent_statistics": stats,
               "latent_scale": scale}
     (folder / "config.json").write_text(json.dumps(config, indent=1))

@@ -13,6 +13,7 @@ import torch
 
 from imgvae.config import Config, ConfigError, from_dict, model_config, to_dict
 from imgvae.errors import ImgvaeError
+from imgvae.io.checkpoint import refuse_non_finite
 from imgvae.models.autoencoder_kl import (
     AutoencoderKL,
     as_autoencoder_kl,
@@ -118,6 +119,7 @@ def open_folder(path: str | Path, device, image_size: int | None = None) -> tupl
     with torch.device("meta"):  # the network comes from the folder; the wrapper needs no weights of its own
         model = build_vae(cfg)
     model.net = load_folder_network(folder)
+    refuse_non_finite(model.net.state_dict(), folder)
     return model.to(device).eval(), cfg
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from imgvae.config import ConfigError
 from imgvae.data.cache import ChunkedOutput
-from imgvae.data.datasets import ImageDataset, preprocessing
+from imgvae.data.datasets import ImageDataset, left_out_before, preprocessing
 from imgvae.data.decode import normalize
 from imgvae.data.loading import eval_loader, loader_workers
 from imgvae.data.sources import SourceError
@@ -132,7 +132,7 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
       posterior_var.npy  (N, C) each image's mean posterior variance per latent channel
       tokens.npy         (N, h, w) the code indices of a discrete latent, in the smallest
                          unsigned integer type that holds the codebook (token_dtype)
-      keys.txt, valid.npy  the source of each row; the rows that decoded
+      keys.json, valid.npy  the source of each row; the rows that decoded
       manifest.json      the checkpoint, preprocessing, counts, skipped files, statistics and the
                          latent scale (latent_scale of model_cfg: its own and the measured one)
     An interrupted run of the same command resumes. -> the manifest."""
@@ -150,6 +150,7 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
     started = time.time()
     _encode_pending(model, dataset, output, batch, num_workers, progress, f"encode {Path(out).name}")
     valid, skipped = output.index(dataset, specs)
+    skipped = left_out_before(dataset) | skipped
     moments = LatentMoments()
     for start in range(0, len(valid), chunk):
         rows = valid[start : start + chunk]

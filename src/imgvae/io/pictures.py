@@ -10,7 +10,9 @@ from torchvision.utils import make_grid, save_image
 
 
 def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """[0, 1] images (n, 3, S, S) -> one (3, H, W) grid image."""
+    """[0, 1] images (n, 3, S, S) -> one (3, H, W) grid image; values that are not finite (a diverging
+    model's) are drawn black, and the rest clamped to [0, 1]."""
+    images = torch.nan_to_num(images.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
     return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
 
 

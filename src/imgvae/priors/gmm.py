@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from imgvae.config import ConfigError, GMMConfig
@@ -28,6 +27,7 @@ from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
 from imgvae.data.loading import eval_loader
 from imgvae.data.sources import SourceError
+from imgvae.io.checkpoint import one_line, save_weights
 from imgvae.io.paths import identify, open_for, open_model, provenance_of
 from imgvae.io.pictures import save_grid
 from imgvae.models.base import VAE, inference
@@ -73,8 +73,7 @@ class LatentPrior:
         tmp = path.with_name(f".tmp-{path.name}")
         tensors = {"weights": self.weights, "mean": self.mean, "scale_tril": self.scale_tril}
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"images": str(self.images)})
-            os.chmod(tmp, 0o666 & ~current_umask())
+            save_weights(tensors, tmp, metadata={"images": str(self.images)})
             os.replace(tmp, path)  # a crash leaves the old prior or none, never half a file
         finally:
             tmp.unlink(missing_ok=True)
@@ -89,13 +88,7 @@ class LatentPrior:
                     return cls(torch.ones(1), mean[None], scale_tril[None], images)
                 return cls(f.get_tensor("weights"), mean, scale_tril, images)
         except Exception as e:  # truncated or foreign file
-            raise CheckpointError(f"{path}: not a readable fitted prior ({type(e).__name__}: {e})") from None
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+            raise CheckpointError(f"{path}: not a readable fitted prior ({one_line(e)})") from None
 
 
 def check_size(components: int, dims: int) -> None:

@@ -72,13 +72,13 @@ class LatentTask:
     adversary, epochs_key, kind = None, "prior.epochs", None
 
     def __init__(self, cfg: LearnedPriorConfig, procs: Processes, latents: Path, source: dict,
-                 autoencoder: VAE | None = None):
+                 autoencoder: VAE | None = None, resume: str = "imgvae train-prior MODEL --resume"):
         self.cfg = self.tc = cfg  # the prior's section is also the engine's recipe
         self.procs, self.device = procs, procs.device
         self.latents, self.source, self.autoencoder = Path(latents), source, autoencoder
         self.picture_columns = int(math.sqrt(SAMPLES_SHOWN))
         self.valid = np.load(self.latents / "valid.npy")
-        self.name = cfg.title
+        self.name, self.resume = cfg.title, resume
 
     def config_dict(self) -> dict:
         """The run's config.yaml: its section, the latents (relative to the run folder) and what they are of."""
@@ -134,6 +134,9 @@ class LatentTask:
     def summary(self, out: Path) -> dict:
         return {"kind": self.cfg.kind, "latents": len(self.rows), "source": self.source}
 
+    def resume_command(self, out) -> str:
+        return self.resume
+
     def likely_keys(self) -> str:
         return f"prior.lr={self.cfg.lr:g}, prior.batch_size={self.cfg.batch_size}, prior.width={self.cfg.width}"
 
@@ -160,7 +163,8 @@ class LearnedPrior(PriorKind):
     def make(self, checkpoint: Path, *, device: str, progress: bool) -> str:
         summary = train_prior(checkpoint, device=device, progress=progress)
         grid = Path(checkpoint).parent / rundir.GRIDS / rundir.prior_grid(self.section.title)
-        return f"{self.section.title} trained ({summary['steps']} steps, {summary['checkpoint']}); its samples: {grid}"
+        checkpoint = Path(summary["folder"]) / summary["checkpoint"]
+        return f"{self.section.title} trained ({summary['steps']} steps, {checkpoint}); its samples: {grid}"
 
     def has(self, model, prior_run=None) -> bool:
         folder = runs.run_of(model, self.name, prior_run)
@@ -197,7 +201,8 @@ def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: 
     prior-flow/ or prior-tokens/ beside it). The training views of its data.train (or `sources`,
     one centre view each) are encoded once into out/latents, then prior.epochs are trained.
     Overrides: the model's data keys and the prior's (its recipe too: prior.time_limit, ...).
-    resume: continue the run in `out`, with the overrides on top of its own keys. -> its summary."""
+    resume: continue the run in `out`, with the overrides on top of its own keys. -> its summary
+    (summary.json's, with "folder": `out`, which its paths are relative to)."""
     values = prior_run_keys(merge_overrides(overrides))
     asked = values.pop("prior", {})
     model, cfg, folder = open_for(checkpoint, sources, values, device)
@@ -222,13 +227,21 @@ def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: 
         specs = sources or cfg.data.train
         views = EpochViews(build_dataset(specs, cfg.data, train=True, seed=cfg.train.seed), section.view_epochs,
                            mirror=cfg.data.hflip)
+        if len(views) < section.batch_size:  # refused before any latent is written
+            raise RunError(f"{len(views)} training views are fewer than one batch (prior.batch_size="
+                           f"{section.batch_size}): lower prior.batch_size")
         encode_dataset(model, views, latents, specs, folder, batch=cfg.eval_batch_size,
                        num_workers=cfg.data.num_workers, logvar=kind.logvar, progress=progress, model_cfg=cfg.model)
 
+    where = "" if out == runs.default_run(model, kind.name) else f" -o {out}"
+    resume_command = f"imgvae train-prior {checkpoint} --resume{where}"
+
     def make_task(recipe: LearnedPriorConfig, procs: Processes) -> LatentTask:
-        return kind.task(recipe, procs, latents, source, model.to(procs.device) if procs.main else None)
+        return kind.task(recipe, procs, latents, source, model.to(procs.device) if procs.main else None,
+                         resume_command)
 
     summary = fit(make_task, section, out, resume=resume, progress=progress, callbacks=callbacks)
+    summary = summary and {**summary, "folder": str(out)}  # where its recorded paths are relative to
     run = provenance_of(model).run
     if summary and run is not None:  # its samples beside the run's other pictures, for the report
         n = cfg.eval.grid_size

@@ -99,6 +99,20 @@ class ImageBatches:
             self.bad_files.add(self.train_set, bad_items)
             yield images
             asked = time.perf_counter()
+        if isinstance(self.loader, Prefetched):  # device batches' views were all read when cached
+            self.read_left_over()
+
+    def read_left_over(self) -> None:
+        """Read the views the epoch left over (the last, partial batch, and on rank 0 the few the
+        sampler drops to split the set evenly over processes), so that an unreadable file among
+        them is reported too, in whatever epoch it falls."""
+        base = self.sampler.base
+        left = list(base)[self.per_epoch * self.batch_size:]
+        if self.procs.main and base.total_size < len(self.train_set):  # DistributedSampler's drop_last
+            order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(base.seed + base.epoch))
+            left += order[base.total_size:].tolist()
+        self.bad_files.add(self.train_set, [(i, reason) for i in left for x, _, reason in [self.train_set[i]]
+                                            if x is None])
 
     def describe(self) -> str:
         n_eval = len(self.eval_loader.dataset) if self.eval_loader else 0

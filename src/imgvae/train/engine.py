@@ -27,7 +27,7 @@ from imgvae.io.paths import with_pretrained_architecture
 from imgvae.models.registry import check_model
 from imgvae.runtime import RunError
 from imgvae.train.precision import allow_tf32, keep_freed_memory, run_precision
-from imgvae.train.processes import Processes, Stopped, StopSignals, start_processes, stop_processes
+from imgvae.train.processes import Interrupted, Processes, Stopped, StopSignals, start_processes, stop_processes
 from imgvae.train.records import Recorder
 from imgvae.train.state import TooManyBadSteps, TrainState
 from imgvae.train.stop import StopPolicy
@@ -96,14 +96,18 @@ def fit(make_task: Callable[[Recipe, Processes], Task], tc: Recipe, out_dir: str
         if procs.main:
             out.mkdir(parents=True, exist_ok=True)
             lock = lock_run(out)
+        task = make_task(tc, procs)
         with StopSignals() as signals:
-            engine = Engine(make_task(tc, procs), tc, out, log_dir, resume, progress, procs, signals, callbacks)
             try:
-                return engine.run()
-            except (OSError, ckpt.CheckpointError) as e:  # a full disk, a read-only or vanished folder
-                what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
-                raise RunError(f"stopped, {what}; the last good checkpoint is {engine.last_good()}: make room "
-                               f"or fix the folder, then continue with imgvae train --resume {out}") from None
+                engine = Engine(task, tc, out, log_dir, resume, progress, procs, signals, callbacks)
+                try:
+                    return engine.run()
+                except (OSError, ckpt.CheckpointError) as e:  # a full disk, a read-only or vanished folder
+                    what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+                    raise RunError(f"stopped, {what}; the last good checkpoint is {engine.last_good()}: make "
+                                   f"room or fix the folder, then continue with {task.resume_command(out)}") from None
+            except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once, between checkpoints
+                raise interrupted(e, out, task) from None
     except BaseException:
         if lock is not None and created and {p.name for p in out.iterdir()} <= {".lock"}:
             lock.close()  # a start that failed: the folder goes as it came
@@ -116,6 +120,17 @@ def fit(make_task: Callable[[Recipe, Processes], Task], tc: Recipe, out_dir: str
         stop_processes(procs)
 
 
+def interrupted(e: KeyboardInterrupt, out: Path, task: Task) -> KeyboardInterrupt:
+    """The interruption of the run in `out`, saying what it kept and how to continue."""
+    if isinstance(e, Interrupted):
+        return e
+    last = out / rundir.CHECKPOINTS / ckpt.LAST
+    if last.exists():
+        return Interrupted(f"interrupted; the last finished checkpoint is kept: {last.resolve()}; continue with "
+                           f"{task.resume_command(out)}")
+    return Interrupted("interrupted before the first checkpoint: nothing to resume from")
+
+
 class Engine:
     """One run of one task: builds the parts, restores them on resume, and runs the loop."""
 
@@ -124,13 +139,14 @@ class Engine:
         self.task, self.tc, self.out, self.procs = task, tc, out, procs
         self.callback, self.ckpt_dir = Callbacks(callbacks), out / rundir.CHECKPOINTS
         if not resume and self.ckpt_dir.exists():
-            raise RunError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
+            raise RunError(f"{out} already holds a run; continue it with {task.resume_command(out)}, or choose "
+                           "another output folder")
         weights, state = None, None
         if resume and (self.ckpt_dir / ckpt.LAST).exists():
             weights, state = ckpt.load_checkpoint(out)
         elif resume and procs.main:  # stopped before its first checkpoint: nothing to lose by starting over
             print(f"imgvae: {out} has no checkpoint yet; starting it from the beginning")
-        self.logs = Path(log_dir or (state and state["log_dir"]) or out / rundir.LOGS)
+        self.logs = Path(log_dir) if log_dir else rundir.resolved(out, state["log_dir"] if state else rundir.LOGS)
         if procs.device.type == "cpu" and tc.keep_freed_memory:
             keep_freed_memory()
         if procs.device.type == "cuda":
@@ -210,8 +226,9 @@ class Engine:
         train_stats, lr = self.state.end_epoch()
         pos = self.state.position
         self.check(f"epoch {pos.epoch} (step {pos.step})", train_stats, epoch=True)
+        eval_stats, pictures = self.task.end_epoch(self.state.eval_model(), pos.epoch) if self.procs.main else ({}, {})
+        self.refuse_non_finite(eval_stats, pos.epoch)
         if self.procs.main:
-            eval_stats, pictures = self.task.end_epoch(self.state.eval_model(), pos.epoch)
             self.recorder.pictures(pos.epoch, pictures, self.task.picture_columns)
             rate = self.recorder.epoch_images * self.procs.world_size / seconds
             self.recorder.epoch({"epoch": pos.epoch, "step": pos.step, "lr": lr, "seconds": seconds,
@@ -222,6 +239,15 @@ class Engine:
                                  **{f"eval/{k}": v for k, v in eval_stats.items()}})
         self.save_checkpoint(f"epoch_{pos.epoch:03d}")
 
+    def refuse_non_finite(self, eval_stats: dict, epoch: int) -> None:
+        """Stop, before the epoch's checkpoint is written, when its held-out statistics (rank 0's)
+        are not finite: weights that overflow on real images never become `last`."""
+        bad = [f"{k} {v}" for k, v in eval_stats.items() if not math.isfinite(v)]
+        if self.procs.all_reduce_max(torch.tensor([float(bool(bad))]))[0]:
+            said = f": held-out {', '.join(bad)}" if bad else ""
+            raise RunError(f"diverged at epoch {epoch}{said}; stopped without saving, last good checkpoint kept: "
+                           f"{self.last_good()}. Likely keys: {self.task.likely_keys()}")
+
     def finish(self, stopped: str | None) -> dict:
         pos = self.state.position
         self.recorder.close()
@@ -229,10 +255,10 @@ class Engine:
         summary = self.summary()
         if stopped == "time limit":
             self.say(f"imgvae: train.time_limit of {self.tc.time_limit} min reached at step {pos.step}; "
-                     f"continue with --resume {self.out}")
+                     f"continue with {self.task.resume_command(self.out)}")
         elif stopped:
             raise Stopped(f"stopped by {stopped} at step {pos.step}, checkpoint {self.last_checkpoint()}; "
-                          f"continue with imgvae train --resume {self.out}", signal.Signals[stopped])
+                          f"continue with {self.task.resume_command(self.out)}", signal.Signals[stopped])
         return summary
 
     def settle(self) -> None:
@@ -260,7 +286,7 @@ class Engine:
         self.callback.before_checkpoint(name)
         if self.procs.main:
             state = {**self.state.state_dict(), **self.watch.state_dict(), "config": self.task.config_dict(),
-                     "log_dir": str(self.logs)}
+                     "log_dir": rundir.recorded(self.out, self.logs)}
             modules = self.state.modules()
             ckpt.save_checkpoint(self.ckpt_dir, name, modules.pop("model"), state, modules)
             every, epoch = self.tc.ckpt_every, self.state.position.epoch
@@ -283,7 +309,8 @@ class Engine:
             "device": str(self.procs.device), "processes": self.procs.world_size,
             "final": {k: v for k, v in last.items() if "/" in k},
             **self.task.summary(self.out),
-            "checkpoint": str(self.ckpt_dir / ckpt.LAST), "logs": str(self.logs),
+            "checkpoint": rundir.recorded(self.out, self.ckpt_dir / ckpt.LAST),
+            "logs": rundir.recorded(self.out, self.logs),
         }
         self.recorder.summary(summary)
         return summary

@@ -25,6 +25,14 @@ class Stopped(RunError):
         self.exit_code = 128 + signum
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped at once (a second Ctrl-C); `message` says what was kept and how to go on."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 class StopSignals:
     """While active, SIGTERM (how SLURM and Kubernetes preempt), SIGINT (Ctrl-C) and SIGUSR1
     (SLURM's --signal) ask the run to stop at the next step boundary (`received`); a second

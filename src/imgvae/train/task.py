@@ -111,6 +111,9 @@ class Task(Protocol):
     def likely_keys(self) -> str:
         """The config keys (with their values) most likely behind a diverging run, for its message."""
 
+    def resume_command(self, out) -> str:
+        """The command that continues the run in `out`, as the messages print it."""
+
 
 class Callback:
     """Hooks into the engine's loop. Tests inject faults with one (a NaN input, a crash after a

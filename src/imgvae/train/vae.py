@@ -168,7 +168,10 @@ class VAETask:
         return self.data.describe()
 
     def summary(self, out) -> dict:
-        return {**self.data.summary(), "grids": str(out / rundir.GRIDS)}
+        return {**self.data.summary(), "grids": rundir.GRIDS}
+
+    def resume_command(self, out) -> str:
+        return f"imgvae train --resume {out}"
 
     def likely_keys(self) -> str:
         tc = self.cfg.train
