@@ -10,6 +10,7 @@ prior training time; sampling img/s by step count. And the side-by-side picture.
     python bench/generation.py --models sharp --backbones transformer transformer+prior.width=128
     python bench/generation.py --models kl-f8 vq-f8 fsq-f8      # continuous and discrete latents
     python bench/generation.py --score-only                     # re-score the runs in --out
+    python bench/generation.py --models sharp --labels --guidance 0 1 2 4   # + a conditional flow prior
 """
 
 from __future__ import annotations
@@ -43,16 +44,21 @@ def train_model(name: str, args, run: Path) -> None:
 
 
 def learned(name: str, args) -> dict[str, tuple[str, Path, list[str]]]:
-    """The learned priors of a model's run: {label: (kind, prior run folder, its own prior keys)}."""
+    """The learned priors of a model's run: {label: (kind, prior run folder, its own prior keys)}; with
+    --labels, each also conditional on the embedded photos' names (data.labels=folders)."""
     run = Path(args.out) / name
     if name in DISCRETE:
-        return {"tokens": ("tokens", run / "prior-tokens", [])}
-    flows = {}
-    for spec in args.backbones:  # BACKBONE or BACKBONE+prior.key=value+...
-        backbone, *keys = spec.split("+")
-        flows[f"flow ({spec})"] = ("flow", run / f"prior-flow-{spec.replace('+', '_')}", [f"prior.backbone={backbone}",
-                                                                                           *keys])
-    return flows
+        priors = {"tokens": ("tokens", run / "prior-tokens", [])}
+    else:
+        priors = {}
+        for spec in args.backbones:  # BACKBONE or BACKBONE+prior.key=value+...
+            backbone, *keys = spec.split("+")
+            priors[f"flow ({spec})"] = ("flow", run / f"prior-flow-{spec.replace('+', '_')}",
+                                        [f"prior.backbone={backbone}", *keys])
+    if args.labels:
+        priors |= {f"{label}, labels": (kind, folder.with_name(folder.name + "-labels"), [*keys, "data.labels=folders"])
+                   for label, (kind, folder, keys) in priors.items()}
+    return priors
 
 
 def make_priors(name: str, run: Path, args) -> dict[str, float]:
@@ -76,8 +82,10 @@ def samplers_of(name: str, run: Path, model, args, steps: int | None = None) -> 
     draws = {own: sampler(model, "standard")}
     if name not in DISCRETE:
         draws["gmm-10"] = sampler(model, "gmm")
-    for label, (kind, out, _) in learned(name, args).items():
-        draws[label] = sampler(model, kind, SampleOptions(prior_run=out, steps=steps or args.steps[-1]))
+    for label, (kind, out, keys) in learned(name, args).items():
+        for w in (args.guidance if "data.labels=folders" in keys else [None]):
+            options = SampleOptions(prior_run=out, steps=steps or args.steps[-1], guidance=w)
+            draws[label if w is None else f"{label}, W={w:g}"] = sampler(model, kind, options)
     return draws
 
 
@@ -101,21 +109,25 @@ def score(name: str, run: Path, args) -> dict:
     held_out.set_epoch(10_000)
     draws = samplers_of(name, run, model, args)
     scores = generation_metrics(model, train_views, draws, images=args.images, batch_size=64, seed=args.seed,
-                                held_out=held_out)
+                                held_out=held_out).to_dict()
     scores["speed"] = sampling_speed(name, run, model, args)
     scores["rows"] = [(f"{name}, {prior}", draw(8, 1)) for prior, draw in draws.items()]
+    for prior, draw in draws.items():  # a conditional prior: a row per label, at each guidance
+        scores["rows"] += [(f"{name}, {prior}: {label}", draw(8, 1, ((label,),))) for label in draw.labels]
     return scores
 
 
 def table(results: dict, seconds: dict) -> str:
-    lines = ["| model | samples from | fd_effnet | precision | recall | memorised | prior training s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | samples from | fd_effnet | precision | recall | memorised | label score (ceiling) | "
+             "prior training s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        rows = [(p, s, seconds[name].get(p)) for p, s in r["priors"].items()]
+        rows = [(p, s, seconds[name].get(p.split(", W=")[0])) for p, s in r["priors"].items()]
         rows += [("reconstructions (floor)", r["floor"], None), ("real held-out crops", r["held_out"], None)]
         for prior, s, sec in rows:
+            label = (f"{s['label_metric']} {s['label_score']:.2f} ({s['label_ceiling']:.2f})"
+                     if s.get("label_score") is not None else "")
             lines.append(f"| {name} | {prior} | {s['fd_effnet']:.1f} | {s['precision']:.2f} | {s['recall']:.2f} | "
-                         f"{s['memorised']:.0%} | {'' if sec is None else f'{sec:.0f}'} |")
+                         f"{s['memorised']:.0%} | {label} | {'' if sec is None else f'{sec:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -131,6 +143,10 @@ def main() -> None:
     parser.add_argument("--depth", default="auto", help="prior.depth")
     parser.add_argument("--images", type=int, default=512, help="training views the samples are scored against")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32], help="ODE step counts timed")
+    parser.add_argument("--labels", action="store_true",
+                        help="also train each learned prior conditional on the photos' names (data.labels=folders)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                        help="classifier-free guidance the conditional priors are scored at")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/generation")
     parser.add_argument("--picture", default="docs/generation_samples.png")

@@ -159,8 +159,8 @@ def test_a_prior_run_from_before_the_transformer_loads_and_resumes_as_its_unet(k
                        "width": 16, "depth": 1, "time_sampling": "logit-normal", "view_epochs": 1, "epochs": 2,
                        "batch_size": 16, "lr": 0.001, "ema": 0.999, "steps": 4, "solver": "heun"}
     (out / "config.yaml").write_text(yaml.safe_dump(values))
-    prior, cfg = runs.load(open_model(kl_run)[0], KINDS["flow"], "cpu", prior_run=out)
-    assert prior.backbone == "unet" and cfg.width == 16 and cfg.precision == "fp32"
+    loaded = runs.load(open_model(kl_run)[0], KINDS["flow"], "cpu", prior_run=out)
+    assert loaded.network.backbone == "unet" and loaded.section.width == 16 and loaded.section.precision == "fp32"
     summary = train_prior(kl_run, out, resume=True, overrides=["prior.epochs=3"], progress=False)
     assert summary["steps"] == 6
 

@@ -122,7 +122,10 @@ def _generate(args) -> None:
     elif args.command == "sample":
         if args.n < 1:
             raise ConfigError(f"-n must be >= 1, got {args.n}")
-        options = SampleOptions(args.temperature, args.steps, args.solver, args.prior_run)
+        sets = [(name,) for name in args.label or []]
+        sets += [tuple(x.strip() for x in s.split(",") if x.strip()) for s in args.labels or []]
+        options = SampleOptions(args.temperature, args.steps, args.solver, args.prior_run, tuple(sets) or None,
+                                args.label_distribution, args.guidance)
         draw = sampler(model, args.prior, options)
         started = time.perf_counter()
         written = sample_files(model, args.n, args.out, args.seed, draw=draw)

@@ -4,19 +4,29 @@ every KEY=VALUE override collected in one place (parse_args, config_overrides)."
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import re
-import types
-import typing
 
 from imgvae import __version__
-from imgvae.config import PRESET_DIR, PRIOR_CONFIGS, Config, merge_overrides
-from imgvae.config.reference import field_of
+from imgvae.commands.options import (
+    MAX_SAMPLES,
+    PRESETS,
+    RAW,
+    Parser,
+    common,
+    config_args,
+    config_overrides,
+    device_args,
+    key_option,
+    latent_scale_arg,
+    number,
+    parse_with,
+    use_overrides,
+)
+from imgvae.config import PRIOR_CONFIGS
+
+__all__ = ["build_parser", "config_overrides", "parse_args"]
 
 EXPORT_FORMATS = ("diffusers", "safetensors")  # io.export.FORMATS (a test checks), named here: importing it takes torch
 
-PRESETS = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))  # every shipped preset
-RAW = argparse.RawDescriptionHelpFormatter
 EPILOG_TRAIN = f"""\
 overrides: any config key as section.key=value, e.g.
   train.epochs=3 model.latent_dim=64 data.train=[coco/train2017.zip,coco/test2017.zip]
@@ -29,68 +39,6 @@ examples:
 """
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with a refusal in one line: "imgvae VERB: error: MESSAGE (see imgvae VERB --help)"."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def number(kind: type, low: float, high: float, low_open: bool = False):
-    """An argparse type: a finite `kind` from low (or above it, when low_open) to high."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not (value > low if low_open else value >= low) or not value <= high:  # NaN fails both
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g} and <= {high:,}, "
-                                             f"got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-SEED = number(int, 0, 2**31 - 1)
-MAX_SAMPLES = 1_000_000  # -n: images written one block at a time (verbs.SAMPLE_BLOCK), so memory stays flat
-
-
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE", help=f"YAML config file or preset name ({PRESETS})")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-
-def _use_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="overrides of the run's data, eval and prior keys, e.g. data.crop_size=500")
-
-
-def _key_option(parser: argparse.ArgumentParser, flag: str, key: str, metavar: str | None = None,
-                default: str | None = None) -> None:
-    """An option that sets config key `key` (config_overrides reads it): its type and help are the
-    key's own (its field's); `default` says where its value comes from when not given."""
-    field, tp = field_of(key)
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
-        typing.Union, types.UnionType) else [tp]
-    kind = {"nargs": "+"} if typing.get_origin(args[0]) is list else {"type": args[0]}
-    where = f"; default: {default}" if default else ""
-    dest = flag.lstrip("-").replace("-", "_")
-    parser.add_argument(flag, dest=dest, metavar=metavar, help=f"{field.metadata['help']} ({key}{where})", **kind)
-    parser.set_defaults(config_keys={**(parser.get_default("config_keys") or {}), dest: key})
-
-
-def _device_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed (default 0): same seed, same output",
-            seed_default: int | None = 0) -> None:
-    parser.add_argument("--seed", type=SEED, default=seed_default, help=seed_help)
-    _device_args(parser)
-
-
 def _add_train(sub) -> None:
     t = sub.add_parser(
         "train", help="train a VAE (writes checkpoints, picture grids, TensorBoard logs)",
@@ -99,10 +47,10 @@ def _add_train(sub) -> None:
     )
     t.add_argument("-o", "--out", metavar="OUT", help="results folder (config, checkpoints, grids, history)")
     t.add_argument("-l", "--logs", metavar="LOGS", help="TensorBoard log folder (default: OUT/logs)")
-    _config_args(t)
+    config_args(t)
     t.add_argument("--resume", metavar="OUT", help="continue the run in this results folder")
-    _key_option(t, "--seed", "train.seed", "N")
-    _key_option(t, "--device", "train.device", "DEVICE")
+    key_option(t, "--seed", "train.seed", "N")
+    key_option(t, "--device", "train.device", "DEVICE")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in log files)")
 
 
@@ -121,7 +69,7 @@ def _add_prepare(sub) -> None:
         formatter_class=RAW,
     )
     p.add_argument("-o", "--out", metavar="CACHE", required=True, help="cache folder to create")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--split", choices=["train", "eval"], default="train",
                    help="prepare data.train (default) or data.eval")
     p.add_argument("--workers", type=number(int, 1, 256), help="processes decoding on the CPU (default: all CPU "
@@ -147,19 +95,19 @@ def _add_evaluate(sub) -> None:
         formatter_class=RAW,
     )
     e.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (its last checkpoint)")
-    _use_overrides(e)
+    use_overrides(e)
     e.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="your images, one centre view each (default: the run's data.eval, as the run saw it)")
     e.add_argument("-o", "--out", metavar="FILE", help="metrics file (default: RUN/metrics.json)")
-    _key_option(e, "--iw-samples", "eval.iw_samples", "K", "the run's")
-    _key_option(e, "--batch-size", "eval.batch_size", "N", "the run's")
-    _key_option(e, "--limit", "eval.limit", "N", "the run's")
-    _key_option(e, "--fid-weights", "eval.fid_weights", "PATH")
-    _key_option(e, "--lpips-weights", "eval.lpips_weights", "PATH")
-    _key_option(e, "--sample-reference", "eval.sample_reference", "SOURCE", "the held-out images: right for COCO "
+    key_option(e, "--iw-samples", "eval.iw_samples", "K", "the run's")
+    key_option(e, "--batch-size", "eval.batch_size", "N", "the run's")
+    key_option(e, "--limit", "eval.limit", "N", "the run's")
+    key_option(e, "--fid-weights", "eval.fid_weights", "PATH")
+    key_option(e, "--lpips-weights", "eval.lpips_weights", "PATH")
+    key_option(e, "--sample-reference", "eval.sample_reference", "SOURCE", "the held-out images: right for COCO "
                 "val2017; give training data when the held-out images come from other scenes")
-    _key_option(e, "--seed", "eval.seed", "N", "the run's train.seed")
-    _device_args(e)
+    key_option(e, "--seed", "eval.seed", "N", "the run's train.seed")
+    device_args(e)
 
 
 def _add_generation(sub) -> None:
@@ -169,7 +117,7 @@ def _add_generation(sub) -> None:
     r.add_argument("checkpoint", metavar="CKPT")
     r.add_argument("images", nargs="+", metavar="IMG", help="image files (and KEY=VALUE overrides of data keys)")
     r.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
-    _common(r)
+    common(r)
 
     s = sub.add_parser("sample", help="images from the prior", description="Decode latents from a prior: "
                        "sample_NNN.png and a samples.png grid, seeded and deterministic. The prior is the learned "
@@ -177,10 +125,11 @@ def _add_generation(sub) -> None:
                        "latent, the token prior: its codes decoded in --steps iterations), the Gaussian (mixture) "
                        "`imgvae fit-prior` fitted, or the model's own: N(0, T^2 I), or uniform codes.",
                        epilog="examples:\n  imgvae sample runs/sharp -n 64 -o samples/          # its best prior\n"
+                       "  imgvae sample runs/sharp --label astronaut --label chelsea --guidance 2 -o steered/\n"
                        "  imgvae sample runs/sharp --prior flow --steps 16 --solver euler -o fast/\n"
                        "  imgvae sample runs/sharp --prior gmm -o gmm/", formatter_class=RAW)
     s.add_argument("checkpoint", metavar="CKPT")
-    _use_overrides(s)
+    use_overrides(s)
     s.add_argument("-n", type=number(int, 1, MAX_SAMPLES), default=64,
                    help=f"number of samples, 1 to {MAX_SAMPLES:,} (default 64); samples.png shows the first 256")
     s.add_argument("--temperature", type=number(float, 0, 1000, low_open=True), default=1.0, metavar="T",
@@ -194,8 +143,18 @@ def _add_generation(sub) -> None:
     s.add_argument("--solver", choices=["euler", "heun"], help="flow: ODE solver (default: the prior's prior.solver)")
     s.add_argument("--prior-run", metavar="DIR", help="the learned prior's run folder (default: prior-flow/ or "
                    "prior-tokens/ beside the model)")
+    s.add_argument("--label", action="append", metavar="NAME",
+                   help="a conditional prior: draw this label (repeat it: the samples take the labels in turn)")
+    s.add_argument("--labels", action="append", metavar="A,B",
+                   help="a conditional prior: draw images of all these labels at once (a multi-hot set; repeatable)")
+    s.add_argument("--label-distribution", choices=["train", "none"], default="train",
+                   help="a conditional prior without --label: labels drawn as in its training set (train, default: "
+                   "the fair comparison with an unconditional prior), or none (its unconditional branch)")
+    s.add_argument("--guidance", type=number(float, 0, 100), metavar="W",
+                   help="classifier-free guidance, v_u + W (v_c - v_u): 0 unconditional, 1 plain conditional "
+                   "(default: the prior's prior.guidance)")
     s.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder")
-    _common(s)
+    common(s)
 
     i = sub.add_parser("interpolate", help="walk the latent space between two images",
                        description="interpolation.png: image A, STEPS decoded latents, image B; "
@@ -203,10 +162,10 @@ def _add_generation(sub) -> None:
     i.add_argument("checkpoint", metavar="CKPT")
     i.add_argument("image_a", metavar="IMG_A")
     i.add_argument("image_b", metavar="IMG_B")
-    _use_overrides(i)
+    use_overrides(i)
     i.add_argument("--steps", type=number(int, 2, 1000), default=8, help="decoded points, ends included (default 8)")
     i.add_argument("-o", "--out", metavar="DIR", default=".", help="output folder (default .)")
-    _common(i)
+    common(i)
 
 
 def _add_fit_prior(sub) -> None:
@@ -221,13 +180,13 @@ def _add_fit_prior(sub) -> None:
                        "  imgvae sample runs/kl-f8 -n 64 -o samples/",
                        formatter_class=RAW)
     f.add_argument("checkpoint", metavar="CKPT")
-    _use_overrides(f)
+    use_overrides(f)
     f.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="your images, one centre view each (default: the run's data.train, its training crops)")
-    _key_option(f, "--limit", "prior.images", "N", "the run's")
-    _key_option(f, "--components", "prior.components", "K", "the run's")
-    _key_option(f, "--batch-size", "eval.batch_size", "N", "the run's")
-    _device_args(f)
+    key_option(f, "--limit", "prior.images", "N", "the run's")
+    key_option(f, "--components", "prior.components", "K", "the run's")
+    key_option(f, "--batch-size", "eval.batch_size", "N", "the run's")
+    device_args(f)
 
 
 def _add_train_prior(sub) -> None:
@@ -255,7 +214,7 @@ def _add_train_prior(sub) -> None:
     t.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images to learn (one centre view each; default: the run's data.train, its training views)")
     t.add_argument("--resume", action="store_true", help="continue the prior's run in PRIOR")
-    _device_args(t)
+    device_args(t)
 
 
 def _add_interop(sub) -> None:
@@ -275,15 +234,15 @@ def _add_interop(sub) -> None:
         "  python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('export/kl-f8')\"",
         formatter_class=RAW)
     x.add_argument("checkpoint", metavar="CKPT")
-    _use_overrides(x)
+    use_overrides(x)
     x.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
     x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (the KL models) or safetensors")
     x.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images for the latent scaling (default: the run's data.train, its training crops)")
     x.add_argument("--images", type=number(int, 0, 10**9), default=10_000, metavar="N", dest="scaling_images",
                    help="images for the latent scaling, spread over the data (default 10000; 0: all)")
-    _latent_scale_arg(x)
-    _device_args(x)
+    latent_scale_arg(x)
+    device_args(x)
 
     n = sub.add_parser(
         "encode", help="latents of every image, for a second-stage model",
@@ -296,20 +255,13 @@ def _add_interop(sub) -> None:
         "  python -c \"import numpy as np; z = np.load('latents/coco-kl-f8/latents.npy', mmap_mode='r')\"",
         formatter_class=RAW)
     n.add_argument("checkpoint", metavar="CKPT")
-    _use_overrides(n)
+    use_overrides(n)
     n.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
     n.add_argument("--data", nargs="+", metavar="SOURCE", help="images (default: the run's data.train)")
     n.add_argument("--logvar", action="store_true", help="also store the posterior log-variances")
-    _key_option(n, "--batch-size", "eval.batch_size", "N", "the run's")
-    _latent_scale_arg(n)
-    _device_args(n)
-
-
-def _latent_scale_arg(p) -> None:
-    p.add_argument("--latent-scale", choices=("keep", "recompute"), dest="latent_scale",
-                   help="keep: the model's own scaling_factor / shift_factor (a diffusers folder's, or one it started "
-                   "from); recompute: from these images' latents. Default: keep when the model has one. Both are "
-                   "recorded")
+    key_option(n, "--batch-size", "eval.batch_size", "N", "the run's")
+    latent_scale_arg(n)
+    device_args(n)
 
 
 def _add_compare(sub) -> None:
@@ -331,10 +283,10 @@ def _add_compare(sub) -> None:
                    help="resolution (default: the first model's)")
     c.add_argument("--pictures", type=number(int, 1, 64), default=8, metavar="K",
                    help="images per picture row (default 8)")
-    _key_option(c, "--iw-samples", "eval.iw_samples", "K")
-    _key_option(c, "--fid-weights", "eval.fid_weights", "PATH")
-    _key_option(c, "--lpips-weights", "eval.lpips_weights", "PATH")
-    _device_args(c)
+    key_option(c, "--iw-samples", "eval.iw_samples", "K")
+    key_option(c, "--fid-weights", "eval.fid_weights", "PATH")
+    key_option(c, "--lpips-weights", "eval.lpips_weights", "PATH")
+    device_args(c)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,37 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})\.\w+=")
-# Options whose values are lists: KEY=VALUE items given after them land in their list.
-LISTS = ("data", "sample_reference", "images", "models")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with every KEY=VALUE item in args.overrides, wherever it was given: among
-    the positionals, after options (argparse alone would refuse those after `-o DIR` once the
-    positionals were read), or after a list option such as --data SOURCE ... (where argparse puts
-    it in that list)."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    items = [x for x in unknown if OVERRIDE.match(x)]
-    takes = hasattr(args, "overrides") or hasattr(args, "models")
-    if len(items) < len(unknown) or (items and not takes):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    overrides = list(getattr(args, "overrides", None) or []) + items
-    for name in LISTS:
-        listed = getattr(args, name, None) or []
-        overrides += [x for x in listed if OVERRIDE.match(x)]
-        setattr(args, name, [x for x in listed if not OVERRIDE.match(x)] or None)
-    args.overrides = overrides
-    return args
-
-
-def config_overrides(args, flags_win: bool = False) -> dict:
-    """The command line's config overrides as one nested dict: the options that set a key
-    (_key_option) and the KEY=VALUE items; the items win unless flags_win."""
-    values: dict = {}
-    for dest, key in (getattr(args, "config_keys", None) or {}).items():
-        if getattr(args, dest) is not None:
-            section, _, name = key.partition(".")
-            values.setdefault(section, {})[name] = getattr(args, dest)
-    return merge_overrides(args.overrides, values) if flags_win else merge_overrides(values, args.overrides)
+    """The command line, with every KEY=VALUE item in args.overrides (options.parse_with)."""
+    return parse_with(build_parser(), argv)

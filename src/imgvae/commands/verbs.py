@@ -14,6 +14,7 @@ import torch
 from imgvae.config import ConfigError, DataConfig
 from imgvae.data.datasets import build_dataset, load_image_file
 from imgvae.data.decode import normalize
+from imgvae.data.labels import read_labels
 from imgvae.data.sources import SourceError
 from imgvae.evaluation.evaluate import evaluate
 from imgvae.evaluation.generation import score_priors
@@ -66,7 +67,7 @@ def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] |
     dataset = build_dataset(specs, cfg.data, train=False, seed=cfg.train.seed)
     return encode_dataset(model, dataset, out, specs, folder, batch=cfg.eval_batch_size,
                           num_workers=cfg.data.num_workers, logvar=logvar, chunk=chunk, progress=progress,
-                          model_cfg=cfg.model, scale=scale)
+                          model_cfg=cfg.model, scale=scale, labels=read_labels(cfg.data.labels, dataset.source))
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = None, sources: list[str] | None = None,

@@ -59,6 +59,11 @@ class LearnedPriorConfig(Recipe, PriorConfig):
     view_epochs: int = key(1, gt=0, le=1000, help="epochs of training views encoded once (random crops differ each "
                            "epoch; mirrored too when data.hflip)")
     steps: int = key(32, gt=0, le=10**4, help="sampling: ODE steps of a flow, decoding iterations of a token prior")
+    label_dropout: float = key(0.1, ge=0, le=1, help="with labels (data.labels): the share of training examples "
+                               "told no label, so that one network is conditional and unconditional (classifier-"
+                               "free guidance)")
+    guidance: float = key(1.0, ge=0, le=100, help="sampling a conditional prior: classifier-free guidance W, v_u + "
+                          "W (v_c - v_u) (0: unconditional, 1: plain conditional)")
     epochs: int = like(Recipe, "epochs", 200)
     batch_size: int = like(Recipe, "batch_size", 128)
     optimizer: Literal["rmsprop", "adam", "adamw"] = like(Recipe, "optimizer", "adamw")

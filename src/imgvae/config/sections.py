@@ -50,13 +50,25 @@ class DataConfig:
     max_megapixels: float = key(128.0, gt=0, le=PIL_MAX_MEGAPIXELS, help="larger images are skipped before decoding "
                                 "(decompression bombs; at most PIL's own limit)")
     exif_transpose: bool = key(False, help="turn photos upright by their EXIF orientation (the seed did not)")
+    labels: str = key("none", help="what each image is of, for a conditional prior: none; folders (the first "
+                      "folder under each source, a zip's too; the embedded photos' own names); coco:PATH (COCO's "
+                      "instances annotations, the zip or its json: the categories present, multi-hot); or a .csv "
+                      "(file,label) or .jsonl ({file, labels}) file")
 
     def check(self) -> None:
+        check_labels_spec(self.labels)
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         if not self.train:
             raise ConfigError("train needs at least one source")
+
+
+def check_labels_spec(spec: str) -> None:
+    """data.labels: none, folders, coco:PATH (a zip or a json), or a .csv / .jsonl file."""
+    if spec in ("none", "folders") or spec.startswith("coco:") or spec.lower().endswith((".csv", ".jsonl")):
+        return
+    raise ConfigError(f"labels: {spec!r} is not none, folders, coco:PATH or a .csv / .jsonl file")
 
 
 def center_crop_size(cfg: DataConfig) -> int:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from imgvae.config import ConfigError, DataConfig
 from imgvae.data.datasets import SkippedFile
 from imgvae.data.decode import device_decodable, device_views, load_view, skip_reason
+from imgvae.data.labels import LABELS_FILE, read_labels
 from imgvae.data.sources import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -131,11 +132,16 @@ def prepare(specs: list[str], cfg: DataConfig, out: str | Path, workers: int | N
     valid, skipped = output.index(source, specs)
     for key, reason in skipped.items():  # one line each, as training says them; the manifest keeps them
         warnings.warn(f"skipping unreadable image {key} ({reason})", SkippedFile)
+    labels = read_labels(cfg.labels, source)
+    if labels is not None:  # a row per file, as images.npy
+        np.save(output.partial / LABELS_FILE, labels.multi_hot(range(len(source))))
+        labels.warn()
     return output.complete({
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "preprocessing": plan["preprocessing"],
         "sources": plan["sources"], "rows": plan["rows"], "count": int(len(valid)), "skipped": skipped,
         "seconds_last_run": round(time.time() - started, 2), "workers": workers,
         "decoder": f"torchvision decode_jpeg on {device}" if device is not None else "PIL",
+        **({"labels": labels.record()} if labels is not None else {}),
     })
 
 

@@ -218,6 +218,8 @@ class CacheSource:
             raise SourceError(f"{root}: not an imgvae cache of version {CACHE_VERSION}")
         self.preprocessing = manifest["preprocessing"]
         self.skipped: dict[str, str] = manifest.get("skipped", {})  # {key: reason} left out when it was prepared
+        self.origins: list[str] = manifest.get("sources", [])  # the sources it was prepared from
+        self.labels: dict | None = manifest.get("labels")  # data.labels when it was prepared (labels.npy)
         self.valid = np.load(self.root / VALID)
         self.keys = read_keys(self.root)
         self._images, self._pid = None, None

@@ -29,6 +29,7 @@ from imgvae.priors.gmm import LatentPrior, fitted_prior_of
 from imgvae.rundir import write_text_atomic
 from imgvae.runtime import pick_device
 
+LABEL_ROWS = 4  # a conditional prior's samples of its most frequent labels, a row each
 MEMORY_BUDGET = 4 * 2**30  # the shared views are decoded once and kept for every model
 EVAL_DEFAULTS = {"batch_size": 32, "seed": 0, "limit": 0}  # the same batches and noise for every model
 
@@ -172,6 +173,8 @@ def _pictures(candidates: list[Candidate], views: ImageDataset, data: dict, out:
         for kind in available(c.model):
             drawn = sampler(c.model, kind)
             samples.append((f"{c.name}, {drawn.title}", drawn(k, 0)))
+            samples += [(f"{c.name}, {drawn.title}: {label}", drawn(k, 0, ((label,),)))
+                        for label in drawn.labels[:LABEL_ROWS]]
     save_labelled_rows(samples, out / "samples.png")
     files["samples"] = "samples.png"
     return files

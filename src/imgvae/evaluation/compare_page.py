@@ -51,7 +51,7 @@ def _generation_rows(metrics: list[Metrics]) -> list[tuple[str, list, str | None
     rows = []
     for name in priors:
         title = prior_title(name, any(m.discrete for m in metrics))
-        for f in dataclasses.fields(Scores):
+        for f in [f for f in dataclasses.fields(Scores) if "label" in f.metadata]:
             values = [getattr(g.priors[name], f.name) if g and name in g.priors else None for g in gens]
             rows.append((f"{title} samples: {f.metadata['label']}", values, f.metadata["better"]))
     if any(gens):

@@ -15,9 +15,11 @@ from tqdm import tqdm
 from imgvae.config import Config
 from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import denormalize, normalize
+from imgvae.data.labels import read_labels, view_files
 from imgvae.data.loading import eval_loader
 from imgvae.data.sources import SourceError
 from imgvae.evaluation.results import Generation, Scores
+from imgvae.evaluation.steering import label_classifier, per_label_distances
 from imgvae.io.paths import provenance_of
 from imgvae.metrics.distances import K_NEAREST, scores
 from imgvae.metrics.features import EffNetFeatures
@@ -39,7 +41,7 @@ def generation_metrics(model: VAE, train_views, samplers: dict[str, Callable[[in
     `images` training views spread evenly over train_views (made from the sources `reference`),
     and of the reconstructions of those views (the floor); with held_out views, of real held-out
     images too (what a perfect prior scores, memorised share included)."""
-    real = _views(train_views, images, batch_size)
+    real, indices = _views(train_views, images, batch_size)
     with inference(model) as device:
         net = EffNetFeatures().to(device)
         recon = torch.cat([denormalize(model(normalize(chunk.to(device)), sample=False).x_hat.float()).cpu()
@@ -51,18 +53,39 @@ def generation_metrics(model: VAE, train_views, samplers: dict[str, Callable[[in
 
         result = Generation(reference=list(reference), images=len(real), k=K_NEAREST, floor=scored(recon))
         if held_out is not None:
-            result.held_out = scored(_views(held_out, len(real), batch_size) / 255)
+            result.held_out = scored(_views(held_out, len(real), batch_size)[0] / 255)
         for name, draw in tqdm(samplers.items(), desc="generation", disable=not progress, dynamic_ncols=True):
-            result.priors[name] = scored(draw(len(real), seed))
+            if getattr(draw, "labels", ()):  # conditional: each sample asked for a training view's labels
+                result.priors[name] = _steered(draw, train_views, indices, train, seed, net, batch_size)
+            else:
+                result.priors[name] = scored(draw(len(real), seed))
     return result
 
 
-def _views(dataset, count: int, batch_size: int) -> torch.Tensor:
-    """`count` readable views spread evenly over the dataset, uint8 (n, 3, S, S)."""
+def _steered(draw, train_views, indices: list[int], train: torch.Tensor, seed: int, net, batch_size: int) -> Scores:
+    """A conditional prior's scores: samples asked for the labels of the real views they are compared
+    with (so the label mix is the training set's), and whether they show them (steering.py)."""
+    labels = read_labels(draw.label_spec, train_views.source)
+    files = view_files(train_views)[indices]
+    sets = [tuple(labels.vocabulary[k] for k in labels.rows[f] if labels.vocabulary[k] in draw.labels)
+            for f in files]
+    samples = features_of(net, draw(len(sets), seed, sets), batch_size)
+    result = Scores(**scores(train, samples), guidance=draw.guidance)
+    classifier = label_classifier(train, sets, list(draw.labels))
+    if classifier is not None:
+        result.label_metric, result.label_ceiling = classifier.metric, classifier.ceiling
+        result.label_score = classifier.score(samples, sets)
+    result.per_label = per_label_distances(train, sets, samples, sets, list(draw.labels)) or None
+    return result
+
+
+def _views(dataset, count: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+    """`count` readable views spread evenly over the dataset, uint8 (n, 3, S, S), and their indices."""
     count = min(count, len(dataset))
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().unique().tolist()
     loader = eval_loader(dataset, batch_size, torch.device("cpu"), indices=indices)
-    return torch.cat([images for images, _, _ in loader if len(images)])
+    batches = [(images, index) for images, index, _ in loader if len(images)]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]).tolist()
 
 
 def score_priors(model: VAE, cfg: Config, sources: list[str], progress: bool = False,

@@ -214,7 +214,8 @@ def _grids(run: Path, history: list[dict]) -> str:
             rows.append(f"<tr><th>epoch {r['epoch']}</th>{cells}</tr>")
     head = "<tr><th></th><th>ground truth</th><th>reconstructions</th><th>prior samples</th></tr>"
     grids = f'<table class="grids">{head}{"".join(rows)}</table>' if rows else "<p>No picture grids yet.</p>"
-    for what in (section.title for section in PRIOR_CONFIGS.values()):
+    titles = [section.title for section in PRIOR_CONFIGS.values()]
+    for what in [t for title in titles for t in (title, f"{title} by label")]:
         name = rundir.prior_grid(what)
         if (run / rundir.GRIDS / name).is_file():
             grids += (f'<h3>Samples from the {what} (final weights)</h3><table class="grids"><tr><td>'

@@ -192,10 +192,21 @@ class Scores(Result):
     precision: float = metric("precision", fmt="{:.2f}", better="high")
     recall: float = metric("recall", fmt="{:.2f}", better="high")
     memorised: float = metric("memorised share", fmt="{:.0%}", better="low")
+    # A conditional prior's samples, each asked for a training view's labels (evaluation/steering.py).
+    guidance: float | None = metric("guidance", fmt="{:g}", omit_none=True)
+    label_metric: str | None = kept()  # "accuracy" (one label an image) or "mAP" (multi-hot)
+    label_score: float | None = metric("did it draw what was asked", fmt="{:.2f}", better="high", omit_none=True)
+    label_ceiling: float | None = metric("the classifier's own score on held-out real views", fmt="{:.2f}",
+                                         omit_none=True)
+    per_label: dict | None = kept()  # {label: {"fd_effnet", "images"}}
 
     def line(self) -> str:
-        return ", ".join(f"{f.name} {f.metadata['fmt'].format(getattr(self, f.name))}"
-                         for f in dataclasses.fields(self))
+        shown = [f for f in dataclasses.fields(self) if f.name in ("fd_effnet", "precision", "recall", "memorised")]
+        text = ", ".join(f"{f.name} {f.metadata['fmt'].format(getattr(self, f.name))}" for f in shown)
+        if self.label_score is not None:
+            text += (f"; label {self.label_metric} {self.label_score:.2f} (ceiling {self.label_ceiling:.2f}) at "
+                     f"guidance {self.guidance:g}")
+        return text
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,7 @@ from imgvae.config import ConfigError
 from imgvae.data.cache import ChunkedOutput
 from imgvae.data.datasets import ImageDataset, left_out_before, preprocessing
 from imgvae.data.decode import normalize
+from imgvae.data.labels import LABELS_FILE, Labels, view_files
 from imgvae.data.loading import eval_loader, loader_workers
 from imgvae.data.sources import SourceError
 from imgvae.models.base import VAE, inference
@@ -125,7 +126,7 @@ def latent_moments(model: VAE, dataset, batch_size: int, limit: int = 0, progres
 
 def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: list[str], checkpoint: Path, *,
                    batch: int, num_workers, logvar: bool = False, chunk: int = 1024, progress: bool = True,
-                   model_cfg=None, scale: str | None = None) -> dict:
+                   model_cfg=None, scale: str | None = None, labels: Labels | None = None) -> dict:
     """Encode every view of `dataset` (made from the sources `specs`) into the folder `out`:
       latents.npy        (N, *latent_shape) float32 posterior means, memory-mapped when read
       logvar.npy         the same shape, the log-variances (with logvar=True)
@@ -133,6 +134,8 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
       tokens.npy         (N, h, w) the code indices of a discrete latent, in the smallest
                          unsigned integer type that holds the codebook (token_dtype)
       keys.json, valid.npy  the source of each row; the rows that decoded
+      labels.npy         (N, vocabulary) uint8, each row's label set (with data.labels), the
+                         vocabulary and the misses in the manifest
       manifest.json      the checkpoint, preprocessing, counts, skipped files, statistics and the
                          latent scale (latent_scale of model_cfg: its own and the measured one)
     An interrupted run of the same command resumes. -> the manifest."""
@@ -151,6 +154,9 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
     _encode_pending(model, dataset, output, batch, num_workers, progress, f"encode {Path(out).name}")
     valid, skipped = output.index(dataset, specs)
     skipped = left_out_before(dataset) | skipped
+    if labels is not None:
+        np.save(output.partial / LABELS_FILE, labels.multi_hot(view_files(dataset)))
+        labels.warn()
     moments = LatentMoments()
     for start in range(0, len(valid), chunk):
         rows = valid[start : start + chunk]
@@ -163,6 +169,7 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
         "latent_scale": latent_scale(model_cfg, stats, scale), "seconds_last_run": round(time.time() - started, 2),
         **({"tokens": {"shape": list(model.token_shape), "codebook_size": model.codebook_size,
                        "dtype": np.dtype(token_dtype(model.codebook_size)).name}} if "tokens" in arrays else {}),
+        **({"labels": labels.record()} if labels is not None else {}),
     })
 
 

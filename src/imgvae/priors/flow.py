@@ -20,6 +20,7 @@ from imgvae.config import ConfigError, FlowConfig
 from imgvae.models.base import VAE, inference
 from imgvae.models.generate import decode
 from imgvae.priors import flow_net
+from imgvae.priors.condition import LabelEmbedding, guided
 from imgvae.priors.learned import SAMPLES_SHOWN, LatentTask, LearnedPrior
 from imgvae.priors.registry import SampleOptions, register
 from imgvae.train.task import Micro
@@ -29,15 +30,17 @@ SOLVERS = ("euler", "heun")
 
 class FlowPrior(nn.Module):
     """The velocity network of one autoencoder's latents, with their normalisation: latents
-    are (z - mean) / std per channel while the flow sees them (buffers, saved with the weights)."""
+    are (z - mean) / std per channel while the flow sees them (buffers, saved with the weights).
+    With a label vocabulary it is conditional: told a label set, or nothing (its null condition)."""
 
-    def __init__(self, cfg: FlowConfig, latent_shape: tuple[int, ...]):
+    def __init__(self, cfg: FlowConfig, latent_shape: tuple[int, ...], vocabulary: int = 0):
         super().__init__()
         self.latent_shape = tuple(latent_shape)
         channels = latent_shape[0]
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
-        self.backbone, self.velocity = flow_net.velocity_network(cfg, self.latent_shape)
+        self.backbone, self.velocity = flow_net.velocity_network(cfg, self.latent_shape, vocabulary > 0)
+        self.condition = LabelEmbedding(vocabulary, self.velocity.cond_dim) if vocabulary else None
 
     def _channels(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (len(self.latent_shape) - 1)))
@@ -48,41 +51,51 @@ class FlowPrior(nn.Module):
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
         return x * self._channels(self.std) + self._channels(self.mean)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Velocity at normalised points x (B, *latent_shape), times t (B,). On a CPU, attention
-        over the few latent positions takes the plain matmul kernel: PyTorch's flash kernel has a
-        slow backward there in bf16, and is no faster in fp32 (bench/prior_speed.py)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity at normalised points x (B, *latent_shape), times t (B,), told multi-hot labels
+        (B, L) or nothing. On a CPU, attention over the few latent positions takes the plain matmul
+        kernel: PyTorch's flash kernel has a slow backward there in bf16, and is no faster in fp32
+        (bench/prior_speed.py)."""
+        cond = None if self.condition is None else self.condition(labels, len(x))
         if self.backbone == "mlp":
-            return self.velocity(x.flatten(1), t).view_as(x)
+            return self.velocity(x.flatten(1), t, cond).view_as(x)
         on_cpu = x.device.type == "cpu" and flow_net.CPU_ATTENTION is not None
         with sdpa_kernel(flow_net.CPU_ATTENTION) if on_cpu else nullcontext():
-            return self.velocity(x, t)
+            return self.velocity(x, t, cond)
 
     @torch.no_grad()
-    def sample(self, noise: torch.Tensor, steps: int, solver: str = "heun") -> torch.Tensor:
-        """Integrate the flow from noise (n, *latent_shape) at t = 0 to t = 1 in `steps` steps
-        -> latents on the autoencoder's own scale, same device as the noise."""
+    def sample(self, noise: torch.Tensor, steps: int, solver: str = "heun", labels: torch.Tensor | None = None,
+               guidance: float = 1.0) -> torch.Tensor:
+        """Integrate the flow from noise (n, *latent_shape) at t = 0 to t = 1 in `steps` steps, told
+        labels (n, L) with classifier-free guidance W (condition.guided) -> latents on the
+        autoencoder's own scale, same device as the noise."""
         if solver not in SOLVERS:
             raise ConfigError(f"solver {solver!r} is not one of {list(SOLVERS)}")
         if steps < 1:
             raise ConfigError(f"the ODE needs at least 1 step, got {steps}")
         x, dt = noise.float(), 1.0 / steps
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided(lambda xs, told: self(xs, t.repeat(len(xs) // len(t)), told), x, labels, guidance).float()
+
         for i in range(steps):
             t = torch.full((len(x),), i * dt, device=x.device)
-            v = self(x, t).float()
+            v = velocity(x, t)
             if solver == "heun" and i + 1 < steps:  # the last step stays Euler: v at t = 1 is not trained on
-                v = 0.5 * (v + self(x + dt * v, t + dt).float())
+                v = 0.5 * (v + velocity(x + dt * v, t + dt))
             x = x + dt * v
         return self.denormalise(x)
 
 
-def flow_loss(prior: FlowPrior, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The rectified-flow objective for latents z (B, *latent_shape) on the autoencoder's scale:
-    mean squared error between the predicted and the straight path's velocity."""
+def flow_loss(prior: FlowPrior, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The rectified-flow objective for latents z (B, *latent_shape) on the autoencoder's scale (told
+    their labels, for a conditional prior): mean squared error between the predicted and the
+    straight path's velocity."""
     x1 = prior.normalise(z)
     tt = t.view(-1, *([1] * (x1.dim() - 1)))
     xt = (1 - tt) * noise + tt * x1
-    return (prior(xt, t).float() - (x1 - noise)).pow(2).mean()
+    return (prior(xt, t, labels).float() - (x1 - noise)).pow(2).mean()
 
 
 def draw_times(n: int, sampling: str, generator: torch.Generator, device) -> torch.Tensor:
@@ -93,13 +106,17 @@ def draw_times(n: int, sampling: str, generator: torch.Generator, device) -> tor
 
 
 def sample(model: VAE, prior: FlowPrior, n: int, seed: int, steps: int, solver: str = "heun",
-           temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+           temperature: float = 1.0, batch_size: int = 64, labels: torch.Tensor | None = None,
+           guidance: float = 1.0) -> torch.Tensor:
     """n images from a flow prior (on the model's device): noise drawn on the CPU from `seed` (the
-    same images on any device), scaled by T, carried to latents by the ODE in `steps` steps,
-    decoded. -> [0, 1] (n, 3, S, S)."""
+    same images on any device), scaled by T, carried to latents by the ODE in `steps` steps (told
+    labels (n, L) with guidance W, for a conditional prior), decoded. -> [0, 1] (n, 3, S, S)."""
     noise = temperature * torch.randn(n, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
+    told = [None] * n if labels is None else labels
     with inference(model) as device:
-        images = [decode(model, prior.sample(chunk.to(device), steps, solver)) for chunk in noise.split(batch_size)]
+        images = [decode(model, prior.sample(chunk.to(device), steps, solver,
+                                             None if labels is None else told[i:i + batch_size].to(device), guidance))
+                  for i, chunk in zip(range(0, n, batch_size), noise.split(batch_size))]
     return torch.cat(images)
 
 
@@ -118,7 +135,7 @@ class FlowTask(LatentTask):
         return torch.stack([torch.from_numpy(np.asarray(a[self.valid])) for a in (mean, logvar)], 1)
 
     def build_model(self, fresh: bool) -> FlowPrior:
-        prior = FlowPrior(self.cfg, self.latent_shape)
+        prior = FlowPrior(self.cfg, self.latent_shape, len(self.vocabulary))
         if fresh:  # per-channel statistics of the aggregate posterior: Var[mu] + E[sigma^2]
             mean, logvar = self.rows[:, 0].double(), self.rows[:, 1].double()
             dims = [0] + list(range(2, mean.dim()))
@@ -134,20 +151,21 @@ class FlowTask(LatentTask):
         eps = torch.randn(shape, generator=generator, device=self.device)
         noise = torch.randn(shape, generator=generator, device=self.device)
         t = draw_times(self.total, self.cfg.time_sampling, generator, self.device)
-        batch = batch.to(self.device, non_blocking=True)
         at = self.positions(len(batch), micro)
-        z = batch[:, 0] + torch.exp(0.5 * batch[:, 1]) * eps[at]
-        return {"z": z, "noise": noise[at], "t": t[at]}
+        rows = batch.rows.to(self.device, non_blocking=True)
+        z = rows[:, 0] + torch.exp(0.5 * rows[:, 1]) * eps[at]
+        return {"z": z, "noise": noise[at], "t": t[at], "labels": self.labels_of(batch, generator, micro)}
 
     def forward(self, model, inputs: dict) -> torch.Tensor:
-        return flow_loss(model, inputs["z"], inputs["noise"], inputs["t"])
+        return flow_loss(model, inputs["z"], inputs["noise"], inputs["t"], inputs["labels"])
 
     def begin(self) -> None:
         self.shown_noise = torch.randn(SAMPLES_SHOWN, *self.latent_shape, generator=torch.Generator().manual_seed(0))
 
     def draw(self, model: FlowPrior) -> torch.Tensor:
+        labels = self.shown_labels()
         return decode(self.autoencoder, model.sample(self.shown_noise.to(self.device), self.cfg.steps,
-                                                     self.cfg.solver))
+                                                     self.cfg.solver, labels, self.cfg.guidance))
 
 
 class FlowKind(LearnedPrior):
@@ -156,11 +174,12 @@ class FlowKind(LearnedPrior):
     def resolve(self, section: FlowConfig, model: VAE) -> FlowConfig:
         return replace(section, backbone=flow_net.backbone_of(section, model.latent_shape))
 
-    def build(self, section: FlowConfig, latent_shape, model: VAE) -> FlowPrior:
-        return FlowPrior(section, latent_shape)
+    def build(self, section: FlowConfig, latent_shape, model: VAE, vocabulary: int = 0) -> FlowPrior:
+        return FlowPrior(section, latent_shape, vocabulary)
 
     def draw(self, model: VAE, prior: FlowPrior, options: SampleOptions):
-        return lambda n, seed: sample(model, prior, n, seed, options.steps, options.solver, options.temperature)
+        return lambda n, seed, labels=None: sample(model, prior, n, seed, options.steps, options.solver,
+                                                   options.temperature, labels=labels, guidance=options.guidance)
 
 
 register(FlowKind())

@@ -62,15 +62,16 @@ class MLPVelocity(nn.Module):
 
     def __init__(self, dims: int, width: int, depth: int):
         super().__init__()
-        self.width = width
+        self.width = self.cond_dim = width
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.inp, self.blocks = nn.Linear(dims, width), nn.ModuleList(MLPBlock(width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dims))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time(time_features(t, self.width))
+        emb = emb if cond is None else emb + cond.to(emb.dtype)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)
@@ -79,9 +80,10 @@ class MLPVelocity(nn.Module):
 
 class UNetVelocity(nn.Module):
     """v(x, t) for spatial latents (B, C, h, w): diffusers' UNet2DModel, `depth` levels of
-    `width`, 2 * width, ... channels, attention at the coarser levels."""
+    `width`, 2 * width, ... channels, attention at the coarser levels; conditional: a condition
+    vector added to its time embedding (diffusers' class_embed_type "identity")."""
 
-    def __init__(self, latent_shape: tuple[int, int, int], width: int, depth: int):
+    def __init__(self, latent_shape: tuple[int, int, int], width: int, depth: int, conditional: bool = False):
         super().__init__()
         from diffusers import UNet2DModel  # here: importing diffusers takes seconds
 
@@ -92,18 +94,22 @@ class UNetVelocity(nn.Module):
             sample_size=h, in_channels=c, out_channels=c, block_out_channels=widths, layers_per_block=2,
             down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (levels - 1),
             up_block_types=("AttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-            norm_num_groups=min(32, width // 4), attention_head_dim=min(32, width))
+            norm_num_groups=min(32, width // 4), attention_head_dim=min(32, width),
+            class_embed_type="identity" if conditional else None)
+        self.cond_dim = 4 * width  # UNet2DModel's time embedding
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, 1000 * t).sample
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x, 1000 * t, class_labels=cond).sample
 
 
-def velocity_network(cfg: FlowConfig, latent_shape: tuple[int, ...]) -> tuple[str, nn.Module]:
-    """(backbone, its network) of the flow prior of this latent."""
+def velocity_network(cfg: FlowConfig, latent_shape: tuple[int, ...], conditional: bool = False
+                     ) -> tuple[str, nn.Module]:
+    """(backbone, its network) of the flow prior of this latent; the network's cond_dim is the size
+    of the condition vector it adds to its time embedding."""
     backbone = backbone_of(cfg, latent_shape)
     width, depth = size_of(cfg, backbone)
     if backbone == "transformer":
         return backbone, PatchVelocity(tuple(latent_shape), width, depth, cfg.patch_size)
     if backbone == "unet":
-        return backbone, UNetVelocity(tuple(latent_shape), width, depth)
+        return backbone, UNetVelocity(tuple(latent_shape), width, depth, conditional)
     return backbone, MLPVelocity(math.prod(latent_shape), width, depth)

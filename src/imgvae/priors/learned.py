@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +16,43 @@ import torch
 from imgvae import rundir
 from imgvae.config import ConfigError, LearnedPriorConfig, PriorConfig, merge_overrides, section_of, to_dict
 from imgvae.data.datasets import EpochViews, build_dataset
+from imgvae.data.labels import read_labels
 from imgvae.io.latents import encode_dataset
 from imgvae.io.paths import open_for, provenance_of
-from imgvae.io.pictures import save_grid
+from imgvae.io.pictures import save_grid, save_labelled_rows
 from imgvae.models.base import VAE
 from imgvae.priors import runs
+from imgvae.priors.condition import dropped
 from imgvae.priors.registry import PriorKind, SampleOptions, learned_for, refuse, sampler, with_steps
+from imgvae.priors.runs import latent_labels
 from imgvae.runtime import RunError
 from imgvae.train.engine import fit
 from imgvae.train.processes import Processes
 from imgvae.train.task import Micro, global_positions, step_generator
 
 SAMPLES_SHOWN = 16  # the per-epoch picture: decoded samples of the prior being trained
+LABEL_ROWS = 8  # a conditional prior's picture by label: its most frequent labels
+
+
+@dataclass
+class LatentBatch:
+    """A batch of latent rows and, for a conditional prior, their multi-hot labels."""
+
+    rows: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class LatentBatches:
-    """Rows (N, ...) resident on the device, in an order drawn per (seed, epoch); process r of W
-    takes positions r, r + W, ... (as DistributedSampler)."""
+    """Rows (N, ...) and their labels (N, L) resident on the device, in an order drawn per (seed,
+    epoch); process r of W takes positions r, r + W, ... (as DistributedSampler)."""
 
-    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, procs: Processes):
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, procs: Processes,
+                 labels: torch.Tensor | None = None):
         self.rows, self.batch_size, self.seed, self.procs, self.wait = rows, batch_size, seed, procs, 0.0
+        self.labels = labels
         self.per_epoch = len(rows) // (batch_size * procs.world_size)
         if self.per_epoch == 0:
             raise RunError(f"{len(rows)} latents are fewer than one global batch (prior.batch_size={batch_size} x "
@@ -51,7 +68,8 @@ class LatentBatches:
 
     def __iter__(self):
         for b in range(self.done, self.per_epoch):
-            yield self.rows[self.mine[b * self.batch_size:(b + 1) * self.batch_size]]
+            at = self.mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield LatentBatch(self.rows[at], None if self.labels is None else self.labels[at])
 
     def summary(self) -> dict:
         return {"latents": len(self.rows)}
@@ -79,11 +97,14 @@ class LatentTask:
         self.picture_columns = int(math.sqrt(SAMPLES_SHOWN))
         self.valid = np.load(self.latents / "valid.npy")
         self.name, self.resume = cfg.title, resume
+        self.vocabulary = latent_labels(self.latents)[0]
 
     def config_dict(self) -> dict:
-        """The run's config.yaml: its section, the latents (relative to the run folder) and what they are of."""
+        """The run's config.yaml: its section, the latents (relative to the run folder) and what they
+        are of, and a conditional prior's label vocabulary."""
         return {"kind": self.cfg.kind, "source": self.source, "latents": self.latents.name,
-                "latent_shape": list(self.latent_shape), "prior": to_dict(self.cfg)}
+                "latent_shape": list(self.latent_shape), "prior": to_dict(self.cfg),
+                **({"labels": self.vocabulary} if self.vocabulary else {})}
 
     def generator(self, micro: Micro) -> torch.Generator:
         """The step's random numbers, drawn for the global batch from (seed, step): any process count."""
@@ -99,7 +120,17 @@ class LatentTask:
 
     def batches(self) -> LatentBatches:
         self.rows = resident(self.read_rows(), self.device)
-        return LatentBatches(self.rows, self.tc.batch_size, self.tc.seed, self.procs)
+        labels = latent_labels(self.latents)[1]
+        labels = None if labels is None else resident(torch.from_numpy(labels[self.valid]).float(), self.device)
+        return LatentBatches(self.rows, self.tc.batch_size, self.tc.seed, self.procs, labels)
+
+    def labels_of(self, batch: LatentBatch, generator: torch.Generator, micro: Micro) -> torch.Tensor | None:
+        """The batch's labels with prior.label_dropout of them emptied (drawn for the global batch,
+        after the step's other draws, so that an unconditional prior draws what it always drew)."""
+        if batch.labels is None:
+            return None
+        keep = torch.rand(self.total, generator=generator, device=self.device) >= self.cfg.label_dropout
+        return dropped(batch.labels.to(self.device, non_blocking=True), keep[self.positions(len(batch), micro)])
 
     def batch_size(self, inputs: dict) -> int:
         return len(next(iter(inputs.values())))
@@ -116,6 +147,12 @@ class LatentTask:
 
     def begin(self) -> None:
         """Rank 0, before the first step."""
+
+    def shown_labels(self) -> torch.Tensor | None:
+        """The per-epoch picture's label sets: a conditional prior's labels in turn, one per sample."""
+        if not self.vocabulary:
+            return None
+        return torch.eye(len(self.vocabulary), device=self.device)[torch.arange(SAMPLES_SHOWN) % len(self.vocabulary)]
 
     def end_epoch(self, model, epoch: int) -> tuple[dict, dict]:
         """Every tenth of the run (and at its end): its samples, decoded."""
@@ -166,14 +203,56 @@ class LearnedPrior(PriorKind):
         checkpoint = Path(summary["folder"]) / summary["checkpoint"]
         return f"{self.section.title} trained ({summary['steps']} steps, {checkpoint}); its samples: {grid}"
 
+    def draw_labels(self, loaded, options: SampleOptions, n: int, seed: int) -> torch.Tensor | None:
+        """The (n, L) label sets a conditional prior is told: options.labels in turn, else drawn as in
+        its training set (seeded); None for an unconditional prior (refused when labels are asked)."""
+        vocabulary = loaded.vocabulary
+        if not vocabulary:
+            if options.labels:
+                raise ConfigError(f"--label: {loaded.folder} is an unconditional prior (trained without "
+                                  "data.labels); it takes no labels")
+            return None
+        if options.labels:
+            index = {name: i for i, name in enumerate(vocabulary)}
+            unknown = [name for labels in options.labels for name in labels if name not in index]
+            if unknown:
+                raise ConfigError(f"--label {unknown[0]!r} is not a label of {loaded.folder}; its labels: {vocabulary}")
+            sets = torch.zeros(len(options.labels), len(vocabulary))
+            for row, labels in enumerate(options.labels):
+                sets[row, [index[name] for name in labels]] = 1
+            return sets[torch.arange(n) % len(sets)]
+        if options.label_distribution == "none":
+            return torch.zeros(n, len(vocabulary))
+        rows = torch.from_numpy(loaded.train_labels).float()
+        return rows[torch.randint(len(rows), (n,), generator=torch.Generator().manual_seed(2 * seed + 1))]
+
     def has(self, model, prior_run=None) -> bool:
         folder = runs.run_of(model, self.name, prior_run)
         return folder is not None and runs.has_run(folder)
 
     def sampler(self, model, options: SampleOptions):
         folder = runs.run_of(model, self.name, options.prior_run)
-        prior, section = runs.load(model, self, next(model.parameters()).device, folder, required=True)
-        return self.draw(model, prior, with_steps(options, section.steps, getattr(section, "solver", None)))
+        loaded = runs.load(model, self, next(model.parameters()).device, folder, required=True)
+        self.draw_labels(loaded, options, 1, 0)  # refusals before any work
+        options = with_steps(options, loaded.section.steps, getattr(loaded.section, "solver", None),
+                             loaded.section.guidance)
+        return LabelledDraw(self, loaded, options, self.draw(model, loaded.network, options))
+
+
+class LabelledDraw:
+    """draw(n, seed, labels=None) of a learned prior: told labels (label-name sets, in turn), or the
+    options' labels, or labels drawn as its training set has them; `labels`: its vocabulary, the
+    most frequent first."""
+
+    def __init__(self, kind: LearnedPrior, loaded, options: SampleOptions, draw):
+        self.kind, self.loaded, self.options, self.draw = kind, loaded, options, draw
+        self.label_spec, self.guidance = loaded.label_spec, options.guidance if loaded.vocabulary else None
+        counts = loaded.train_labels.sum(0) if loaded.vocabulary else []
+        self.labels = [loaded.vocabulary[i] for i in np.argsort(-np.asarray(counts), kind="stable")]
+
+    def __call__(self, n: int, seed: int, labels: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:
+        options = replace(self.options, labels=labels) if labels else self.options
+        return self.draw(n, seed, self.kind.draw_labels(self.loaded, options, n, seed))
 
 
 def prior_run_keys(values: dict) -> dict:
@@ -231,7 +310,8 @@ def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: 
             raise RunError(f"{len(views)} training views are fewer than one batch (prior.batch_size="
                            f"{section.batch_size}): lower prior.batch_size")
         encode_dataset(model, views, latents, specs, folder, batch=cfg.eval_batch_size,
-                       num_workers=cfg.data.num_workers, logvar=kind.logvar, progress=progress, model_cfg=cfg.model)
+                       num_workers=cfg.data.num_workers, logvar=kind.logvar, progress=progress, model_cfg=cfg.model,
+                       labels=read_labels(cfg.data.labels, views.source))
 
     where = "" if out == runs.default_run(model, kind.name) else f" -o {out}"
     resume_command = f"imgvae train-prior {checkpoint} --resume{where}"
@@ -245,6 +325,9 @@ def train_prior(checkpoint: str | Path, out: str | Path | None = None, sources: 
     run = provenance_of(model).run
     if summary and run is not None:  # its samples beside the run's other pictures, for the report
         n = cfg.eval.grid_size
-        images = sampler(model, kind.name, SampleOptions(prior_run=out))(n * n, cfg.train.seed)
-        save_grid(images, n, run / rundir.GRIDS / rundir.prior_grid(section.title))
+        drawn = sampler(model, kind.name, SampleOptions(prior_run=out))
+        save_grid(drawn(n * n, cfg.train.seed), n, run / rundir.GRIDS / rundir.prior_grid(section.title))
+        if drawn.labels:  # a row per label, the most frequent first
+            rows = [(label, drawn(n, cfg.train.seed, ((label,),))) for label in drawn.labels[:LABEL_ROWS]]
+            save_labelled_rows(rows, run / rundir.GRIDS / rundir.prior_grid(f"{section.title} by label"))
     return summary

@@ -21,25 +21,35 @@ ALIASES = {"fitted": "gmm"}  # --prior fitted, as older versions named it
 @dataclass(frozen=True)
 class SampleOptions:
     """How a prior draws: noise scale T; a learned prior's steps (None: its own prior.steps), its ODE
-    solver, and its run folder (None: beside the model)."""
+    solver, its run folder (None: beside the model); a conditional prior's label sets (each a tuple
+    of label names, given to the samples in turn; None: drawn as label_distribution says, "train":
+    as in its training set, "none": no label) and classifier-free guidance W (None: its own
+    prior.guidance; 0: unconditional, 1: plain conditional)."""
 
     temperature: float = 1.0
     steps: int | None = None
     solver: str | None = None
     prior_run: str | Path | None = None
+    labels: tuple[tuple[str, ...], ...] | None = None
+    label_distribution: str = "train"
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
 class Sampler:
     """A prior of one model, ready to draw: draw(n, seed) -> [0, 1] images (n, 3, S, S), the same
-    images for the same seed on any device."""
+    images for the same seed on any device. A conditional prior's labels (its vocabulary, the most
+    frequent in its training set first) can be asked per call: sampler(n, seed, labels=(("cat",),))."""
 
     kind: str
     title: str
-    draw: Callable[[int, int], torch.Tensor]
+    draw: Callable[..., torch.Tensor]
+    labels: tuple[str, ...] = ()
+    label_spec: str | None = None  # the data.labels a conditional prior learned
+    guidance: float | None = None  # the guidance it draws with
 
-    def __call__(self, n: int, seed: int) -> torch.Tensor:
-        return self.draw(n, seed)
+    def __call__(self, n: int, seed: int, labels: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:
+        return self.draw(n, seed, labels) if labels else self.draw(n, seed)
 
 
 class PriorKind:
@@ -134,10 +144,16 @@ def sampler(model, name: str = "auto", options: SampleOptions = SampleOptions())
     else:
         refuse(name, discrete, f"--prior {name}")
         kind = kind_of(name)
-    return Sampler(kind.name, kind.title(discrete), kind.sampler(model, options))
+    draw = kind.sampler(model, options)
+    if options.labels and not getattr(draw, "labels", None):
+        raise ConfigError(f"--label: the {kind.title(discrete)} ({kind.name}) is not conditional; it takes no labels")
+    return Sampler(kind.name, kind.title(discrete), draw, tuple(getattr(draw, "labels", ())),
+                   getattr(draw, "label_spec", None), getattr(draw, "guidance", None))
 
 
-def with_steps(options: SampleOptions, steps: int, solver: str | None = None) -> SampleOptions:
-    """options with a learned prior's own steps and solver where they left them unset."""
-    return replace(options, steps=options.steps or steps, solver=options.solver or solver)
+def with_steps(options: SampleOptions, steps: int, solver: str | None = None,
+               guidance: float | None = None) -> SampleOptions:
+    """options with a learned prior's own steps, solver and guidance where they left them unset."""
+    return replace(options, steps=options.steps or steps, solver=options.solver or solver,
+                   guidance=options.guidance if options.guidance is not None else guidance)
 

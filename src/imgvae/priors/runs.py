@@ -7,11 +7,15 @@ trained on."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 from imgvae.config import PRIOR_CONFIGS, ConfigError, PriorConfig, section_of
+from imgvae.data.labels import LABELS_FILE
 from imgvae.io.checkpoint import CheckpointError, _load_safetensors, load_weights, resolve_checkpoint
 from imgvae.io.paths import provenance_of
 from imgvae.rundir import CHECKPOINTS, CONFIG, read_json
@@ -71,11 +75,30 @@ def refuse_other_weights(folder: Path, values: dict, model) -> None:
                               f"({shown})")
 
 
-def load(model, kind, device, prior_run: str | Path | None = None, required: bool = False):
-    """The learned prior `kind` (a priors.learned.LearnedPrior) of an opened model -> (its network
-    with the EMA weights, in eval mode on device; its prior section), or None when it has none
-    (CheckpointError with required or a prior_run given). Refused in one line when it was trained
-    on other weights than the model's."""
+@dataclass
+class Loaded:
+    """A learned prior read back: its network (EMA weights, eval mode), its section, its folder, and
+    a conditional one's label vocabulary and its training rows' label sets (N, L)."""
+
+    network: torch.nn.Module
+    section: PriorConfig
+    folder: Path
+    vocabulary: list[str]
+    train_labels: np.ndarray | None
+    label_spec: str | None = None  # the data.labels its latents were encoded with
+
+
+def latent_labels(latents: Path) -> tuple[list[str], np.ndarray | None]:
+    """A latents folder's label vocabulary and rows (N, L), uint8 (labels.npy); ([], None) without labels."""
+    manifest = read_json(Path(latents) / "manifest.json") or {}
+    vocabulary = (manifest.get("labels") or {}).get("vocabulary", [])
+    return vocabulary, np.load(Path(latents) / LABELS_FILE) if vocabulary else None
+
+
+def load(model, kind, device, prior_run: str | Path | None = None, required: bool = False) -> Loaded | None:
+    """The learned prior `kind` (a priors.learned.LearnedPrior) of an opened model (Loaded), or None
+    when it has none (CheckpointError with required or a prior_run given). Refused in one line when
+    it was trained on other weights than the model's."""
     path = provenance_of(model).path
     folder = Path(prior_run) if prior_run is not None else default_run(model, kind.name)
     if not has_run(folder):
@@ -90,11 +113,17 @@ def load(model, kind, device, prior_run: str | Path | None = None, required: boo
         raise CheckpointError(f"{folder} is a {section.kind} prior, not a {kind.name} prior")
     refuse_other_weights(folder, values, model)
     checkpoint = resolve_checkpoint(folder)
-    prior = kind.build(section, tuple(values["latent_shape"]), model)
+    vocabulary = values.get("labels", [])
+    prior = kind.build(section, tuple(values["latent_shape"]), model, len(vocabulary))
     averaged = checkpoint / "ema.safetensors"
     weights = _load_safetensors(averaged if averaged.is_file() else checkpoint / "model.safetensors", device)
     load_weights(prior, weights, checkpoint)
-    return prior.to(device).eval(), section
+    train_labels, spec = None, None
+    if vocabulary:
+        latents = folder / "latents"
+        train_labels = latent_labels(latents)[1][np.load(latents / "valid.npy")]
+        spec = read_json(latents / "manifest.json")["labels"]["spec"]
+    return Loaded(prior.to(device).eval(), section, folder, vocabulary, train_labels, spec)
 
 
 def run_summary(folder: Path) -> dict | None:

@@ -20,6 +20,7 @@ from torch import nn
 from imgvae.config import ConfigError, TokenConfig
 from imgvae.models.base import VAE
 from imgvae.models.generate import decode_codes
+from imgvae.priors.condition import LabelEmbedding, guided
 from imgvae.priors.learned import SAMPLES_SHOWN, LatentTask, LearnedPrior
 from imgvae.priors.registry import SampleOptions, register
 from imgvae.priors.transformer import TokenTransformer
@@ -35,22 +36,25 @@ def masked_share(r: torch.Tensor) -> torch.Tensor:
 
 
 class TokenPrior(nn.Module):
-    """p(codes) of one discrete autoencoder's token grid (h, w) over codebook_size codes."""
+    """p(codes) of one discrete autoencoder's token grid (h, w) over codebook_size codes; with a label
+    vocabulary, conditional: told a label set (a leading condition token), or nothing."""
 
-    def __init__(self, cfg: TokenConfig, token_shape: tuple[int, int], codebook_size: int):
+    def __init__(self, cfg: TokenConfig, token_shape: tuple[int, int], codebook_size: int, vocabulary: int = 0):
         super().__init__()
         width = DEFAULT_SIZE[0] if cfg.width == "auto" else cfg.width
         depth = DEFAULT_SIZE[1] if cfg.depth == "auto" else cfg.depth
         self.token_shape, self.codebook_size, self.backbone = tuple(token_shape), codebook_size, "transformer"
         self.net = TokenTransformer(self.token_shape, codebook_size, width, depth)
+        self.condition = LabelEmbedding(vocabulary, width) if vocabulary else None
 
     @property
     def mask_index(self) -> int:
         return self.codebook_size
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, h * w, codebook_size) at every position of codes (B, h, w) (mask_index: masked)."""
-        return self.net(tokens)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, h * w, codebook_size) at every position of codes (B, h, w) (mask_index: masked),
+        told multi-hot labels (B, L) or nothing."""
+        return self.net(tokens, None if self.condition is None else self.condition(labels, len(tokens)))
 
     def mask(self, tokens: torch.Tensor, r: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Which positions (B, h * w) of codes (B, h, w) are masked at progress r (B,): the
@@ -62,20 +66,23 @@ class TokenPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int, generator: torch.Generator, device, temperature: float = 1.0,
-               batch_size: int = 64) -> torch.Tensor:
-        """n code grids (n, h, w), long, on `device`: every random number drawn on the CPU from
+               batch_size: int = 64, labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """n code grids (n, h, w), long, on `device` (told labels (n, L) with classifier-free guidance
+        W of the logits, for a conditional prior): every random number drawn on the CPU from
         `generator`, so a seed gives the same codes on any device."""
         if steps < 1:
             raise ConfigError(f"a token prior needs at least 1 decoding step, got {steps}")
-        return torch.cat([self._sample(min(batch_size, n - i), steps, generator, device, temperature)
+        return torch.cat([self._sample(min(batch_size, n - i), steps, generator, device, temperature,
+                                       None if labels is None else labels[i:i + batch_size].to(device), guidance)
                           for i in range(0, n, batch_size)])
 
-    def _sample(self, n: int, steps: int, generator: torch.Generator, device, temperature: float) -> torch.Tensor:
+    def _sample(self, n: int, steps: int, generator: torch.Generator, device, temperature: float,
+                labels: torch.Tensor | None, guidance: float) -> torch.Tensor:
         positions = math.prod(self.token_shape)
         codes = torch.full((n, positions), self.mask_index, dtype=torch.long, device=device)
         for step in range(steps):
             masked = codes == self.mask_index
-            logits = self(codes.view(n, *self.token_shape)).float() / temperature
+            logits = guided(self, codes.view(n, *self.token_shape), labels, guidance).float() / temperature
             gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator).clamp(1e-20, 1)))
             drawn = (logits + gumbel.to(device)).argmax(-1)  # a draw from softmax(logits / T)
             drawn = torch.where(masked, drawn, codes)
@@ -92,22 +99,26 @@ class TokenPrior(nn.Module):
         return codes.view(n, *self.token_shape)
 
 
-def token_loss(prior: TokenPrior, tokens: torch.Tensor, r: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def token_loss(prior: TokenPrior, tokens: torch.Tensor, r: torch.Tensor, scores: torch.Tensor,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
     """MaskGIT's objective for code grids (B, h, w): the cross-entropy of the true codes at the
     positions masked at progress r (B,) by `scores` (B, h * w), averaged over those positions."""
     masked = prior.mask(tokens, r, scores)
     target = tokens.flatten(1).long()
-    logits = prior(torch.where(masked, prior.mask_index, target).view_as(tokens))
+    logits = prior(torch.where(masked, prior.mask_index, target).view_as(tokens), labels)
     loss = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
     return (loss * masked).sum() / masked.sum()
 
 
-def sample(model: VAE, prior: TokenPrior, n: int, seed: int, steps: int, temperature: float = 1.0) -> torch.Tensor:
+def sample(model: VAE, prior: TokenPrior, n: int, seed: int, steps: int, temperature: float = 1.0,
+           labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
     """n images from a token prior (on the model's device): code grids decoded in `steps` iterations at
-    softmax temperature T, every random number drawn on the CPU from `seed` (the same images on any
-    device), then decoded. -> [0, 1] (n, 3, S, S)."""
+    softmax temperature T (told labels (n, L) with guidance W, for a conditional prior), every random
+    number drawn on the CPU from `seed` (the same images on any device), then decoded. -> [0, 1]
+    (n, 3, S, S)."""
     device = next(prior.parameters()).device
-    codes = prior.sample(n, steps, torch.Generator().manual_seed(seed), device, temperature)
+    codes = prior.sample(n, steps, torch.Generator().manual_seed(seed), device, temperature, labels=labels,
+                         guidance=guidance)
     return decode_codes(model, codes)
 
 
@@ -126,7 +137,7 @@ class TokenTask(LatentTask):
         return torch.from_numpy(np.asarray(tokens[self.valid]).astype(np.int64))
 
     def build_model(self, fresh: bool) -> TokenPrior:
-        self.model = TokenPrior(self.cfg, self.latent_shape, self.codebook_size).to(self.device)
+        self.model = TokenPrior(self.cfg, self.latent_shape, self.codebook_size, len(self.vocabulary)).to(self.device)
         return self.model
 
     def inputs(self, batch: torch.Tensor, micro: Micro) -> dict:
@@ -136,13 +147,15 @@ class TokenTask(LatentTask):
         r = torch.rand(self.total, generator=generator, device=self.device)
         scores = torch.rand(self.total, math.prod(self.latent_shape), generator=generator, device=self.device)
         at = self.positions(len(batch), micro)
-        return {"tokens": batch.to(self.device, non_blocking=True), "r": r[at], "scores": scores[at]}
+        return {"tokens": batch.rows.to(self.device, non_blocking=True), "r": r[at], "scores": scores[at],
+                "labels": self.labels_of(batch, generator, micro)}
 
     def forward(self, model, inputs: dict) -> torch.Tensor:
-        return token_loss(model, inputs["tokens"], inputs["r"], inputs["scores"])
+        return token_loss(model, inputs["tokens"], inputs["r"], inputs["scores"], inputs["labels"])
 
     def draw(self, model: TokenPrior) -> torch.Tensor:
-        codes = model.sample(SAMPLES_SHOWN, self.cfg.steps, torch.Generator().manual_seed(0), self.device)
+        codes = model.sample(SAMPLES_SHOWN, self.cfg.steps, torch.Generator().manual_seed(0), self.device,
+                             labels=self.shown_labels(), guidance=self.cfg.guidance)
         return decode_codes(self.autoencoder, codes)
 
 
@@ -152,11 +165,12 @@ class TokenKind(LearnedPrior):
     def resolve(self, section: TokenConfig, model: VAE) -> TokenConfig:
         return replace(section, backbone="transformer")
 
-    def build(self, section: TokenConfig, latent_shape, model: VAE) -> TokenPrior:
-        return TokenPrior(section, model.token_shape, model.codebook_size)
+    def build(self, section: TokenConfig, latent_shape, model: VAE, vocabulary: int = 0) -> TokenPrior:
+        return TokenPrior(section, model.token_shape, model.codebook_size, vocabulary)
 
     def draw(self, model: VAE, prior: TokenPrior, options: SampleOptions):
-        return lambda n, seed: sample(model, prior, n, seed, options.steps, options.temperature)
+        return lambda n, seed, labels=None: sample(model, prior, n, seed, options.steps, options.temperature,
+                                                   labels, options.guidance)
 
 
 register(TokenKind())

@@ -50,7 +50,7 @@ class PatchVelocity(nn.Module):
         from diffusers.models.embeddings import PatchEmbed
 
         c, h, w = latent_shape
-        self.width, self.patch, self.channels = width, patch, c
+        self.width, self.patch, self.channels, self.cond_dim = width, patch, c, width
         self.embed = PatchEmbed(height=h, width=w, patch_size=patch, in_channels=c, embed_dim=width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # each block's 6 shift/scale/gate
@@ -64,9 +64,10 @@ class PatchVelocity(nn.Module):
         for block in self.blocks:  # gates start closed: the identity
             nn.init.zeros_(block.scale_shift_table)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         emb = self.time(time_features(t, self.width).to(x.dtype))
+        emb = emb if cond is None else emb + cond.to(emb.dtype)  # adaLN conditioning, as DiT's class labels
         modulation = self.modulation(emb)  # (B, 6 * width)
         tokens = self.embed(x)  # (B, h/p * w/p, width)
         for block in self.blocks:
@@ -92,8 +93,11 @@ class TokenTransformer(nn.Module):
         self.out = nn.Linear(width, codebook_size)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """cond (B, width): a leading condition token (MaskGIT's class token), dropped from the output."""
         h = self.embed(tokens.flatten(1)) + self.position
+        if cond is not None:
+            h = torch.cat([cond.to(h.dtype)[:, None], h], 1)
         for block in self.blocks:
             h = block(h)
-        return self.out(self.norm(h))
+        return self.out(self.norm(h[:, 0 if cond is None else 1:]))
