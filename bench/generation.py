@@ -71,8 +71,9 @@ def make_priors(name: str, run: Path, args) -> dict[str, float]:
     for label, (_, out, keys) in learned(name, args).items():
         if not (out / "summary.json").is_file():
             train_prior(run, out, overrides=[f"prior.width={args.width}", f"prior.depth={args.depth}", *keys,
-                                             "prior.epochs=100000", f"prior.time_limit={args.prior_minutes}",
-                                             "prior.ema=0.999"], progress=False)
+                                             f"prior.epochs={args.prior_epochs}",
+                                             f"prior.time_limit={args.prior_minutes}", "prior.ema=0.999"],
+                        progress=False)
         seconds[label] = json.loads((out / "summary.json").read_text())["seconds_this_run"]
     return seconds
 
@@ -139,6 +140,8 @@ def main() -> None:
                         "if any: transformer+prior.width=128+prior.patch_size=4")
     parser.add_argument("--minutes", type=float, default=5.0, help="autoencoder training per model")
     parser.add_argument("--prior-minutes", type=float, default=4.0, help="flow prior training per backbone")
+    parser.add_argument("--prior-epochs", type=int, default=100_000,
+                        help="prior epochs, whichever of them and --prior-minutes ends first (equal steps)")
     parser.add_argument("--width", default="auto", help="prior.width")
     parser.add_argument("--depth", default="auto", help="prior.depth")
     parser.add_argument("--images", type=int, default=512, help="training views the samples are scored against")

@@ -112,7 +112,7 @@ def _prior_section(values: dict, prefix: str) -> tuple[type, dict]:
     """The section class of values["kind"] and its values; a whole flat section saved by an older
     run keeps only the keys of its kind."""
     kind = values.get("kind", "gmm")
-    if kind not in PRIOR_CONFIGS:
+    if not isinstance(kind, str) or kind not in PRIOR_CONFIGS:
         raise ConfigError(f"{prefix}kind: {kind!r} is not one of {list(PRIOR_CONFIGS)}")
     cls = PRIOR_CONFIGS[kind]
     if FLAT_PRIOR_KEYS <= set(values):

@@ -98,6 +98,11 @@ class FlowConfig(LearnedPriorConfig):
                                                             "weight mid-path, as SD3) or uniform")
     solver: Literal["euler", "heun"] = key("heun", help="the ODE solver when sampling (heun: second order, 2 "
                                            "evaluations a step)")
+    align: float = key(0.0, ge=0, le=100, help="REPA: the weight of the alignment of a hidden layer of the "
+                       "backbone (through a small projector, dropped at sampling) with EfficientNet-Lite0's features "
+                       "of the clean image, added to the flow loss (0 = off; REPA: 0.5)")
+    align_layer: int = key(1, ge=0, le=64, help="REPA: the hidden layer aligned: a UNet's down block (its mid "
+                           "block after the last), a transformer's block, counted from 0")
 
 
 @dataclass(frozen=True)

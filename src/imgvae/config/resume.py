@@ -11,7 +11,7 @@ from imgvae.config.run_config import Config
 FIXED_ON_RESUME = ("loss.likelihood", "loss.sigma", "data.image_size", "data.crop", "data.crop_size",
                    "data.crop_scale", "data.exact_decode", "data.exif_transpose", "data.views_per_image",
                    "train.optimizer", "train.batch_size", "train.grad_accum", "train.seed")
-ON_OR_OFF_ON_RESUME = ("train.ema", "loss.adversarial")  # their weights files exist or not
+ON_OR_OFF_ON_RESUME = ("train.ema", "loss.adversarial", "loss.align")  # their weights exist or not
 
 
 def flat(values: dict, prefix: str = "") -> dict:

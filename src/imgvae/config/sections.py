@@ -91,6 +91,10 @@ class LossConfig:
     adversarial: float = key(0.0, ge=0, le=1e6, help="weight of the PatchGAN hinge loss, adaptive (0 = off)")
     adversarial_start: int = key(0, ge=0, le=10**12, help="the step the adversarial loss starts at")
     discriminator_lr: float = key(2e-4, gt=0, le=10, help="the discriminator's learning rate")
+    align: float = key(0.0, ge=0, le=100, help="VA-VAE's alignment of a spatial continuous latent (kl-f4, kl-f8, "
+                       "autoencoder-kl) to EfficientNet-Lite0's features of the images: the weight of its margin "
+                       "cosine and distance-matrix terms, adaptively balanced against the reconstruction (VA-VAE: "
+                       "0.1; 0 = off)")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ from imgvae.config import Config, ConfigError, from_dict
 from imgvae.rundir import CheckpointError
 
 FORMAT_VERSION = 1
+# Parameters only training uses (VA-VAE's latent projection, train/align.py; a flow prior's REPA
+# projector, priors/flow.py): a model's users drop them.
+TRAINING_ONLY = ("align_projection.", "projector.")
 WEIGHTS, STATE, LAST = "model.safetensors", "state.pt", "last"
 READ_ATTEMPTS = 5
 
@@ -189,6 +192,11 @@ def refuse_non_finite(weights: dict, source: str | Path) -> None:
         more = ", ..." if len(bad) > 1 else ""
         raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or infinite values ({bad[0]}{more}): "
                               "a diverged run's weights; use an earlier checkpoint")
+
+
+def for_use(weights: dict) -> dict:
+    """A checkpoint's weights as a model's users load them: training-only parameters left out."""
+    return {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}
 
 
 def load_weights(model: torch.nn.Module, weights: dict, source: str | Path) -> None:

@@ -18,9 +18,11 @@ from imgvae.data.decode import normalize
 from imgvae.data.labels import LABELS_FILE, Labels, view_files
 from imgvae.data.loading import eval_loader, loader_workers
 from imgvae.data.sources import SourceError
+from imgvae.metrics.features import RepresentationFeatures
 from imgvae.models.base import VAE, inference
 
 LATENTS_FORMAT, LATENTS_VERSION = "imgvae-latents", 1
+ALIGN_GRID = 8  # the stored features' side: a flow prior's alignment resizes them to its layer's grid
 LATENT_SCALES = ("keep", "recompute")
 
 
@@ -126,7 +128,8 @@ def latent_moments(model: VAE, dataset, batch_size: int, limit: int = 0, progres
 
 def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: list[str], checkpoint: Path, *,
                    batch: int, num_workers, logvar: bool = False, chunk: int = 1024, progress: bool = True,
-                   model_cfg=None, scale: str | None = None, labels: Labels | None = None) -> dict:
+                   model_cfg=None, scale: str | None = None, labels: Labels | None = None,
+                   features: RepresentationFeatures | None = None) -> dict:
     """Encode every view of `dataset` (made from the sources `specs`) into the folder `out`:
       latents.npy        (N, *latent_shape) float32 posterior means, memory-mapped when read
       logvar.npy         the same shape, the log-variances (with logvar=True)
@@ -136,6 +139,8 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
       keys.json, valid.npy  the source of each row; the rows that decoded
       labels.npy         (N, vocabulary) uint8, each row's label set (with data.labels), the
                          vocabulary and the misses in the manifest
+      align_features.npy (N, 112, 8, 8) float16, a frozen network's features of each view, what a
+                         flow prior's alignment (REPA, prior.align) matches (with `features`)
       manifest.json      the checkpoint, preprocessing, counts, skipped files, statistics and the
                          latent scale (latent_scale of model_cfg: its own and the measured one)
     An interrupted run of the same command resumes. -> the manifest."""
@@ -147,11 +152,13 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
     arrays = {"latents": (shape, np.float32), "posterior_var": ((len(dataset), channels), np.float32)}
     if logvar:
         arrays["logvar"] = (shape, np.float32)
+    if features is not None:
+        arrays["align_features"] = ((len(dataset), features.CHANNELS, ALIGN_GRID, ALIGN_GRID), np.float16)
     if model.discrete:  # its code indices too
         arrays["tokens"] = ((len(dataset), *model.token_shape), token_dtype(model.codebook_size))
     output = ChunkedOutput(Path(out), plan, arrays)
     started = time.time()
-    _encode_pending(model, dataset, output, batch, num_workers, progress, f"encode {Path(out).name}")
+    _encode_pending(model, dataset, output, batch, num_workers, progress, f"encode {Path(out).name}", features)
     valid, skipped = output.index(dataset, specs)
     skipped = left_out_before(dataset) | skipped
     if labels is not None:
@@ -170,11 +177,12 @@ def encode_dataset(model: VAE, dataset: ImageDataset, out: str | Path, specs: li
         **({"tokens": {"shape": list(model.token_shape), "codebook_size": model.codebook_size,
                        "dtype": np.dtype(token_dtype(model.codebook_size)).name}} if "tokens" in arrays else {}),
         **({"labels": labels.record()} if labels is not None else {}),
+        **({"align_features": features.record(ALIGN_GRID)} if features is not None else {}),
     })
 
 
 def _encode_pending(model: VAE, dataset: ImageDataset, output: ChunkedOutput, batch: int, num_workers,
-                    progress: bool, desc: str) -> None:
+                    progress: bool, desc: str, features: RepresentationFeatures | None = None) -> None:
     """Encode the chunks not written yet, in one pass of a loader over their rows (each batch
     lies in one chunk: chunks are whole batches)."""
     rows = [r for c in output.pending() for r in output.rows_of(c)]
@@ -198,6 +206,9 @@ def _encode_pending(model: VAE, dataset: ImageDataset, output: ChunkedOutput, ba
                     values["logvar"][at] = posterior.logvar.float().cpu().numpy()
                 if "tokens" in values:
                     values["tokens"][at] = posterior.indices.cpu().numpy().astype(values["tokens"].dtype)
+                if features is not None:
+                    maps = features.to(device)(images.to(device).float() / 255, ALIGN_GRID)
+                    values["align_features"][at] = maps.half().cpu().numpy()
             bar.update(len(images) + len(bad))
             if first + batch >= span.stop:  # the chunk's last batch
                 output.write(current, values, skipped)

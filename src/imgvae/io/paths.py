@@ -23,6 +23,7 @@ from imgvae.io.checkpoint import (
     _read_state,
     _read_whole,
     config_of,
+    for_use,
     load_weights,
     resolve_checkpoint,
 )
@@ -198,7 +199,7 @@ def _model_with(cfg: Config, overrides, weights: dict, source: Path):
     changed = with_use_overrides(cfg, overrides)
     model = build_vae(changed)
     try:
-        load_weights(model, weights, source)
+        load_weights(model, for_use(weights), source)
     except CheckpointError:
         if changed.data.image_size != cfg.data.image_size:
             raise ConfigError(f"data.image_size: this model takes {cfg.data.image_size} px images") from None

@@ -150,6 +150,37 @@ def feature_networks(fid_weights: str | Path | None, device: torch.device) -> li
     return [n.to(device) for n in networks]
 
 
+class RepresentationFeatures(nn.Module):
+    """A frozen pretrained network's feature map of images, what representation alignment (REPA,
+    VA-VAE) matches hidden states and latents to: EfficientNet-Lite0's output after block 11
+    (112 channels, a sixteenth of the input's side) of [0, 1] images (B, 3, H, W) resized to 16 x
+    grid px (at most 256; a larger grid is interpolated) -> (B, 112, grid, grid)."""
+
+    BLOCK, CHANNELS, STRIDE, MAX_INPUT = 10, 112, 16, 256
+
+    def __init__(self):
+        super().__init__()
+        net = EffNetFeatures().net
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(net._blocks[: self.BLOCK + 1])
+        self.eval().requires_grad_(False)
+
+    @classmethod
+    def record(cls, grid: int) -> dict:
+        """What the features are, for a manifest: a store of other features is stale."""
+        return {"network": "efficientnet-lite0", "block": cls.BLOCK + 1, "channels": cls.CHANNELS,
+                "grid": grid, "input": min(cls.STRIDE * grid, cls.MAX_INPUT)}
+
+    def forward(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        self.eval()  # frozen BatchNorm statistics whatever the caller's mode
+        size = min(self.STRIDE * grid, self.MAX_INPUT)
+        x = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False) * 2 - 1
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return h if h.shape[-1] == grid else F.interpolate(h, size=grid, mode="bilinear", align_corners=False)
+
+
 class PerceptualDistance(nn.Module):
     """LPIPS-style distance between two image batches on the [-1, 1] scale -> (B,):
     EfficientNet-Lite0 feature maps after 4 of its blocks, unit-normalised along

@@ -56,6 +56,9 @@ class AutoencoderKL(VAE):
     def last_layer(self) -> torch.Tensor:
         return self.net.decoder.conv_out.weight
 
+    def encoder_last_layer(self) -> torch.Tensor:
+        return (self.net.quant_conv or self.net.encoder.conv_out).weight
+
     def encoder_modules(self) -> list[nn.Module]:
         return [m for m in (self.net.encoder, self.net.quant_conv) if m is not None]
 

@@ -168,6 +168,10 @@ class VAE(nn.Module):
         """The decoder's output convolution weight (the adversarial loss balances its gradients)."""
         return self.decoder[-1].weight
 
+    def encoder_last_layer(self) -> torch.Tensor:
+        """The weight of the encoder's last layer (VA-VAE's adaptive weight balances its gradients)."""
+        return self.encoder.conv_out.weight
+
     def encoder_modules(self) -> list[nn.Module]:
         """Everything between the image and the posterior (train.freeze_encoder holds them still)."""
         return [getattr(self, name) for name in ("encoder", "to_mean", "to_logvar", "to_stats") if hasattr(self, name)]

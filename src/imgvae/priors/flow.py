@@ -13,15 +13,18 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from imgvae.config import ConfigError, FlowConfig
+from imgvae.metrics.features import RepresentationFeatures
 from imgvae.models.base import VAE, inference
 from imgvae.models.generate import decode
 from imgvae.priors import flow_net
 from imgvae.priors.condition import LabelEmbedding, guided
-from imgvae.priors.learned import SAMPLES_SHOWN, LatentTask, LearnedPrior
+from imgvae.priors.latent_task import SAMPLES_SHOWN, LatentTask
+from imgvae.priors.learned import LearnedPrior
 from imgvae.priors.registry import SampleOptions, register
 from imgvae.train.task import Micro
 
@@ -41,6 +44,16 @@ class FlowPrior(nn.Module):
         self.register_buffer("std", torch.ones(channels))
         self.backbone, self.velocity = flow_net.velocity_network(cfg, self.latent_shape, vocabulary > 0)
         self.condition = LabelEmbedding(vocabulary, self.velocity.cond_dim) if vocabulary else None
+        self.projector = None
+        if cfg.align > 0:  # REPA: a hidden layer's state, projected to the frozen network's features
+            layer, channels = self.velocity.hidden_layers()[cfg.align_layer]
+            layer.register_forward_hook(self._keep_hidden)
+            self.projector = nn.Sequential(nn.Conv2d(channels, 4 * channels, 1), nn.SiLU(),
+                                           nn.Conv2d(4 * channels, 4 * channels, 1), nn.SiLU(),
+                                           nn.Conv2d(4 * channels, RepresentationFeatures.CHANNELS, 1))
+
+    def _keep_hidden(self, module: nn.Module, inputs, output) -> None:
+        self._hidden = output
 
     def _channels(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (len(self.latent_shape) - 1)))
@@ -51,17 +64,23 @@ class FlowPrior(nn.Module):
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
         return x * self._channels(self.std) + self._channels(self.mean)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                align: bool = False):
         """Velocity at normalised points x (B, *latent_shape), times t (B,), told multi-hot labels
-        (B, L) or nothing. On a CPU, attention over the few latent positions takes the plain matmul
-        kernel: PyTorch's flash kernel has a slow backward there in bf16, and is no faster in fp32
+        (B, L) or nothing; with align, also the aligned layer's projected state (B, 112, h', w').
+        On a CPU, attention over the few latent positions takes the plain matmul kernel: PyTorch's
+        flash kernel has a slow backward there in bf16, and is no faster in fp32
         (bench/prior_speed.py)."""
         cond = None if self.condition is None else self.condition(labels, len(x))
         if self.backbone == "mlp":
             return self.velocity(x.flatten(1), t, cond).view_as(x)
         on_cpu = x.device.type == "cpu" and flow_net.CPU_ATTENTION is not None
         with sdpa_kernel(flow_net.CPU_ATTENTION) if on_cpu else nullcontext():
-            return self.velocity(x, t, cond)
+            velocity = self.velocity(x, t, cond)
+        if not align:
+            return velocity
+        grid = tuple(side // getattr(self.velocity, "patch", 1) for side in x.shape[-2:])
+        return velocity, self.projector(flow_net.hidden_map(self._hidden, grid))
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, steps: int, solver: str = "heun", labels: torch.Tensor | None = None,
@@ -96,6 +115,20 @@ def flow_loss(prior: FlowPrior, z: torch.Tensor, noise: torch.Tensor, t: torch.T
     tt = t.view(-1, *([1] * (x1.dim() - 1)))
     xt = (1 - tt) * noise + tt * x1
     return (prior(xt, t, labels).float() - (x1 - noise)).pow(2).mean()
+
+
+def aligned_flow_loss(prior: FlowPrior, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                      labels: torch.Tensor | None, features: torch.Tensor, weight: float) -> dict:
+    """flow_loss plus REPA's: minus the cosine similarity, per position, of the aligned layer's projected
+    state and the frozen network's features (B, 112, g, g) of the clean images, resized to its grid,
+    weighted. -> {"loss", "flow", "align"}."""
+    x1 = prior.normalise(z)
+    tt = t.view(-1, *([1] * (x1.dim() - 1)))
+    velocity, projected = prior((1 - tt) * noise + tt * x1, t, labels, align=True)
+    flow = (velocity.float() - (x1 - noise)).pow(2).mean()
+    target = F.interpolate(features.float(), size=projected.shape[-2:], mode="bilinear", align_corners=False)
+    align = -F.cosine_similarity(projected.float(), target, dim=1).mean()
+    return {"loss": flow + weight * align, "flow": flow.detach(), "align": align.detach()}
 
 
 def draw_times(n: int, sampling: str, generator: torch.Generator, device) -> torch.Tensor:
@@ -154,9 +187,14 @@ class FlowTask(LatentTask):
         at = self.positions(len(batch), micro)
         rows = batch.rows.to(self.device, non_blocking=True)
         z = rows[:, 0] + torch.exp(0.5 * rows[:, 1]) * eps[at]
-        return {"z": z, "noise": noise[at], "t": t[at], "labels": self.labels_of(batch, generator, micro)}
+        features = None if batch.features is None else batch.features.to(self.device, non_blocking=True)
+        return {"z": z, "noise": noise[at], "t": t[at], "labels": self.labels_of(batch, generator, micro),
+                "features": features}
 
-    def forward(self, model, inputs: dict) -> torch.Tensor:
+    def forward(self, model, inputs: dict) -> torch.Tensor | dict:
+        if inputs["features"] is not None:
+            return aligned_flow_loss(model, inputs["z"], inputs["noise"], inputs["t"], inputs["labels"],
+                                     inputs["features"], self.cfg.align)
         return flow_loss(model, inputs["z"], inputs["noise"], inputs["t"], inputs["labels"])
 
     def begin(self) -> None:
@@ -172,10 +210,18 @@ class FlowKind(LearnedPrior):
     name, task, logvar = "flow", FlowTask, True
 
     def resolve(self, section: FlowConfig, model: VAE) -> FlowConfig:
-        return replace(section, backbone=flow_net.backbone_of(section, model.latent_shape))
+        section = replace(section, backbone=flow_net.backbone_of(section, model.latent_shape))
+        layers = flow_net.hidden_layer_count(section, model.latent_shape)
+        if section.align and not layers:
+            raise ConfigError("prior.align: the MLP of a flat latent has no spatial hidden state to align; use "
+                              "prior.align=0")
+        if section.align and section.align_layer >= layers:
+            raise ConfigError(f"prior.align_layer: {section.align_layer} is not a layer of this {section.backbone} "
+                              f"(its layers: 0 to {layers - 1})")
+        return section
 
     def build(self, section: FlowConfig, latent_shape, model: VAE, vocabulary: int = 0) -> FlowPrior:
-        return FlowPrior(section, latent_shape, vocabulary)
+        return FlowPrior(replace(section, align=0.0), latent_shape, vocabulary)  # sampling needs no projector
 
     def draw(self, model: VAE, prior: FlowPrior, options: SampleOptions):
         return lambda n, seed, labels=None: sample(model, prior, n, seed, options.steps, options.solver,

@@ -101,6 +101,28 @@ class UNetVelocity(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x, 1000 * t, class_labels=cond).sample
 
+    def hidden_layers(self) -> list[tuple[nn.Module, int]]:
+        """(layer, its channels) of the hidden states alignment can take: the down blocks, the mid block."""
+        widths = self.net.config.block_out_channels
+        return [(block, widths[i]) for i, block in enumerate(self.net.down_blocks)] + [(self.net.mid_block,
+                                                                                     widths[-1])]
+
+
+def hidden_layer_count(cfg: FlowConfig, latent_shape: tuple[int, ...]) -> int:
+    """How many hidden layers of this backbone prior.align_layer can name (0 for the flat MLP)."""
+    backbone = backbone_of(cfg, latent_shape)
+    width, depth = size_of(cfg, backbone)
+    if backbone == "unet":
+        return max(1, min(depth, int(math.log2(latent_shape[1])) - 1)) + 1  # its levels, then the mid block
+    return depth if backbone == "transformer" else 0
+
+
+def hidden_map(output, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """A hidden layer's output as a map (B, C, h, w): a UNet block's first output, a transformer
+    block's tokens (B, h * w, C) laid out on their grid `shape`."""
+    h = output[0] if isinstance(output, tuple) else output
+    return h if h.dim() == 4 else h.transpose(1, 2).reshape(len(h), h.shape[-1], *shape)
+
 
 def velocity_network(cfg: FlowConfig, latent_shape: tuple[int, ...], conditional: bool = False
                      ) -> tuple[str, nn.Module]:

@@ -201,9 +201,9 @@ def fit_checkpoint_prior(checkpoint: str | Path, sources: list[str] | None = Non
 class GaussianMixturePrior(PriorKind):
     name, preference = "gmm", 1
 
-    def check(self, section, model) -> None:
-        super().check(section, model)
-        check_size(section.components, math.prod(model.latent_shape))
+    def check(self, cfg, model) -> None:
+        super().check(cfg, model)
+        check_size(cfg.prior.components, math.prod(model.latent_shape))
 
     def make(self, checkpoint: Path, *, device: str, progress: bool) -> str:
         prior, path = fit_checkpoint_prior(checkpoint, device=device, progress=progress)

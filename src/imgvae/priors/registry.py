@@ -79,9 +79,9 @@ class PriorKind:
         """draw(n, seed) for the model (on its device); CheckpointError when it has none."""
         raise NotImplementedError
 
-    def check(self, section: PriorConfig, model) -> None:
-        """Refuse, before any work, a prior of this kind that the model (on the meta device will do)
-        cannot have: one line naming the key."""
+    def check(self, cfg, model) -> None:
+        """Refuse, before any work, a prior of this kind that the run's config and model (on the meta
+        device will do) cannot have after training: one line naming the key."""
         refuse(self.name, model.discrete, "prior.after_training")
 
     def make(self, checkpoint: Path, *, device: str, progress: bool) -> str:
@@ -118,7 +118,7 @@ def refuse(name: str, discrete: bool, what: str) -> None:
 def check_after_training(cfg) -> None:
     """Refuse a config whose prior.after_training cannot be made for its model, before any work."""
     if cfg.prior.after_training:
-        kind_of(cfg.prior.kind).check(cfg.prior, check_model(cfg))
+        kind_of(cfg.prior.kind).check(cfg, check_model(cfg))
 
 
 def learned_for(discrete: bool) -> PriorKind:

@@ -16,7 +16,7 @@ import yaml
 
 from imgvae.config import PRIOR_CONFIGS, ConfigError, PriorConfig, section_of
 from imgvae.data.labels import LABELS_FILE
-from imgvae.io.checkpoint import CheckpointError, _load_safetensors, load_weights, resolve_checkpoint
+from imgvae.io.checkpoint import CheckpointError, _load_safetensors, for_use, load_weights, resolve_checkpoint
 from imgvae.io.paths import provenance_of
 from imgvae.rundir import CHECKPOINTS, CONFIG, read_json
 
@@ -117,7 +117,7 @@ def load(model, kind, device, prior_run: str | Path | None = None, required: boo
     prior = kind.build(section, tuple(values["latent_shape"]), model, len(vocabulary))
     averaged = checkpoint / "ema.safetensors"
     weights = _load_safetensors(averaged if averaged.is_file() else checkpoint / "model.safetensors", device)
-    load_weights(prior, weights, checkpoint)
+    load_weights(prior, for_use(weights), checkpoint)  # the alignment projector is training's only
     train_labels, spec = None, None
     if vocabulary:
         latents = folder / "latents"

@@ -21,7 +21,8 @@ from imgvae.config import ConfigError, TokenConfig
 from imgvae.models.base import VAE
 from imgvae.models.generate import decode_codes
 from imgvae.priors.condition import LabelEmbedding, guided
-from imgvae.priors.learned import SAMPLES_SHOWN, LatentTask, LearnedPrior
+from imgvae.priors.latent_task import SAMPLES_SHOWN, LatentTask
+from imgvae.priors.learned import LearnedPrior
 from imgvae.priors.registry import SampleOptions, register
 from imgvae.priors.transformer import TokenTransformer
 from imgvae.train.task import Micro

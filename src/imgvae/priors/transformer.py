@@ -64,6 +64,10 @@ class PatchVelocity(nn.Module):
         for block in self.blocks:  # gates start closed: the identity
             nn.init.zeros_(block.scale_shift_table)
 
+    def hidden_layers(self) -> list[tuple[nn.Module, int]]:
+        """(block, its channels) of the hidden states alignment can take."""
+        return [(block, self.width) for block in self.blocks]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         emb = self.time(time_features(t, self.width).to(x.dtype))

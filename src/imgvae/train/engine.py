@@ -72,7 +72,10 @@ def checked_config(cfg: Config, resume: bool, out_dir: str | Path | None = None)
     weights file, a resume of out_dir that changes what its checkpoints were made with."""
     if cfg.model.pretrained and not resume:
         cfg = with_pretrained_architecture(cfg)
-    check_model(cfg)
+    model = check_model(cfg)
+    if cfg.loss.align and (model.discrete or len(model.latent_shape) != 3):
+        raise ConfigError(f"loss.align aligns a spatial continuous latent (kl-f4, kl-f8, autoencoder-kl); model "
+                          f"{cfg.model.name!r} has {'a discrete' if model.discrete else 'a flat'} latent")
     if resume and out_dir is not None and (Path(out_dir) / rundir.CONFIG).is_file():
         refuse_changes(load_config(Path(out_dir) / rundir.CONFIG), cfg)
     for key in ("fid_weights", "lpips_weights"):

@@ -25,6 +25,7 @@ from imgvae.models.losses import kl_weight, vae_loss
 from imgvae.models.quantized import code_usage
 from imgvae.models.registry import build_vae
 from imgvae.train.adversary import Adversary
+from imgvae.train.align import LatentAligner
 from imgvae.train.batches import ImageBatches
 from imgvae.train.processes import Processes, RunningMean
 from imgvae.train.task import Micro, global_positions, step_generator
@@ -86,7 +87,7 @@ class VAETask:
     def __init__(self, cfg: Config, procs: Processes):
         self.cfg, self.procs, self.device = cfg, procs, procs.device
         self.name, self.picture_columns = cfg.model.name, cfg.eval.grid_size
-        self.perceptual, self.adversary, self.model = None, None, None
+        self.perceptual, self.adversary, self.aligner, self.model = None, None, None, None
 
     def config_dict(self) -> dict:
         return to_dict(self.cfg)
@@ -110,6 +111,8 @@ class VAETask:
             self.perceptual = PerceptualDistance().to(self.device)
         if cfg.loss.adversarial > 0:
             self.adversary = Adversary(cfg.loss, tc.precision, self.device, self.procs.world_size)
+        if cfg.loss.align > 0:
+            self.aligner = LatentAligner(cfg.loss.align, model, model.latent_shape[0], self.device)
         self.model = model
         return model
 
@@ -130,7 +133,11 @@ class VAETask:
 
     def loss(self, inputs: VAEInputs, output: VAEOutput, micro: Micro) -> tuple[torch.Tensor, dict]:
         weight = kl_weight(self.cfg.loss, micro.step, micro.total_steps)
-        return vae_loss(inputs.x, output.float(), self.cfg.loss, weight, self.perceptual)
+        loss, stats = vae_loss(inputs.x, output.float(), self.cfg.loss, weight, self.perceptual)
+        if self.aligner is not None:  # VA-VAE's alignment of the latent
+            term, more = self.aligner.term(self.model, inputs.x, output.posterior.mean, loss)
+            loss, stats = loss + term, stats | more | {"loss": (loss + term).detach()}
+        return loss, stats
 
     def adversary_pair(self, inputs: VAEInputs, output: VAEOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(real, fake) images for the PatchGAN: the input and its reconstruction."""
