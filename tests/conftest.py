@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import random
 import zipfile
 from pathlib import Path
@@ -75,6 +76,9 @@ def coco_zips(tmp_path) -> dict[str, Path]:
         "val2017": write_coco_zip(tmp_path / "coco" / "val2017.zip", "val2017", 6, seed=4),
     }
 
+
+# Nothing is downloaded at run time: a test that would reach the Hub fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = [
     "data.image_size=32", "data.crop_size=64", "data.num_workers=0",

@@ -51,7 +51,7 @@ def test_old_run_evaluates_to_its_recorded_metrics(old_run, tmp_path):
     for key in ("neg_elbo_nats", "neg_iw_nats"):
         assert now["likelihood"][key] == pytest.approx(then["likelihood"][key], rel=1e-6)
     for key in ("fd_effnet_recon", "fd_effnet_samples", "fd_effnet_samples_fitted"):
-        assert now["distribution"][key] == pytest.approx(then["distribution"][key], rel=1e-4)
+        assert now["distribution"][key] == pytest.approx(then["distribution"][key], rel=1e-6)
 
 
 def test_old_run_resumes(old_run, tmp_path):
@@ -89,10 +89,10 @@ def test_a_run_with_learned_priors_evaluates_to_its_recorded_figures(prior_run, 
     assert now["reconstruction"]["psnr"]["mean"] == pytest.approx(then["reconstruction"]["psnr"]["mean"], rel=1e-6)
     assert now["likelihood"]["neg_elbo_nats"] == pytest.approx(then["likelihood"]["neg_elbo_nats"], rel=1e-6)
     for key, value in then["distribution"].items():
-        assert key == "note" or now["distribution"][key] == pytest.approx(value, rel=1e-4), key
+        assert key == "note" or now["distribution"][key] == pytest.approx(value, rel=1e-6), key
     assert set(now["generation"]["priors"]) == priors
     for name, scores in then["generation"]["priors"].items():
-        assert now["generation"]["priors"][name]["fd_effnet"] == pytest.approx(scores["fd_effnet"], rel=1e-4), name
+        assert now["generation"]["priors"][name]["fd_effnet"] == pytest.approx(scores["fd_effnet"], rel=1e-6), name
 
 
 def test_a_learned_prior_from_before_its_own_section_samples_and_resumes(prior_run, tmp_path):

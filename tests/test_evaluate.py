@@ -8,9 +8,9 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from imgvae.evaluation.evaluate import evaluate, image_metrics
+from imgvae.evaluation.evaluate import FewImages, evaluate, image_metrics
 from imgvae.evaluation.report import metric_rows
-from imgvae.metrics.distances import GaussianStats, frechet_distance
+from imgvae.metrics.distances import FeatureSet, frechet_distance, kernel_distance, precision_recall
 from imgvae.metrics.features import EffNetFeatures
 from imgvae.models.base import VAE, DiagonalGaussian
 from imgvae.models.generate import lerp, slerp
@@ -106,6 +106,17 @@ def fake_eval(tmp_path, active, sample_reference=()):
     return metrics, eval_views(tmp_path / "eval")
 
 
+def test_each_frechet_distance_has_its_kid_and_count_and_few_images_are_said_in_one_warning(tmp_path):
+    with pytest.warns(FewImages, match=r"^fd_effnet rests on 10 images, fewer than its 1280 feature dimensions: "
+                                       r"biased upwards, compare it only at equal n \(KID beside it is unbiased\)$"):
+        metrics, _ = fake_eval(tmp_path, active=2)
+    dist = metrics.distribution
+    assert (dist.images, dist.sample_images) == (10, 10)
+    assert dist.kid_effnet_recon is not None and dist.kid_effnet_samples is not None
+    rows = dict(dist.rows())
+    assert rows["fd_effnet_recon"].endswith("(n = 10)") and rows["kid_effnet_samples"].endswith("(n = 10)")
+
+
 def test_evaluate_active_units_and_kl_per_dim_on_collapsed_model(tmp_path):
     metrics, _ = fake_eval(tmp_path, active=3)
     latent = metrics.latent
@@ -148,12 +159,14 @@ def test_samples_scored_against_a_reference_set(tmp_path):
     held_out, _ = fake_eval(tmp_path, active=2)
     metrics, _ = fake_eval(tmp_path, active=2, sample_reference=[str(tmp_path / "train")])
     net = EffNetFeatures().eval()
-    reference, grey = GaussianStats(), GaussianStats()
+    reference, grey = FeatureSet(), FeatureSet()
     with torch.no_grad():
         reference.add(net(torch.from_numpy(eval_views(tmp_path / "train")).permute(0, 3, 1, 2).float().div(255)))
         grey.add(net(torch.full((6, 3, 32, 32), 128 / 255)))
     dist = metrics.distribution
-    assert dist.fd_effnet_samples == pytest.approx(frechet_distance(reference, grey), rel=1e-4)
+    assert dist.fd_effnet_samples == pytest.approx(frechet_distance(reference.tensor(), grey.tensor()), rel=1e-4)
+    assert dist.kid_effnet_samples == pytest.approx(kernel_distance(reference.tensor(), grey.tensor()), rel=1e-4)
+    assert (dist.images, dist.sample_images) == (10, 6)
     assert dist.fd_effnet_samples != pytest.approx(held_out.distribution.fd_effnet_samples, rel=1e-2)
     assert dist.fd_effnet_recon == held_out.distribution.fd_effnet_recon  # still against the held-out images
     assert metrics.samples_reference == {"sources": [str(tmp_path / "train")], "images": 6, "held_out": False}
@@ -161,21 +174,56 @@ def test_samples_scored_against_a_reference_set(tmp_path):
     assert ("samples scored against", f"6 images from {tmp_path / 'train'}") in metric_rows(metrics)
 
 
-def test_frechet_distance_against_scipy():
+def test_frechet_distance_against_scipy_and_imgvaes_own_formula():
+    """torchmetrics' FID told the features: scipy's matrix square root, and the eigenvalue formula imgvae
+    computed itself before (its figures are those of older runs), to 1e-6."""
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 5))
     b = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) * 0.5 + 1.0
-    stats = []
-    for f in (a, b):
-        s = GaussianStats()
-        s.add(torch.from_numpy(f[:120]))
-        s.add(torch.from_numpy(f[120:]))
-        stats.append(s)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
-    assert frechet_distance(*stats) == pytest.approx(expected, rel=1e-8)
-    assert frechet_distance(stats[0], stats[0]) == pytest.approx(0.0, abs=1e-8)
+    root_trace = np.sqrt(np.linalg.eigvals(cov_a @ cov_b)).real.sum()
+    own = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b) - 2 * root_trace
+    fd = frechet_distance(torch.from_numpy(a), torch.from_numpy(b))
+    assert fd == pytest.approx(expected, rel=1e-8) and fd == pytest.approx(own, rel=1e-6)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(0.0, abs=1e-8)
+    assert math.isnan(frechet_distance(torch.from_numpy(a), torch.full((3, 5), math.nan)))
+
+
+def test_kid_is_the_unbiased_mmd_of_a_cubic_kernel_and_unbiased_at_small_n():
+    """Sets no larger than the subset size: every subset is the whole set, KID is the exact unbiased
+    estimate; and two samples of one distribution score about 0 at any n, where the Fréchet
+    distance grows as n falls."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(40, 8)), rng.normal(size=(50, 8)) + 0.3
+
+    def k(x, y):
+        return (x @ y.T / 8 + 1) ** 3
+
+    m, n = len(a), len(a)
+    b = b[:n]
+    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    expected = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                - 2 * kxy.mean())
+    assert kernel_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-9)
+    one = torch.from_numpy(rng.normal(size=(4000, 16)))
+    small = [kernel_distance(one[:30], one[2000:2030]), frechet_distance(one[:30], one[2000:2030])]
+    large = [kernel_distance(one[:2000], one[2000:]), frechet_distance(one[:2000], one[2000:])]
+    assert abs(small[0]) < 0.05 and abs(large[0]) < 0.005 and small[1] > 5 * large[1]
+
+
+def test_precision_recall_against_a_brute_force_reference():
+    """torch-fidelity's prc equals the definition: the k-th nearest other point's distance as each radius."""
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(60, 4)), rng.normal(size=(50, 4)) * 1.5 + 0.5
+
+    def inside(points, centres, k=3):
+        radii = [sorted(np.linalg.norm(centres - c, axis=1))[k] for c in centres]  # [0] is the point itself
+        return np.mean([any(np.linalg.norm(p - c) <= r for c, r in zip(centres, radii)) for p in points])
+
+    precision, recall = precision_recall(torch.from_numpy(real), torch.from_numpy(fake))
+    assert (precision, recall) == (pytest.approx(inside(fake, real)), pytest.approx(inside(real, fake)))
 
 
 def test_slerp_and_lerp_endpoints_and_norm():

@@ -19,7 +19,7 @@ from imgvae.data import cache
 from imgvae.data.datasets import build_dataset
 from imgvae.data.decode import normalize
 from imgvae.data.sources import read_keys
-from imgvae.io.export import write_export
+from imgvae.export import folder as export_folder
 from imgvae.io.paths import load_model, open_model
 from imgvae.metrics.features import LPIPS
 from imgvae.models.autoencoder_kl import AutoencoderKL
@@ -141,7 +141,7 @@ KL_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")
 @pytest.mark.parametrize("preset", KL_PRESETS)
 def test_every_kl_preset_exports_to_a_diffusers_folder_with_the_same_reconstructions(preset, tmp_path):
     """One KL architecture (diffusers' blocks): each preset's model, weights randomised, written
-    by export's write_export and read back by diffusers.AutoencoderKL.from_pretrained."""
+    by export.folder.write_folder and read back by diffusers.AutoencoderKL.from_pretrained."""
     assert {"kl-f4", "kl-f8", "sharp", "diffusers-f4", "sd-f8"} <= set(KL_PRESETS)
     cfg = load_config(preset, ["data.image_size=64"])
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def test_every_kl_preset_exports_to_a_diffusers_folder_with_the_same_reconstruct
     stats = {"scaling_factor": 0.5, "shift_factor": 0.1, "channel_mean": [0.0], "channel_std": [1.0]}
     scale = {"choice": "recompute", "scaling_factor": 0.5, "shift_factor": 0.1, "own": None,
              "measured": {"scaling_factor": 0.5, "shift_factor": 0.1}}
-    write_export(model, cfg, tmp_path / "run", tmp_path / "export", "diffusers", stats, 2, scale)
+    export_folder.write_folder(model, cfg, tmp_path / "run", tmp_path / "export", "diffusers", stats, 2, scale, None)
     net = DiffusersAutoencoderKL.from_pretrained(tmp_path / "export", local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(net.decode(net.encode(x).latent_dist.mode()).sample, model(x, sample=False).x_hat,

@@ -199,8 +199,6 @@ def test_collapse_is_warned_each_epoch_with_the_keys_that_help(tmp_path, extra, 
     (["fit-prior", "{run}"], "fit-prior: the fitted prior (gmm) cannot model a discrete latent"),
     (["train-prior", "{run}", "-o", "{tmp}/prior", "prior.kind=flow"],
      "train-prior: the flow prior (flow) cannot model a discrete latent"),
-    (["export", "{run}", "-o", "{tmp}/export", "--format", "diffusers"],
-     "diffusers' VQModel cannot hold model 'vq-f4': its codes are compared by cosine (model.cosine=true)"),
 ])
 def test_continuous_only_verbs_refuse_a_discrete_latent_in_one_line(tmp_path, args, message, capsys):
     run = train_tiny_run(tmp_path, *VQ_RUN, "train.epochs=1")
@@ -237,25 +235,38 @@ def test_encode_writes_tokens_in_the_smallest_type_equal_to_a_direct_computation
     np.testing.assert_array_equal(tokens, direct)
 
 
-def test_a_euclidean_vq_model_exports_to_a_diffusers_vq_model_with_the_same_reconstructions(tmp_path, capsys):
+@pytest.mark.parametrize("cosine", [True, False])
+def test_a_vq_model_exports_to_a_diffusers_vq_model_with_the_same_codes_and_reconstructions(tmp_path, capsys, cosine):
+    """A cosine codebook too (the presets'): its codes as unit vectors make VQModel's Euclidean lookup
+    pick the codes the cosine one picks."""
     from diffusers import VQModel
 
     from imgvae.data.decode import normalize
     from imgvae.io.paths import load_model
 
-    run = train_tiny_run(tmp_path, *VQ_RUN, "model.cosine=false", "train.epochs=1", "loss.sigma=pixel")
+    run = train_tiny_run(tmp_path, *VQ_RUN, f"model.cosine={str(cosine).lower()}", "train.epochs=1",
+                         "loss.sigma=pixel")
     assert main(["export", str(run), "-o", str(tmp_path / "export"), "--no-progress"]) == 0
-    net = VQModel.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+    net = VQModel.from_pretrained(tmp_path / "export", local_files_only=True, low_cpu_mem_usage=False).eval()
     model, _ = load_model(run)
     x = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
         ours = model(x, sample=False)
-        theirs = net.decode(net.encode(x).latents).sample
+        latents = net.encode(x).latents
+        _, _, (_, _, codes) = net.quantize(latents)
+        theirs = net.decode(latents).sample
+    assert torch.equal(codes.view(ours.posterior.indices.shape), ours.posterior.indices.long())
+    assert ours.posterior.indices.unique().numel() > 1  # not one code for everything
     torch.testing.assert_close(theirs, ours.x_hat, rtol=1e-4, atol=1e-5)
     assert "VQModel.from_pretrained" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_fsq_refuses_diffusers_naming_the_nearest_preset_that_exports(tmp_path, capsys):
     fsq = train_tiny_run(tmp_path / "fsq", *VQ_RUN, "model.quantizer=fsq", "model.latent_channels=3",
                          "model.fsq_levels=[4,4,4]", "train.epochs=1")
     capsys.readouterr()
     assert main(["export", str(fsq), "-o", str(tmp_path / "fsq-export"), "--format", "diffusers"]) == 2
-    assert "its quantiser is 'fsq', which has no codebook lookup" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "its quantiser is 'fsq', which has no codebook lookup" in err and err.count("\n") == 1
+    assert "the nearest that exports: vq-f8 (model.quantizer=vq, a codebook lookup); or --format safetensors" in err
     assert main(["export", str(fsq), "-o", str(tmp_path / "fsq-export"), "--no-progress"]) == 0  # safetensors

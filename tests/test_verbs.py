@@ -147,10 +147,11 @@ def test_fid_weights_are_used_and_unsafe_files_refused(run, tmp_path, monkeypatc
 
 def test_version_and_the_export_formats_the_parser_offers(capsys):
     from imgvae import __version__
-    from imgvae.commands.parser import EXPORT_FORMATS
-    from imgvae.io.export import FORMATS
+    from imgvae.commands.parser import EXPORT_FORMATS, EXPORT_PRIORS
+    from imgvae.export import FORMATS
+    from imgvae.export.folder import PRIORS
 
-    assert EXPORT_FORMATS == FORMATS
+    assert EXPORT_FORMATS == FORMATS and EXPORT_PRIORS == PRIORS
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"imgvae {__version__}"

@@ -5,3 +5,8 @@ where it arises (config.ConfigError, data.sources.SourceError, rundir.Checkpoint
 
 class ImgvaeError(Exception):
     """An error with a message meant for the user, in one line."""
+
+
+class ImgvaeWarning(UserWarning):
+    """Something a user should know that does not stop the run (a skipped file, images without a
+    label, a prior left out of an export): the command line says it in one line."""

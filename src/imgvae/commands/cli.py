@@ -8,7 +8,7 @@ from pathlib import Path
 from imgvae.commands.parser import build_parser, config_overrides, parse_args
 from imgvae.config import load_config
 from imgvae.config.reference import config_reference, format_reference
-from imgvae.errors import ImgvaeError
+from imgvae.errors import ImgvaeError, ImgvaeWarning
 from imgvae.rundir import CONFIG, CheckpointError
 
 __all__ = ["build_parser", "main", "parse_args"]
@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             # A bad key or value: one line before the library (torch) is imported; the verb reads it again.
             load_config(args.config, config_overrides(args, flags_win=True))
         from imgvae.commands.handlers import COMMANDS  # the library: after parsing, so --help is quick
-        from imgvae.data.datasets import SkippedFile
         from imgvae.runtime import one_line_warnings
 
-        with one_line_warnings(SkippedFile):
+        with one_line_warnings(ImgvaeWarning):
             COMMANDS[args.command](args)
     except ImgvaeError as e:
         stopped = getattr(e, "exit_code", None)  # Stopped: by a signal, with a checkpoint to resume from

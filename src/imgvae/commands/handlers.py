@@ -10,7 +10,6 @@ from imgvae.commands.parser import config_overrides
 from imgvae.commands.verbs import (
     encode_latents,
     evaluate_checkpoint,
-    export_model,
     interpolate_files,
     reconstruct_files,
     sample_files,
@@ -22,6 +21,7 @@ from imgvae.data.cache import prepare
 from imgvae.evaluation.compare import compare
 from imgvae.evaluation.report import format_table, write_report
 from imgvae.evaluation.results import Metrics
+from imgvae.export import export_model
 from imgvae.io.latents import describe_scale
 from imgvae.io.paths import open_model
 from imgvae.priors import SampleOptions, sampler
@@ -77,7 +77,8 @@ def _fit_prior(args) -> None:
 
 def _export(args) -> None:
     path = export_model(args.checkpoint, args.out, args.format, args.data, args.scaling_images, config_overrides(args),
-                        device=args.device, scale=args.latent_scale, progress=not args.no_progress)
+                        device=args.device, scale=args.latent_scale, prior=args.prior, prior_run=args.prior_run,
+                        progress=not args.no_progress)
     print(f"imgvae: wrote {path} ({', '.join(sorted(p.name for p in path.iterdir()))})")
 
 

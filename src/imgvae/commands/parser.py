@@ -25,7 +25,9 @@ from imgvae.config import PRIOR_CONFIGS
 
 __all__ = ["build_parser", "config_overrides", "parse_args"]
 
-EXPORT_FORMATS = ("diffusers", "safetensors")  # io.export.FORMATS (a test checks), named here: importing it takes torch
+# export.FORMATS and export.folder.PRIORS (a test checks), named here: importing them takes torch
+EXPORT_FORMATS = ("diffusers", "safetensors")
+EXPORT_PRIORS = ("auto", "none", "flow", "tokens")
 
 EPILOG_TRAIN = f"""\
 overrides: any config key as section.key=value, e.g.
@@ -219,24 +221,33 @@ def _add_train_prior(sub) -> None:
 
 def _add_interop(sub) -> None:
     x = sub.add_parser(
-        "export", help="write a model as a diffusers AutoencoderKL folder (or safetensors + config)",
-        description="Write the model (its EMA weights when kept) into a new folder: --format diffusers (the "
-        "default for the KL models: autoencoder-kl, kl-f4, kl-f8) writes config.json + "
-        "diffusion_pytorch_model.safetensors, which "
-        "diffusers.AutoencoderKL.from_pretrained loads, with the latent scale (scaling_factor, shift_factor) "
-        "of the diffusers folder the model started from (--latent-scale keep, the default there: a pipeline's "
-        "UNet expects it) or computed from training latents (recompute, the default otherwise), sample_size and "
-        "the folder's other fields kept; --format safetensors (any model; the seed's flat latent fits no "
-        "diffusers class) writes model.safetensors + config.json, which imgvae's verbs read. Both add a "
-        "README.md model card.",
+        "export", help="write a model as a diffusers folder: its autoencoder, or with its flow prior the whole "
+        "generator as a pipeline (or safetensors + config)",
+        description="Write the model (its EMA weights when kept) into a new folder. --format diffusers (the default "
+        "where a diffusers class holds it: the KL models autoencoder-kl, kl-f4, kl-f8, and vq-f* with a plain "
+        "codebook) writes a folder AutoencoderKL.from_pretrained (or VQModel) loads, with the latent scale "
+        "(scaling_factor, shift_factor) of the diffusers folder the model started from (--latent-scale keep, the "
+        "default there) or computed from training latents (recompute, the default otherwise). When the model "
+        "has a flow prior (imgvae train-prior), the folder is the whole generator instead: a diffusers pipeline "
+        "(model_index.json, unet/, vae/, scheduler/ and pipeline.py, its code: torch and diffusers only) that "
+        "draws what `imgvae sample` draws, with labels and guidance for a conditional prior. --format "
+        "safetensors (any model) writes model.safetensors + config.json, which imgvae's verbs read. Every "
+        "folder has a README.md model card whose code runs.",
         epilog="examples:\n  imgvae export runs/kl-f8 -o export/kl-f8\n"
+        "  imgvae export runs/sharp -o export/sharp-generator      # with its flow prior: a pipeline\n"
+        "  imgvae export runs/sharp --prior none -o export/sharp   # the autoencoder alone\n"
         "  imgvae export runs/demo --format safetensors -o export/demo\n"
         "  python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('export/kl-f8')\"",
         formatter_class=RAW)
     x.add_argument("checkpoint", metavar="CKPT")
     use_overrides(x)
     x.add_argument("-o", "--out", metavar="DIR", required=True, help="folder to create")
-    x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (the KL models) or safetensors")
+    x.add_argument("--format", choices=EXPORT_FORMATS, help="diffusers (the KL models, vq-f*) or safetensors")
+    x.add_argument("--prior", choices=EXPORT_PRIORS, default="auto",
+                   help="auto (default): the flow prior too, as a pipeline, when the model has one that exports; "
+                   "none: the autoencoder alone; flow: the pipeline or an error saying why not")
+    x.add_argument("--prior-run", metavar="DIR", help="the flow prior's run folder (default: prior-flow/ beside the "
+                   "model)")
     x.add_argument("--data", nargs="+", metavar="SOURCE",
                    help="images for the latent scaling (default: the run's data.train, its training crops)")
     x.add_argument("--images", type=number(int, 0, 10**9), default=10_000, metavar="N", dest="scaling_images",

@@ -15,20 +15,17 @@ from imgvae.config import ConfigError, DataConfig
 from imgvae.data.datasets import build_dataset, load_image_file
 from imgvae.data.decode import normalize
 from imgvae.data.labels import read_labels
-from imgvae.data.sources import SourceError
 from imgvae.evaluation.evaluate import evaluate
 from imgvae.evaluation.generation import score_priors
 from imgvae.evaluation.results import Metrics
-from imgvae.io.export import FORMATS, export_format, write_export
-from imgvae.io.latents import encode_dataset, latent_moments, latent_scale, scale_choice
-from imgvae.io.paths import open_for, open_model, provenance_of
+from imgvae.io.latents import encode_dataset
+from imgvae.io.paths import open_for, provenance_of
 from imgvae.io.pictures import save_grid
 from imgvae.models.base import VAE
 from imgvae.models.generate import interpolate, reconstruct
 from imgvae.priors import sampler
 from imgvae.priors.gmm import fitted_prior_of
 from imgvae.rundir import METRICS, write_text_atomic
-from imgvae.runtime import pick_device
 
 
 def evaluate_checkpoint(checkpoint: str | Path, sources: list[str] | None = None, out: str | Path | None = None,
@@ -68,29 +65,6 @@ def encode_latents(checkpoint: str | Path, out: str | Path, sources: list[str] |
     return encode_dataset(model, dataset, out, specs, folder, batch=cfg.eval_batch_size,
                           num_workers=cfg.data.num_workers, logvar=logvar, chunk=chunk, progress=progress,
                           model_cfg=cfg.model, scale=scale, labels=read_labels(cfg.data.labels, dataset.source))
-
-
-def export_model(checkpoint: str | Path, out_dir: str | Path, fmt: str | None = None, sources: list[str] | None = None,
-                 images: int = 10_000, overrides: list[str] | dict | None = None, device: str = "auto",
-                 scale: str | None = None, progress: bool = True) -> Path:
-    """Write the model of `checkpoint` (its EMA weights when kept) into the new folder out_dir,
-    as `fmt` (default: diffusers for the KL models, else safetensors). The latent
-    statistics come from `images` training images (default sources: its data.train, its
-    training crops, as `fit-prior` sees them); the latent scale written is the model's own
-    (a diffusers folder's it started from) or those statistics' (scale: "keep" | "recompute",
-    io.latents.scale_choice); the model card records both. -> out_dir."""
-    if fmt not in (None, *FORMATS):  # before the model is read
-        raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
-    model, cfg, folder = open_model(checkpoint, pick_device(device), overrides=overrides)
-    fmt = export_format(model, cfg, fmt)
-    scale_choice(cfg.model, scale)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise SourceError(f"{out} exists and is not empty")
-    dataset = build_dataset(sources or cfg.data.train, cfg.data, train=True, seed=cfg.train.seed)
-    stats = latent_moments(model, dataset, cfg.eval_batch_size, images, progress)
-    return write_export(model, cfg, folder, out, fmt, stats, min(images or len(dataset), len(dataset)),
-                        latent_scale(cfg.model, stats, scale))
 
 
 def reconstruct_files(model: VAE, cfg: DataConfig, paths: list[str | Path], out_dir: str | Path) -> list[Path]:

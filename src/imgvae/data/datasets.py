@@ -25,6 +25,7 @@ from imgvae.data.sources import (
     read_file,
     resolve_auto,
 )
+from imgvae.errors import ImgvaeWarning
 
 # How a user's own images are seen by evaluate and fit-prior: each as it is, one centre view.
 ONE_CENTRE_VIEW = {"crop": "center", "views_per_image": 1, "eval_views_per_image": 1}
@@ -192,7 +193,7 @@ def collate(items):
     return images, indices, bad
 
 
-class SkippedFile(UserWarning):
+class SkippedFile(ImgvaeWarning):
     """An unreadable file, skipped; the command line shows it as one line (runtime.one_line_warnings)."""
 
 

@@ -19,12 +19,13 @@ import numpy as np
 
 from imgvae.config.sections import check_labels_spec
 from imgvae.data.sources import CacheSource, ConcatSource, FileListSource, FolderSource, SourceError, ZipSource
+from imgvae.errors import ImgvaeWarning
 
 LABELS_FILE = "labels.npy"  # (rows, vocabulary) uint8 multi-hot, beside a cache's images or a latents folder
 SHOWN = 5  # names listed in a message about misses
 
 
-class LabelWarning(UserWarning):
+class LabelWarning(ImgvaeWarning):
     """Images without a label, or label entries that name no image: said in one line."""
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -14,8 +15,9 @@ from imgvae.data.datasets import BadFiles, ImageDataset, build_dataset, preproce
 from imgvae.data.decode import denormalize, normalize
 from imgvae.data.loading import eval_loader, loader_workers
 from imgvae.data.sources import SourceError
+from imgvae.errors import ImgvaeWarning
 from imgvae.evaluation.results import Codebook, Distribution, Latent, Likelihood, Metrics, Reconstruction, Spread
-from imgvae.metrics.distances import GaussianStats, frechet_distance
+from imgvae.metrics.distances import FeatureSet, frechet_distance, kernel_distance
 from imgvae.metrics.features import LPIPS, feature_networks
 from imgvae.models.base import VAE, Quantized
 from imgvae.models.generate import prior_noise
@@ -63,13 +65,25 @@ def log_weights(model: VAE, x: torch.Tensor, family: str, samples: int) -> tuple
     return torch.stack(log_px), torch.stack(log_w)
 
 
+class FewImages(ImgvaeWarning):
+    """A Fréchet distance over fewer images than its features' dimension."""
+
+
+def warn_few_images(networks, n: int) -> None:
+    """One line per feature network whose Fréchet distances rest on fewer images than its dimension."""
+    for net in networks:
+        if n < net.dims:
+            warnings.warn(f"{net.name} rests on {n} images, fewer than its {net.dims} feature dimensions: biased "
+                          "upwards, compare it only at equal n (KID beside it is unbiased)", FewImages, stacklevel=3)
+
+
 class _Tally:
     """What an evaluation accumulates: per-image metrics, latent moments, and feature
     statistics per (network, image set)."""
 
     def __init__(self, networks, sample_kinds: tuple[str, ...]):
         self.networks, self.sample_kinds = networks, sample_kinds
-        self.features = {(net.name, kind): GaussianStats() for net in networks
+        self.features = {(net.name, kind): FeatureSet() for net in networks
                          for kind in ("real", "recon", "reference", *sample_kinds)}
         self.per_image: dict[str, list[torch.Tensor]] = {}
         self.kl_sum = self.mean_sum = self.mean_sq = None
@@ -202,6 +216,7 @@ def evaluate(model: VAE, cfg: Config, sources: list[str], prior: LatentPrior | N
         if tally.references < 2:
             raise SourceError(f"scoring samples needs at least 2 readable images in {ec.sample_reference}")
     metrics = _metrics(tally, cfg, sources, model, prior, family, bad)
+    warn_few_images(networks, min(tally.images, tally.references))
     metrics.preprocessing = preprocessing(dataset.cfg)
     # Which files FID / LPIPS came from, and whether they are the published ones.
     metrics.feature_weights = {n.name: n.weights for n in [*networks, lpips] if hasattr(n, "weights")} or None
@@ -222,7 +237,6 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
     mean_var = (tally.mean_sq / n - (tally.mean_sum / n).pow(2)).clamp(min=0)
     reference = "reference" if ec.sample_reference else "real"  # the real images samples are scored against
     scale = "learned scale" if model.scale != "none" else "scale 1 on the [-1, 1] scale"
-    nets = dict.fromkeys(name for name, _ in tally.features)
     return Metrics(
         images=n, image_size=size, sources=list(sources), seed=cfg.eval_seed, skipped_files=len(bad),
         reconstruction=Reconstruction(**{k: _spread(values[k]) if k in values else None
@@ -237,18 +251,28 @@ def _metrics(tally: _Tally, cfg: Config, sources: list[str], model: VAE, prior: 
         latent=Latent(dims=len(tally.kl_sum), active_units=int((mean_var > ACTIVE_THRESHOLD).sum()),
                       active_threshold=ACTIVE_THRESHOLD, kl_per_dim=[float(v) for v in tally.kl_sum / n],
                       posterior_mean_var=[float(v) for v in mean_var]),
-        distribution=Distribution(
-            note=f"Fréchet distances over {n} images per set ({tally.references} for samples); with fewer images "
-            "than feature dimensions they are biased upwards: compare only at equal n",
-            **{f"{net}_{kind}": frechet_distance(tally.features[net, "real" if kind == "recon" else reference],
-                                                 tally.features[net, kind])
-               for net in nets for kind in ("recon", *tally.sample_kinds)}),
+        distribution=distribution(tally, reference),
         samples_reference={"sources": list(ec.sample_reference or sources), "images": tally.references,
                            "held_out": not ec.sample_reference},
         prior={"samples": "N(0, I)",
                **({"samples_fitted": f"{prior.describe()} (prior.safetensors)"} if prior is not None else {})},
         codebook=codebook_health(tally.codes, tally.tokens) if tally.codes is not None else None,
     )
+
+
+def distribution(tally: _Tally, reference: str) -> Distribution:
+    """Each feature network's Fréchet distance and KID of the reconstructions against the held-out
+    images and of each prior's samples against `reference`, with the images they rest on."""
+    values = {}
+    for net in tally.networks:
+        for kind in ("recon", *tally.sample_kinds):
+            real = tally.features[net.name, "real" if kind == "recon" else reference].tensor()
+            other = tally.features[net.name, kind].tensor()
+            values[f"{net.name}_{kind}"] = frechet_distance(real, other)
+            values[f"{net.kid}_{kind}"] = kernel_distance(real, other)
+    return Distribution(note="Fréchet distances are biased upwards when n is below the features' dimension "
+                        "(1280 for fd_effnet, 2048 for FID): compare them only at equal n; KID is unbiased",
+                        images=tally.images, sample_images=tally.references, **values)
 
 
 def _spread(values: torch.Tensor) -> Spread:

@@ -143,18 +143,40 @@ class Latent(Result):
 
 @dataclass(kw_only=True)
 class Distribution(Result):
+    """Distances between feature sets of `images` held-out images and their reconstructions, and of
+    `sample_images` prior samples and as many real images: each Fréchet distance with the KID of the
+    same sets beside it (unbiased where the Fréchet distance is biased upwards at small n)."""
+
     note: str = ""
+    images: int | None = kept()
+    sample_images: int | None = kept()
     fd_effnet_recon: float = metric("fd_effnet of reconstructions", better="low", summary="fd_effnet_recon",
                                     default=math.nan)
+    kid_effnet_recon: float | None = metric("KID (EfficientNet) of reconstructions", better="low", omit_none=True)
     fd_effnet_samples: float = metric("fd_effnet of samples, N(0, I)", better="low", default=math.nan)
+    kid_effnet_samples: float | None = metric("KID (EfficientNet) of samples, N(0, I)", better="low",
+                                              omit_none=True)
     fd_effnet_samples_fitted: float | None = metric("fd_effnet of samples, fitted prior", better="low",
                                                     omit_none=True)
+    kid_effnet_samples_fitted: float | None = metric("KID (EfficientNet) of samples, fitted prior", better="low",
+                                                     omit_none=True)
     fid_recon: float | None = metric("rFID (FID of reconstructions)", better="low", omit_none=True)
+    kid_recon: float | None = metric("KID of reconstructions", better="low", omit_none=True)
     fid_samples: float | None = metric("FID of samples, N(0, I)", better="low", omit_none=True)
+    kid_samples: float | None = metric("KID of samples, N(0, I)", better="low", omit_none=True)
     fid_samples_fitted: float | None = metric("FID of samples, fitted prior", better="low", omit_none=True)
+    kid_samples_fitted: float | None = metric("KID of samples, fitted prior", better="low", omit_none=True)
 
     def rows(self) -> list[tuple[str, str]]:
-        return [(name, f"{value:.3f}") for name, value in self.to_dict().items() if name != "note"]
+        """Each distance by its name, with the images it rests on (older files: without)."""
+        rows = []
+        for name, value in self.to_dict().items():
+            if name in ("note", "images", "sample_images"):
+                continue
+            n = self.images if name.endswith("_recon") else self.sample_images
+            text = ("{:.4f}" if name.startswith("kid") else "{:.3f}").format(value)
+            rows.append((name, text + (f" (n = {n})" if n else "")))
+        return rows
 
 
 @dataclass(kw_only=True)
@@ -189,6 +211,8 @@ class Scores(Result):
     """A set of images (a prior's samples, reconstructions, real images) against the training views."""
 
     fd_effnet: float = metric("fd_effnet vs training", fmt="{:.1f}", better="low")
+    kid_effnet: float | None = metric("KID (EfficientNet) vs training", fmt="{:.4f}", better="low", omit_none=True)
+    images: int | None = kept()  # the images scored (older files: without)
     precision: float = metric("precision", fmt="{:.2f}", better="high")
     recall: float = metric("recall", fmt="{:.2f}", better="high")
     memorised: float = metric("memorised share", fmt="{:.0%}", better="low")
@@ -201,8 +225,11 @@ class Scores(Result):
     per_label: dict | None = kept()  # {label: {"fd_effnet", "images"}}
 
     def line(self) -> str:
-        shown = [f for f in dataclasses.fields(self) if f.name in ("fd_effnet", "precision", "recall", "memorised")]
+        shown = [f for f in dataclasses.fields(self) if f.name in ("fd_effnet", "kid_effnet", "precision", "recall",
+                                                                   "memorised") and getattr(self, f.name) is not None]
         text = ", ".join(f"{f.name} {f.metadata['fmt'].format(getattr(self, f.name))}" for f in shown)
+        if self.images is not None:
+            text += f" ({self.images} images)"
         if self.label_score is not None:
             text += (f"; label {self.label_metric} {self.label_score:.2f} (ceiling {self.label_ceiling:.2f}) at "
                      f"guidance {self.guidance:g}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imgvae.metrics.distances import GaussianStats, frechet_distance
+from imgvae.metrics.distances import frechet_distance, kernel_distance
 
 HELD_OUT_EVERY = 3  # every third training view is kept from the classifier, for its ceiling
 MIN_PER_LABEL = 16  # views of a label (real and sampled) for a per-label Fréchet distance
@@ -74,15 +74,14 @@ def label_classifier(features: torch.Tensor, sets: list[tuple[str, ...]],
 
 def per_label_distances(real: torch.Tensor, real_sets: list, samples: torch.Tensor, asked: list,
                         vocabulary: list[str]) -> dict[str, dict]:
-    """{label: {"fd_effnet", "images"}}: each label with MIN_PER_LABEL real views and as many samples
+    """{label: {"fd_effnet", "kid_effnet", "images"}}: each label with MIN_PER_LABEL real views and as many samples
     asked for it, real views of the label against samples asked for it."""
     out = {}
     for name in vocabulary:
         mine = [i for i, s in enumerate(real_sets) if name in s]
         theirs = [i for i, s in enumerate(asked) if name in s]
         if min(len(mine), len(theirs)) >= MIN_PER_LABEL:
-            a, b = GaussianStats(), GaussianStats()
-            a.add(real[mine])
-            b.add(samples[theirs])
-            out[name] = {"fd_effnet": frechet_distance(a, b), "images": min(len(mine), len(theirs))}
+            a, b = real[mine], samples[theirs]
+            out[name] = {"fd_effnet": frechet_distance(a, b), "kid_effnet": kernel_distance(a, b),
+                         "images": min(len(mine), len(theirs))}
     return out

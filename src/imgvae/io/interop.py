@@ -156,9 +156,10 @@ def diffusers_network(model: VAE, cfg: Config, scaling_factor: float, shift_fact
 
 def vq_model_network(model: VAE, cfg: Config, scaling_factor: float):
     """A plain diffusers VQModel computing what a vq-f* model computes (its mean outputs): the
-    same encoder, an identity quant_conv, the codebook as its embedding, an identity
-    post_quant_conv, the decoder (with identity layers, diffusers_blocks). Refused in one line
-    when the model's quantiser is not a plain Euclidean lookup (vq_model_blocker)."""
+    same encoder, an identity quant_conv, the codebook as its embedding (a cosine one's codes as unit
+    vectors: the same codes, export_codebook), an identity post_quant_conv, the decoder (with identity
+    layers, diffusers_blocks). Refused in one line when the model's quantiser has no codebook lookup in
+    the latent's dimensions (vq_model_blocker)."""
     from diffusers import VQModel
 
     reason = model.vq_model_blocker()
@@ -175,6 +176,6 @@ def vq_model_network(model: VAE, cfg: Config, scaling_factor: float):
     weights = mean_outputs(diffusers_blocks(model.encoder, model.decoder)) | {
         "quant_conv.weight": identity, "quant_conv.bias": torch.zeros(c),
         "post_quant_conv.weight": identity, "post_quant_conv.bias": torch.zeros(c),
-        "quantize.embedding.weight": model.quantizer._codebook.embed[0].detach().float()}
+        "quantize.embedding.weight": model.export_codebook()}
     net.load_state_dict(weights, strict=True)
     return net.eval()

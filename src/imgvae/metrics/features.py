@@ -53,8 +53,8 @@ def weights_record(path: Path, kind: str, option: str) -> dict:
 class EffNetFeatures(nn.Module):
     """[0, 1] images (B, 3, H, W) -> (B, 1280) EfficientNet-Lite0 pooled features."""
 
-    name = "fd_effnet"
-    input_size = 224
+    name, kid = "fd_effnet", "kid_effnet"  # its Fréchet distance's and its KID's names in metrics.json
+    dims, input_size = 1280, 224
 
     def __init__(self):
         super().__init__()
@@ -76,7 +76,7 @@ class InceptionFeatures(nn.Module):
     """[0, 1] images -> (B, 2048) FID InceptionV3 pool features, from a local weights file
     (torch-fidelity's pt_inception-2015-12-05 state dict)."""
 
-    name = "fid"
+    name, kid, dims = "fid", "kid", 2048
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
@@ -104,42 +104,53 @@ class InceptionFeatures(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018) between [0, 1] image batches -> (B,): torchmetrics' network and
-    its linear layers (shipped in the torchmetrics wheel), over an AlexNet or VGG16 whose ImageNet
-    weights come from a local torchvision file (alexnet-owt-7be5be79.pth / vgg16-397923af.pth,
-    what torchvision would download to ~/.cache/torch/hub/checkpoints); never downloaded."""
+    """LPIPS (Zhang et al. 2018) between [0, 1] image batches -> (B,): torchmetrics'
+    LearnedPerceptualImagePatchSimilarity, its linear layers shipped in its wheel, over an AlexNet or
+    VGG16 whose ImageNet weights come from a local torchvision file (alexnet-owt-7be5be79.pth /
+    vgg16-397923af.pth): torchvision reads it from a hub folder made for the purpose, where it
+    would otherwise download it. Nothing is downloaded."""
 
     name = "lpips"
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
-        path = Path(weights_path)
+        path = Path(weights_path).absolute()
         if not path.is_file():
             raise FeatureError(f"eval.lpips_weights {str(path)!r}: no such file")
         try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-            first = weights["features.0.weight"]
+            first = torch.load(path, map_location="cpu", weights_only=True)["features.0.weight"]
         except Exception as e:
             raise FeatureError(f"eval.lpips_weights {str(path)!r}: not torchvision AlexNet or VGG16 weights "
                                f"({type(e).__name__})") from None
-        import torchvision
-        from torchmetrics.functional.image.lpips import _LPIPS
-
-        alex = first.shape[-1] == 11  # AlexNet's first convolution is 11x11, VGG's 3x3
-        net, backbone = ("alex", torchvision.models.alexnet()) if alex else ("vgg", torchvision.models.vgg16())
+        net = "alex" if first.shape[-1] == 11 else "vgg"  # AlexNet's first convolution is 11x11, VGG's 3x3
+        self.weights = weights_record(path, net, "--lpips-weights")
         try:
-            backbone.load_state_dict(weights, strict=True)
+            self.metric = _lpips_from(path, net)
         except RuntimeError as e:
             raise FeatureError(f"eval.lpips_weights {str(path)!r}: {str(e).splitlines()[0]}") from None
-        self.weights = weights_record(path, net, "--lpips-weights")
-        self.lpips = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # pnet_rand: no download of the backbone
-        for part in self.lpips.net.children():  # slices of the backbone's features, named by index
-            for index in list(part._modules):
-                part._modules[index] = backbone.features[int(index)]
         self.eval().requires_grad_(False)
 
     def forward(self, real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        return self.lpips(real.float() * 2 - 1, recon.float() * 2 - 1).flatten()
+        self.metric.reset()
+        self.metric.update(real.float().clamp(0, 1), recon.float().clamp(0, 1))
+        return self.metric.compute().flatten()
+
+
+def _lpips_from(path: Path, net: str):
+    """torchmetrics' LPIPS metric (per image, [0, 1] inputs) over the backbone weights in `path`."""
+    import tempfile
+
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    hub = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "checkpoints").mkdir()
+        (Path(folder) / "checkpoints" / PUBLISHED[net][0]).symlink_to(path)
+        torch.hub.set_dir(folder)
+        try:
+            return LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True)
+        finally:
+            torch.hub.set_dir(hub)
 
 
 def feature_networks(fid_weights: str | Path | None, device: torch.device) -> list[nn.Module]:

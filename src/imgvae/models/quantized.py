@@ -90,15 +90,22 @@ class QuantizedAutoencoder(VAE):
 
     def vq_model_blocker(self) -> str | None:
         """Why diffusers' VQModel cannot compute what this model does (None: it can). Its
-        quantiser is a plain nearest-code lookup in the latent's own dimensions."""
+        quantiser is a nearest-code lookup in the latent's own dimensions: Euclidean, or cosine, which
+        is the Euclidean lookup of unit codes (export_codebook)."""
         if self.kind != "vq":
             return f"its quantiser is {self.kind!r}, which has no codebook lookup (VQModel's only quantiser)"
         book = self.quantizer._codebook
-        if self.cosine:
-            return "its codes are compared by cosine (model.cosine=true); VQModel compares by Euclidean distance"
         if book.embed.shape[-1] != self.latent_shape[0]:
             return "its codes are looked up in a lower dimension (model.codebook_dim); VQModel looks up in the latent's"
         return None
+
+    def export_codebook(self) -> torch.Tensor:
+        """The codebook (codebook_size, C) for a Euclidean lookup that picks this model's codes: its own,
+        or with model.cosine its codes made unit vectors. The cosine quantiser takes the code e
+        maximising <z / |z|, e / |e|>, which is the one minimising |z - e / |e||^2 = |z|^2 - 2 <z, e / |e|>
+        + 1; and it hands the decoder that unit code."""
+        book = self.quantizer._codebook.embed[0].detach().float()
+        return torch.nn.functional.normalize(book, dim=-1) if self.cosine else book
 
     def last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
