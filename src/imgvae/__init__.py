@@ -6,5 +6,5 @@
 
 from imgvae.config import Config, load_config
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Config", "load_config", "__version__"]
