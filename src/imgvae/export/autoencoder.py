@@ -1,8 +1,8 @@
 """An autoencoder as a folder other tools read: --format diffusers writes a diffusers AutoencoderKL
 folder for the KL models (autoencoder-kl, kl-f4, kl-f8) or a VQModel folder for a vq quantiser
-(a codebook lookup in the latent's dimensions, Euclidean or cosine), with the latent scale kept or measured; --format safetensors
-writes the weights and the imgvae config of any model (the seed's flat 128-d latent fits no
-diffusers class)."""
+(a codebook lookup in the latent's dimensions, Euclidean or cosine), with the latent scale kept
+or measured; --format safetensors writes the weights and the imgvae config of any model (the
+seed's flat 128-d latent fits no diffusers class)."""
 
 from __future__ import annotations
 
