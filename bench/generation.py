@@ -119,15 +119,16 @@ def score(name: str, run: Path, args) -> dict:
 
 
 def table(results: dict, seconds: dict) -> str:
-    lines = ["| model | samples from | fd_effnet | precision | recall | memorised | label score (ceiling) | "
-             "prior training s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | samples from | fd_effnet (n) | KID | precision | recall | memorised | label score (ceiling) | "
+             "prior training s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         rows = [(p, s, seconds[name].get(p.split(", W=")[0])) for p, s in r["priors"].items()]
         rows += [("reconstructions (floor)", r["floor"], None), ("real held-out crops", r["held_out"], None)]
         for prior, s, sec in rows:
             label = (f"{s['label_metric']} {s['label_score']:.2f} ({s['label_ceiling']:.2f})"
                      if s.get("label_score") is not None else "")
-            lines.append(f"| {name} | {prior} | {s['fd_effnet']:.1f} | {s['precision']:.2f} | {s['recall']:.2f} | "
+            lines.append(f"| {name} | {prior} | {s['fd_effnet']:.1f} ({s['images']}) | {s['kid_effnet']:.4f} | "
+                         f"{s['precision']:.2f} | {s['recall']:.2f} | "
                          f"{s['memorised']:.0%} | {label} | {'' if sec is None else f'{sec:.0f}'} |")
     return "\n".join(lines)
 
