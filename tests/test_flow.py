@@ -178,6 +178,15 @@ def test_a_priors_train_keys_are_read_as_its_own_with_a_notice(kl_run, tmp_path,
     assert not (tmp_path / "q").exists()
 
 
+def test_a_priors_time_limit_is_named_as_its_own_key_with_the_command_that_continues(kl_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["train-prior", str(kl_run), "-o", str(out), "--no-progress", *SMALL_PRIOR, "prior.epochs=50",
+                 "prior.time_limit=1e-6"]) == 0
+    said = "".join(capsys.readouterr())
+    assert "imgvae: prior.time_limit of 1e-06 min reached at step " in said
+    assert f"continue with imgvae train-prior {kl_run} --resume -o {out}" in said
+
+
 def test_a_prior_on_a_diffusers_folders_latents_end_to_end(tmp_path):
     folder = tmp_path / "tiny-vae"
     write_folder(folder)

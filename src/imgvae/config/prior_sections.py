@@ -51,6 +51,7 @@ class LearnedPriorConfig(Recipe, PriorConfig):
     own training recipe (the engine's keys; AdamW, a constant learning rate, clipping and EMA by default)."""
 
     learned: ClassVar[bool] = True
+    section: ClassVar[str] = "prior"
 
     width: int | Literal["auto"] = key("auto", help="the network's width: channels of a transformer or MLP, of the "
                                        "UNet's first level; a power of 2 from 8 to 2048 (auto: the backbone's own)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from imgvae.config.fields import ConfigError, key
 
@@ -101,6 +101,8 @@ class LossConfig:
 class Recipe:
     """What the training engine reads, for any model it trains: `train` for the autoencoder, a
     learned prior's own section for the prior."""
+
+    section: ClassVar[str] = "train"  # how messages name its keys (train.time_limit, prior.time_limit)
 
     epochs: int = key(20, gt=0, le=10**6, help="epochs to train")
     batch_size: int = key(64, gt=0, le=2**16, help="examples per micro-batch and process")

@@ -257,8 +257,7 @@ class Engine:
         self.settle()
         summary = self.summary()
         if stopped == "time limit":
-            section = "prior" if hasattr(self.tc, "kind") else "train"  # a learned prior's recipe is its section
-            self.say(f"imgvae: {section}.time_limit of {self.tc.time_limit} min reached at step {pos.step}; "
+            self.say(f"imgvae: {self.tc.section}.time_limit of {self.tc.time_limit} min reached at step {pos.step}; "
                      f"continue with {self.task.resume_command(self.out)}")
         elif stopped:
             raise Stopped(f"stopped by {stopped} at step {pos.step}, checkpoint {self.last_checkpoint()}; "
