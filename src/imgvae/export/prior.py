@@ -13,6 +13,7 @@ import math
 import torch
 
 from imgvae.config import ConfigError
+from imgvae.priors.flow import FlowPrior
 
 TRAINING_STEPS = 1000  # the time scale both UNets see: imgvae's 1000 t, diffusers' 1000 sigma
 NO_TOKEN_PIPELINE = ("export: the token prior (MaskGIT) has no diffusers model class or scheduler; export the "
@@ -23,7 +24,7 @@ def exportable(prior) -> None:
     """One line when a learned prior has no diffusers form: the token prior (MaskGIT's transformer
     over codes has no diffusers class and no scheduler), a flow over a flat latent (an MLP), a
     transformer backbone (not one of diffusers' transformer classes)."""
-    if not hasattr(prior, "velocity"):
+    if not isinstance(prior, FlowPrior):
         raise ConfigError(NO_TOKEN_PIPELINE)
     if prior.backbone != "unet":
         raise ConfigError(f"export: a flow prior's {prior.backbone} backbone maps onto no diffusers model class; a "
