@@ -187,12 +187,16 @@ def test_a_priors_time_limit_is_named_as_its_own_key_with_the_command_that_conti
     assert f"continue with imgvae train-prior {kl_run} --resume -o {out}" in said
 
 
-def test_a_prior_on_a_diffusers_folders_latents_end_to_end(tmp_path):
+@pytest.mark.parametrize("align", [0.0, 0.5], ids=["plain", "REPA"])
+def test_a_prior_on_a_diffusers_folders_latents_end_to_end(tmp_path, align):
     folder = tmp_path / "tiny-vae"
     write_folder(folder)
     write_jpegs(tmp_path / "photos", 16, seed=3)
     assert main(["train-prior", str(folder), "--data", str(tmp_path / "photos"), "-o", str(tmp_path / "prior"),
-                 "--no-progress", *SMALL_PRIOR, "data.image_size=32"]) == 0
+                 "--no-progress", *SMALL_PRIOR, "data.image_size=32", f"prior.align={align}"]) == 0
+    # REPA's features come from the images, so any autoencoder's latents can carry them.
+    manifest = json.loads((tmp_path / "prior" / "latents" / "manifest.json").read_text())
+    assert (manifest.get("align_features") is not None) == (align > 0)
     assert main(["sample", str(folder), "--prior", "flow", "--prior-run", str(tmp_path / "prior"), "-n", "4",
                  "-o", str(tmp_path / "s"), "data.image_size=32"]) == 0
     assert len(list((tmp_path / "s" / "samples").glob("sample_*.png"))) == 4
