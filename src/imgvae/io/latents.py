@@ -189,6 +189,7 @@ def _encode_pending(model: VAE, dataset: ImageDataset, output: ChunkedOutput, ba
     bar = output.progress_bar(progress, desc)
     current = None
     with inference(model) as device:
+        features = features.to(device) if features is not None else None
         loader = eval_loader(dataset, batch, device, loader_workers(dataset, num_workers, device), indices=rows)
         for first, (images, indices, bad) in zip(rows[::batch], loader):
             if current != first // output.chunk:  # a new chunk starts here
@@ -207,7 +208,7 @@ def _encode_pending(model: VAE, dataset: ImageDataset, output: ChunkedOutput, ba
                 if "tokens" in values:
                     values["tokens"][at] = posterior.indices.cpu().numpy().astype(values["tokens"].dtype)
                 if features is not None:
-                    maps = features.to(device)(images.to(device).float() / 255, ALIGN_GRID)
+                    maps = features(images.to(device).float() / 255, ALIGN_GRID)
                     values["align_features"][at] = maps.half().cpu().numpy()
             bar.update(len(images) + len(bad))
             if first + batch >= span.stop:  # the chunk's last batch
